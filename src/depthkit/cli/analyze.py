@@ -1,0 +1,54 @@
+"""`depthkit analyze`: where is the model's depth redundant? JSON + PNG figures."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from depthkit.analysis.plots import plot_cka, plot_depth_curves
+from depthkit.analysis.redundancy import RedundancyReport, analyze_redundancy
+from depthkit.cli.common import add_data_args, add_model_args, data_spec
+from depthkit.data.blocks import token_blocks
+from depthkit.models.loading import load_model
+from depthkit.utils.io import atomic_output_dir, format_table, write_json
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("analyze", help="block influence, angular distance and CKA per layer")
+    add_model_args(parser)
+    add_data_args(parser, split="calib", default="austen:emma")
+    parser.add_argument("--num-blocks", type=int, default=16, help="calibration sequences")
+    parser.add_argument("--block-len", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--sample-tokens", type=int, default=2048, help="tokens kept per layer for CKA")
+    parser.add_argument("--out", default="runs/analyze", help="output folder")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    spec = data_spec(args)
+    ids = token_blocks(tokenizer, spec, args.num_blocks, args.block_len).to(args.device)
+    result = analyze_redundancy(model, ids, sample_tokens=args.sample_tokens)
+    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+        write_analysis(result, tmp, title=f"{args.model} on {spec.describe()}",
+                       meta={"model": args.model, "data": spec.describe(), "dtype": args.dtype})
+    print(summary_table(result))
+    print(f"wrote {Path(args.out) / 'analysis.json'}, cka.png, depth.png")
+
+
+def write_analysis(result: RedundancyReport, folder: Path, title: str, meta: dict) -> None:
+    write_json(folder / "analysis.json", {**meta, **result.to_dict()})
+    plot_cka(result, folder / "cka.png", title=f"linear CKA: {title}")
+    plot_depth_curves(result, folder / "depth.png", title=title)
+
+
+def summary_table(result: RedundancyReport) -> str:
+    rows = []
+    for block in range(result.num_layers):
+        row = {"block": block, "influence": result.block_influence[block]}
+        for span, distances in result.angular_distance.items():
+            row[f"ang(l,l+{span})"] = distances[block] if block < len(distances) else ""
+        row["CKA(in,out)"] = result.cka[block][block + 1]
+        rows.append(row)
+    return format_table(rows)

@@ -1,0 +1,78 @@
+"""Token streams and fixed-length token blocks for calibration, training and evaluation.
+
+Splits never overlap: every document is cut once at `HELDOUT_FRACTION` from its end (on a line
+boundary); the part before the cut is `calib` (calibration and fine-tuning), the part after it is
+`heldout` (evaluation). `all` is the whole text, for when the user picks their own slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from depthkit.data.corpora import Document, load_documents
+from depthkit.errors import DepthkitError
+
+SPLITS = ("calib", "heldout", "all")
+HELDOUT_FRACTION = 0.2
+
+
+def split_text(text: str, split: str) -> str:
+    """The `split` part of one document's text (see the module docstring)."""
+    if split not in SPLITS:
+        raise DepthkitError(f"unknown split '{split}'; choose from {', '.join(SPLITS)}")
+    if split == "all":
+        return text
+    cut = int(len(text) * (1 - HELDOUT_FRACTION))
+    newline = text.rfind("\n", 0, cut)
+    cut = newline + 1 if newline > 0 else cut
+    return text[:cut] if split == "calib" else text[cut:]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A corpus, a split, and how many tokens to skip at the start (to take a later slice)."""
+
+    corpus: str
+    split: str = "calib"
+    offset: int = 0
+
+    def describe(self) -> str:
+        return f"{self.corpus} [{self.split}" + (f", from token {self.offset}]" if self.offset else "]")
+
+
+def split_documents(corpus: str, split: str) -> list[Document]:
+    return [Document(doc.name, split_text(doc.text, split)) for doc in load_documents(corpus)]
+
+
+def token_stream(tokenizer: PreTrainedTokenizerBase, spec: DataSpec) -> torch.Tensor:
+    """All tokens of the split, documents concatenated (each separated by the EOS token)."""
+    ids: list[int] = []
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for doc in split_documents(spec.corpus, spec.split):
+        if ids:
+            ids += separator
+        ids += tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids[spec.offset :], dtype=torch.long)
+
+
+def token_blocks(
+    tokenizer: PreTrainedTokenizerBase, spec: DataSpec, num_blocks: int, block_len: int
+) -> torch.Tensor:
+    """`num_blocks` consecutive, non-overlapping blocks of `block_len` tokens, shape (n, len).
+
+    Too little text is an error naming how much was asked and how much there is, never a silent
+    shorter calibration set.
+    """
+    if num_blocks < 1 or block_len < 2:
+        raise DepthkitError(f"need at least 1 block of 2 tokens, got {num_blocks} x {block_len}")
+    stream = token_stream(tokenizer, spec)
+    needed = num_blocks * block_len
+    if stream.numel() < needed:
+        raise DepthkitError(
+            f"text too short: asked for {num_blocks} x {block_len} = {needed} tokens, "
+            f"but {spec.describe()} has {stream.numel()}"
+        )
+    return stream[:needed].view(num_blocks, block_len)

@@ -1,0 +1,16 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad path, an unknown architecture, a ratio out of range) raises
+`DepthkitError` with a message that says what went wrong and how to fix it. The CLI prints that
+one line and exits non-zero instead of showing a traceback from deep inside torch.
+"""
+
+
+class DepthkitError(Exception):
+    """An error caused by the user's input or environment, with an actionable message."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise `DepthkitError(message)` unless `condition` holds."""
+    if not condition:
+        raise DepthkitError(message)

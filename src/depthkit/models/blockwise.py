@@ -1,0 +1,95 @@
+"""Run a decoder one block at a time over stored calibration activations.
+
+Calibration for analysis and compression needs each block's input and output on the same tokens.
+Running the whole model once per block is quadratic; keeping every layer's activations is memory
+hungry. Instead we keep ONE tensor of hidden states (all calibration sequences at the current
+depth) and push it through the blocks in order: memory is one block plus its activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from depthkit.models.adapters import get_adapter
+
+
+@dataclass
+class BlockContext:
+    """What a block needs besides its hidden states: rotary embeddings, positions and masks."""
+
+    position_ids: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    masks: dict[str, torch.Tensor | None]
+
+    def layer_kwargs(self, layer: nn.Module) -> dict:
+        layer_type = getattr(layer, "attention_type", None) or getattr(layer, "layer_type", None)
+        mask = self.masks.get(layer_type or "full_attention", self.masks["full_attention"])
+        return {
+            "attention_mask": mask,
+            "position_ids": self.position_ids,
+            "position_embeddings": self.position_embeddings,
+        }
+
+
+def block_context(model: PreTrainedModel, hidden: torch.Tensor) -> BlockContext:
+    """Rotary embeddings and causal masks for hidden states of shape (batch, seq, dim)."""
+    adapter = get_adapter(model)
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    mask_args = dict(config=model.config, inputs_embeds=hidden, attention_mask=None,
+                     past_key_values=None, position_ids=position_ids)
+    masks = {"full_attention": create_causal_mask(**mask_args)}
+    if getattr(model.config, "sliding_window", None):
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
+    rotary = adapter.rotary_embedding(model)
+    return BlockContext(position_ids, rotary(hidden, position_ids=position_ids), masks)
+
+
+@torch.no_grad()
+def embed(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Input embeddings of token ids (the input of block 0)."""
+    return get_adapter(model).embed_tokens(model)(input_ids)
+
+
+@torch.no_grad()
+def run_block(
+    model: PreTrainedModel,
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    batch_size: int = 8,
+    context: BlockContext | None = None,
+) -> torch.Tensor:
+    """Apply one block to every calibration sequence, `batch_size` sequences at a time."""
+    outputs = []
+    for start in range(0, hidden.shape[0], batch_size):
+        chunk = hidden[start : start + batch_size]
+        ctx = context if context is not None and context.position_ids.shape[1] == chunk.shape[1] else None
+        ctx = ctx or block_context(model, chunk)
+        outputs.append(layer(chunk, **ctx.layer_kwargs(layer)))
+    return torch.cat(outputs)
+
+
+@torch.no_grad()
+def iterate_blocks(
+    model: PreTrainedModel, input_ids: torch.Tensor, batch_size: int = 8
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield `(index, block_input, block_output)` for every block, one block in memory at a time."""
+    adapter = get_adapter(model)
+    hidden = embed(model, input_ids)
+    context = block_context(model, hidden[:batch_size])
+    for index, layer in enumerate(adapter.layers(model)):
+        output = run_block(model, layer, hidden, batch_size, context)
+        yield index, hidden, output
+        hidden = output
+
+
+@torch.no_grad()
+def logits_from_hidden(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm and LM head applied to the last block's output."""
+    adapter = get_adapter(model)
+    return adapter.lm_head(model)(adapter.final_norm(model)(hidden))

