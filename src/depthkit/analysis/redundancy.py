@@ -61,7 +61,7 @@ def analyze_redundancy(
         states.append(_sampled(block_out, sample))
         influence.append(block_influence(block_in, block_out))
     spans = {
-        n: [angular_distance(states[l], states[l + n]) for l in range(num_layers - n + 1)]
+        n: [angular_distance(states[i], states[i + n]) for i in range(num_layers - n + 1)]
         for n in range(1, min(MAX_SPAN, num_layers) + 1)
     }
     return RedundancyReport(

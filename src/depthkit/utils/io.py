@@ -20,9 +20,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     A crash or an error leaves no half-written folder that looks valid: the temporary folder is
     removed and `out` is untouched. An existing `out` is refused unless `overwrite` is set.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise DepthkitError(f"output folder {out} already exists; pass --overwrite to replace it")
+    out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -33,6 +31,14 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+
+
+def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an existing output folder unless `overwrite`; call it before long work, not after."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DepthkitError(f"output folder {out} already exists; pass --overwrite to replace it")
+    return out
 
 
 def write_json(path: str | Path, data: Any) -> Path:

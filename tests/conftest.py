@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random models of every architecture, and the real SmolLM2 (loaded once)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from depthkit.models.tiny import TINY_ARCHITECTURES, tiny_model
+
+
+@pytest.fixture(params=TINY_ARCHITECTURES)
+def tiny(request):
+    """A tiny float32 model of each supported architecture, in turn."""
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct in bf16 (converted once into the cache by `depthkit fetch`)."""
+    from depthkit.models.loading import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def pride_ids(smollm2):
+    """Tokens of the start of Pride and Prejudice (the whole text split)."""
+    from depthkit.data import DataSpec, token_stream
+
+    return token_stream(smollm2[1], DataSpec("austen:prideprejudice", "all"))
+
+
+def random_ids(model, batch: int = 2, length: int = 24, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)

@@ -1,0 +1,41 @@
+"""Integration: the real SmolLM2-135M-Instruct on real text."""
+
+import json
+
+import pytest
+import torch
+
+from depthkit.cli.main import main
+from depthkit.evaluate.perplexity import perplexity
+from tests.test_perplexity import direct_perplexity
+
+pytestmark = pytest.mark.integration
+
+
+def test_default_model_is_the_converted_smollm2(smollm2):
+    model, tokenizer = smollm2
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert model.dtype == torch.bfloat16
+    assert tokenizer.decode(tokenizer("Pride and Prejudice")["input_ids"]) == "Pride and Prejudice"
+
+
+@pytest.mark.parametrize("stride", [256, 128])
+def test_perplexity_matches_transformers_on_pride_and_prejudice(smollm2, pride_ids, stride):
+    model, _ = smollm2
+    stream = pride_ids[:1024]
+    result = perplexity(model, stream, window=256, stride=stride, batch_size=4, progress=False)
+    expected = direct_perplexity(model, stream, 256, stride)
+    assert result.perplexity == pytest.approx(expected, rel=1e-3)
+    assert 5 < result.perplexity < 100
+
+
+def test_analyze_writes_json_and_figures(tmp_path):
+    out = tmp_path / "analysis"
+    argv = ["analyze", "--num-blocks", "2", "--block-len", "64", "--sample-tokens", "64", "--out", str(out)]
+    code = main(argv)
+    assert code == 0
+    report = json.loads((out / "analysis.json").read_text())
+    assert len(report["block_influence"]) == 30 and len(report["cka"]) == 31
+    assert max(report["block_influence"]) > min(report["block_influence"]) > 0
+    for png in ("cka.png", "depth.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
