@@ -29,3 +29,9 @@ def test_report_shapes(tiny):
     assert report.sampled_tokens == 40
     by_influence = sorted(range(layers), key=report.block_influence.__getitem__)
     assert report.lowest_influence(2) == sorted(by_influence[:2])
+
+
+def test_sample_skips_the_first_positions(tiny):
+    ids = random_ids(tiny, batch=2, length=5)
+    report = analyze_redundancy(tiny, ids, sample_tokens=100, skip_first=2, progress=False)
+    assert report.sampled_tokens == 2 * 3

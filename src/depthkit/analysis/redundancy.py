@@ -3,6 +3,10 @@
 Hidden states are produced block by block (`depthkit.models.blockwise`): only the current block's
 input and output exist in full at any time. What is kept across blocks is small: for CKA and
 angular distances, a fixed random sample of token positions per layer (`sample_tokens`).
+
+The first position of every sequence is left out of that sample by default: LLaMA-family models
+park a "massive activation" there (norm ~100x the others in SmolLM2), which would otherwise
+dominate CKA and hide the structure of every other token.
 """
 
 from __future__ import annotations
@@ -45,13 +49,19 @@ def analyze_redundancy(
     sample_tokens: int = 2048,
     batch_size: int = 8,
     seed: int = 0,
+    skip_first: int = 1,
     progress: bool = True,
 ) -> RedundancyReport:
-    """Block influence, angular distance for spans 1..4 and the CKA matrix on `input_ids`."""
+    """Block influence, angular distance for spans 1..4 and the CKA matrix on `input_ids`.
+
+    Block influence averages over every token; CKA and angular distances use `sample_tokens`
+    random positions that are not among the first `skip_first` of their sequence.
+    """
     num_layers = len(get_adapter(model).layers(model))
-    flat_count = input_ids.numel()
+    batch, length = input_ids.shape
+    eligible = (torch.arange(batch)[:, None] * length + torch.arange(skip_first, length)[None, :]).flatten()
     generator = torch.Generator().manual_seed(seed)
-    sample = torch.randperm(flat_count, generator=generator)[: min(sample_tokens, flat_count)]
+    sample = eligible[torch.randperm(eligible.numel(), generator=generator)[:sample_tokens]]
     states: list[torch.Tensor] = []
     influence: list[float] = []
     blocks = iterate_blocks(model, input_ids, batch_size)
@@ -65,7 +75,7 @@ def analyze_redundancy(
         for n in range(1, min(MAX_SPAN, num_layers) + 1)
     }
     return RedundancyReport(
-        num_layers=num_layers, tokens=flat_count, sampled_tokens=len(sample),
+        num_layers=num_layers, tokens=input_ids.numel(), sampled_tokens=len(sample),
         block_influence=influence, angular_distance=spans, cka=cka_matrix(states).tolist(),
     )
 
