@@ -33,3 +33,13 @@ def pride_ids(smollm2):
 def random_ids(model, batch: int = 2, length: int = 24, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: tiny models gain nothing from more, and several threads
+    collapse (spin-waiting) when the CPU is shared with other jobs. Restores the setting after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

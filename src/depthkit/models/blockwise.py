@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from depthkit.models.adapters import get_adapter
@@ -37,12 +37,16 @@ class BlockContext:
         }
 
 
-def block_context(model: PreTrainedModel, hidden: torch.Tensor) -> BlockContext:
-    """Rotary embeddings and causal masks for hidden states of shape (batch, seq, dim)."""
+def block_context(model: PreTrainedModel, hidden: torch.Tensor, past_key_values: Cache | None = None) -> BlockContext:
+    """Rotary embeddings and causal masks for hidden states of shape (batch, seq, dim).
+
+    With `past_key_values` (incremental decoding), positions continue after the cached tokens.
+    """
     adapter = get_adapter(model)
-    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    position_ids = torch.arange(past, past + hidden.shape[1], device=hidden.device).unsqueeze(0)
     mask_args = dict(config=model.config, inputs_embeds=hidden, attention_mask=None,
-                     past_key_values=None, position_ids=position_ids)
+                     past_key_values=past_key_values, position_ids=position_ids)
     masks = {"full_attention": create_causal_mask(**mask_args)}
     if getattr(model.config, "sliding_window", None):
         masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)

@@ -1,0 +1,93 @@
+"""`depthkit recover`: LoRA recovery fine-tuning of a compressed model (optionally distilled from
+the original), merged back into a plain checkpoint in OUT/model.
+
+Runs on whatever `accelerate` is configured for: `depthkit recover ...` on one CPU or GPU,
+`accelerate launch -m depthkit.cli.main recover ...` for several GPUs (DDP/FSDP/DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from depthkit.cli.common import add_data_args, data_spec
+from depthkit.data.blocks import DataSpec, token_stream
+from depthkit.errors import require
+from depthkit.models.loading import load_model
+from depthkit.recover.trainer import CARD_FILE, RecoverySettings, recover
+from depthkit.utils.io import format_table
+
+DEFAULTS = RecoverySettings()
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("recover", help="LoRA recovery fine-tuning of a compressed model")
+    parser.add_argument("--model", required=True, help="the compressed model (folder or hub id)")
+    parser.add_argument("--dtype", default="bfloat16", help="dtype of the frozen base (adapters are float32)")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is available")
+    add_data_args(parser, "--data", split="calib", default="austen:emma")
+    parser.add_argument("--eval-data", default=None,
+                        help="corpus for held-out perplexity, its heldout split (default: the --data corpus)")
+    parser.add_argument("--eval-tokens", type=int, default=DEFAULTS.eval_tokens,
+                        help="held-out tokens scored (in --seq-len windows) every --eval-every steps")
+    parser.add_argument("--teacher", default=None, help="the original model, to distil from")
+    parser.add_argument("--distill-weight", type=float, default=None,
+                        help="weight of the KL term, (1 - w) for cross-entropy (default 0.5 with --teacher)")
+    parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
+                        help="softens both distributions in the KL term")
+    parser.add_argument("--steps", type=int, default=DEFAULTS.steps)
+    parser.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len)
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="sequences per step and process")
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate (warm-up, cosine decay)")
+    parser.add_argument("--warmup-steps", type=int, default=DEFAULTS.warmup_steps)
+    parser.add_argument("--lora-rank", type=int, default=DEFAULTS.lora_rank)
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x rank)")
+    parser.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every)
+    parser.add_argument("--save-every", type=int, default=DEFAULTS.save_every)
+    parser.add_argument("--allow-repeat", action="store_true",
+                        help="cycle the training text when the steps need more than it has (else an error)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    parser.add_argument("--out", required=True, help="folder: OUT/model (result) and OUT/checkpoints")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/model")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/checkpoints after success")
+    parser.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> RecoverySettings:
+    weight = args.distill_weight if args.distill_weight is not None else (0.5 if args.teacher else 0.0)
+    require(args.teacher is not None or weight == 0, "--distill-weight needs --teacher")
+    return RecoverySettings(
+        steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+        warmup_steps=args.warmup_steps, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        distill_weight=weight, temperature=args.temperature, eval_every=args.eval_every,
+        eval_tokens=args.eval_tokens, save_every=args.save_every, allow_repeat=args.allow_repeat, seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+
+    settings = settings_from_args(args)
+    settings.validate()
+    model, tokenizer = load_model(args.model, args.dtype)
+    teacher = None
+    if args.teacher:
+        teacher, _ = load_model(args.teacher, args.dtype)
+        require(teacher.config.vocab_size == model.config.vocab_size,
+                f"teacher vocabulary ({teacher.config.vocab_size}) differs from the model's "
+                f"({model.config.vocab_size}): distillation needs the same tokenizer")
+    train_spec = data_spec(args)
+    eval_spec = DataSpec(args.eval_data or train_spec.corpus, "heldout")
+    meta = {"model": args.model, "teacher": args.teacher, "data": train_spec.describe(),
+            "eval_data": eval_spec.describe(), "dtype": args.dtype}
+    accelerator = Accelerator(cpu=args.cpu)
+    card = recover(model, tokenizer, token_stream(tokenizer, train_spec), token_stream(tokenizer, eval_spec),
+                   settings, args.out, teacher=teacher, resume=args.resume, overwrite=args.overwrite,
+                   keep_checkpoints=args.keep_checkpoints, accelerator=accelerator, meta=meta)
+    if not accelerator.is_main_process:
+        return
+    print(format_table([{"model": args.model, "held-out data": eval_spec.describe(), "steps": card["steps"],
+                         "tokens": card["tokens_trained"], "perplexity before": card["perplexity_before"],
+                         "perplexity after": card["perplexity_after"], "seconds": card["seconds"]}]))
+    print(f"recovered model in {Path(args.out) / 'model'} (card: {CARD_FILE})")

@@ -1,0 +1,208 @@
+"""`depthkit recursive train|eval|generate`: looped transformers (RecursiveVLM, Relaxed Recursive)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from depthkit.cli.common import add_data_args, add_model_args, data_spec, report
+from depthkit.data import token_blocks, token_stream
+from depthkit.errors import DepthkitError
+from depthkit.models.loading import load_model, load_tokenizer
+from depthkit.recursive.config import FEEDBACKS, FUSIONS, PROJECTIONS, RESIDUALS
+from depthkit.recursive.generate import DEFAULT_THRESHOLD, early_exit_nll, generate
+from depthkit.recursive.loss import LOSSES
+from depthkit.recursive.model import BASE_DIR, RecursiveModel, truncate_layers
+from depthkit.recursive.relaxed import INITS, SHARINGS, relax
+from depthkit.recursive.train import PARTS, TrainSettings, step_perplexities, train
+from depthkit.utils.io import check_output_dir, format_table, write_json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("recursive", help="recursive (looped) transformers: train, eval, generate")
+    commands = parser.add_subparsers(dest="recursive_command", required=True, metavar="ACTION")
+    _register_train(commands.add_parser("train", help="build (wrap or relax) and train a recursive model"))
+    _register_eval(commands.add_parser("eval", help="held-out perplexity at every step 1..R (+ early exit)"))
+    _register_generate(commands.add_parser("generate", help="generate at any depth, with KV cache and early exit"))
+
+
+# -- train -------------------------------------------------------------------------------------
+def _register_train(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.set_defaults(dtype="float32")
+    p.add_argument("--layers", type=int, help="keep only the first N layers of the base model (cheap experiments)")
+    p.add_argument("--relax", type=int, metavar="K", help="convert to K shared layers (Relaxed Recursive) "
+                                                          "instead of looping the whole decoder")
+    p.add_argument("--sharing", default="cycle", choices=SHARINGS)
+    p.add_argument("--init", default="stepwise", choices=INITS)
+    p.add_argument("--loop-lora-rank", default="0", help="per-loop LoRA rank of the relaxation (int or 'full')")
+    p.add_argument("--feedback", default="connector", choices=FEEDBACKS)
+    p.add_argument("--loops", type=int, default=3, help="recursion steps R used in training (and saved default)")
+    p.add_argument("--connector-k", type=int, default=4)
+    p.add_argument("--connector-layers", help="comma-separated block positions (0-based) the connector reads")
+    p.add_argument("--projection", default="linear", choices=PROJECTIONS)
+    p.add_argument("--fuse", default="sum", choices=FUSIONS)
+    p.add_argument("--residual", default="embeddings", choices=RESIDUALS)
+    p.add_argument("--scale-init", type=float, default=0.0)
+    p.add_argument("--modalities", type=int, default=1)
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA shared by every loop (0 = none)")
+    p.add_argument("--train", default="connector,layers", help=f"comma-separated parts to train: {', '.join(PARTS)}")
+    p.add_argument("--loss", default="monotonic", choices=LOSSES)
+    p.add_argument("--beta", type=float, default=2.0)
+    p.add_argument("--no-detach", action="store_true", help="do not detach the step r-1 loss (hinge form)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (0 = convert/wrap and save only)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--train-blocks", type=int, default=400, help="training blocks of --seq-len tokens")
+    p.add_argument("--eval-blocks", type=int, default=8, help="held-out blocks evaluated every --eval-every steps")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--connector-lr", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--mixed-precision", default="bf16", choices=("no", "bf16", "fp16"))
+    p.add_argument("--seed", type=int, default=0)
+    add_data_args(p, "--data", split="calib", default="austen")
+    add_data_args(p, "--eval-data", split="heldout", default="austen:persuasion")
+    p.add_argument("--out", required=True, help="output folder (base/ + recursive_config.json + safetensors)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", help="also write the training history here")
+    p.set_defaults(func=run_train)
+
+
+def _rank(value: str) -> int | str:
+    if value == "full":
+        return value
+    try:
+        return int(value)
+    except ValueError as err:
+        raise DepthkitError(f"--loop-lora-rank must be an integer or 'full', got '{value}'") from err
+
+
+def _int_list(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError as err:
+        raise DepthkitError(f"expected comma-separated integers, got '{value}'") from err
+
+
+def build_model(args: argparse.Namespace):
+    """The base model (optionally truncated), wrapped or relaxed as the arguments say."""
+    base, tokenizer = load_model(args.model, args.dtype, args.device)
+    if args.layers:
+        truncate_layers(base, args.layers)
+    if args.relax:
+        model = relax(base, args.relax, args.sharing, args.init, _rank(args.loop_lora_rank), args.seed)
+    else:
+        model = RecursiveModel.wrap(
+            base, num_loops=args.loops, feedback=args.feedback, connector_k=args.connector_k,
+            connector_layers=_int_list(args.connector_layers), projection=args.projection, fuse=args.fuse,
+            residual=args.residual, scale_init=args.scale_init, num_modalities=args.modalities,
+            lora_rank=args.lora_rank)
+    return model.to(args.device), tokenizer
+
+
+def run_train(args: argparse.Namespace) -> None:
+    check_output_dir(args.out, args.overwrite)
+    model, tokenizer = build_model(args)
+    settings = TrainSettings(
+        steps=args.steps, loops=args.loops, batch_size=args.batch_size, lr=args.lr, connector_lr=args.connector_lr,
+        loss=args.loss, beta=args.beta, detach=not args.no_detach, eval_every=args.eval_every,
+        trainable=tuple(t.strip() for t in args.train.split(",") if t.strip() and
+                        (t.strip() != "connector" or model.connector is not None)),
+        gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision, seed=args.seed)
+    settings.validate()
+    train_ids = None
+    if args.steps:
+        train_ids = token_blocks(tokenizer, data_spec(args, "--data"), args.train_blocks, args.seq_len)
+    eval_ids = token_blocks(tokenizer, data_spec(args, "--eval-data"), args.eval_blocks, args.seq_len)
+    result = train(model, train_ids, eval_ids, settings) if args.steps else None
+    model.config.num_loops = args.loops
+    model.save_pretrained(args.out, tokenizer, args.overwrite)
+    print(f"saved recursive model to {args.out}")
+    if result is not None and result.evaluations:
+        last = result.evaluations[-1]["perplexity"]
+        rows = [{"step": i + 1, "heldout_ppl": p} for i, p in enumerate(last)]
+        report(result.to_dict(), rows, args.json)
+
+
+# -- eval --------------------------------------------------------------------------------------
+def load_recursive(folder: str, dtype: str, device: str):
+    """A saved recursive model and the tokenizer stored with its base."""
+    if not (Path(folder) / BASE_DIR).is_dir():
+        raise DepthkitError(f"{folder} is not a recursive model folder (no {BASE_DIR}/)")
+    model = RecursiveModel.from_pretrained(folder, dtype, device)
+    return model, load_tokenizer(str(Path(folder) / BASE_DIR))
+
+
+def _register_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="folder written by `depthkit recursive train`")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--loops", type=int, help="recursion steps R (default: the saved one)")
+    p.add_argument("--blocks", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--exit-threshold", type=float, action="append",
+                   help="also score with early exit at this KL threshold (repeatable; token by token, slower)")
+    p.add_argument("--exit-tokens", type=int, default=256, help="tokens scored per early-exit threshold")
+    add_data_args(p, "--data", split="heldout", default="austen:persuasion")
+    p.add_argument("--json", help="write the results here")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    model, tokenizer = load_recursive(args.checkpoint, args.dtype, args.device)
+    loops = args.loops or model.config.num_loops
+    blocks = token_blocks(tokenizer, data_spec(args), args.blocks, args.seq_len)
+    ppl = step_perplexities(model, blocks, loops)
+    rows = [{"step": i + 1, "heldout_ppl": p} for i, p in enumerate(ppl)]
+    result: dict = {"checkpoint": args.checkpoint, "loops": loops, "data": data_spec(args).describe(),
+                    "step_perplexity": ppl}
+    print(format_table(rows))
+    if args.exit_threshold:
+        stream = token_stream(tokenizer, data_spec(args))
+        exits = []
+        for threshold in [None, *args.exit_threshold]:
+            nll, loops_report = early_exit_nll(model, stream, loops, threshold, args.exit_tokens, 1)
+            exits.append({"threshold": threshold, "perplexity": math.exp(nll), **loops_report.to_dict()})
+        result["early_exit"] = exits
+        print(format_table([{"exit_threshold": e["threshold"] if e["threshold"] is not None else "none (all R)",
+                             "ppl": e["perplexity"], "mean_steps": e["mean_steps"], "loops_saved": e["loops_saved"]}
+                            for e in exits]))
+    if args.json:
+        print(f"wrote {write_json(args.json, result)}")
+
+
+# -- generate ----------------------------------------------------------------------------------
+def _register_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="folder written by `depthkit recursive train`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--loops", type=int, help="recursion steps R (default: the saved one)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--exit-threshold", type=float, nargs="?", const=DEFAULT_THRESHOLD,
+                   help=f"early exit when KL between consecutive steps < threshold (flag alone: {DEFAULT_THRESHOLD})")
+    p.add_argument("--no-cache", action="store_true", help="re-run the whole prefix per token (reference)")
+    p.add_argument("--json", help="write the result here")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    model, tokenizer = load_recursive(args.checkpoint, args.dtype, args.device)
+    ids = torch.tensor([tokenizer(args.prompt)["input_ids"]], device=args.device)
+    result = generate(model, ids, args.max_new_tokens, args.loops, args.exit_threshold, tokenizer.eos_token_id,
+                      use_cache=not args.no_cache, progress=True)
+    text = tokenizer.decode(result.new_tokens, skip_special_tokens=True)
+    print(args.prompt + text)
+    summary = {"prompt": args.prompt, "completion": text, "loops": args.loops or model.config.num_loops,
+               "exit_threshold": args.exit_threshold, **result.loops.to_dict()}
+    if args.exit_threshold is not None:
+        print(f"early exit: {result.loops.to_dict()['mean_steps']:.2f} of {result.loops.max_steps} steps per token, "
+              f"{100 * result.loops.saved_fraction:.1f}% of loops saved")
+    if args.json:
+        print(f"wrote {write_json(args.json, summary)}")

@@ -1,0 +1,332 @@
+"""Memory-bounded models: read and write a checkpoint one decoder block at a time.
+
+Block-by-block calibration (`depthkit.models.blockwise`) keeps one block's activations in memory,
+but a normally loaded model still holds every block's weights. For models larger than RAM (or
+GPU memory) `StreamingModel` builds the model on the `meta` device from its config (no memory),
+materialises only the small non-block parts (embeddings, final norm, LM head, rotary tables) and
+reads ONE decoder block at a time from the memory-mapped safetensors files. `StreamingWriter`
+is the mirror image: it saves a new checkpoint block by block (sharded safetensors + index +
+config), so a compressed model never needs to exist whole in memory either.
+
+API (what `depthkit compress --offload disk` builds on)::
+
+    source = StreamingModel.open(folder, device="cpu", dtype="bfloat16")
+    source.num_layers                      # blocks in the checkpoint
+    hidden = source.embed(ids)             # block 0's input
+    context = source.context(hidden[:8])   # rotary embeddings + causal masks for run_block
+    layer = source.load_layer(i)           # a fresh, materialised nn.Module (drop it to free it)
+    logits = source.head(hidden)           # final norm + LM head
+    for i, block_in, block_out in source.iterate_blocks(ids): ...   # like blockwise.iterate_blocks
+
+    with StreamingWriter(out, source.config, overwrite=False) as writer:
+        writer.write_non_layer(source)     # embeddings, final norm, head (+ tokenizer files)
+        writer.write_layer(0, layer)       # blocks in order 0..n-1, any n
+        ...                                # finish() runs on leaving the block (or call it)
+
+The writer fills a temporary folder that becomes `out` only when `finish()` succeeds
+(`atomic_output_dir`): an interrupted run never leaves a checkpoint that looks complete.
+`peak_memory_mb()` reports the process's peak resident memory (ru_maxrss and VmHWM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import resource
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from depthkit.errors import DepthkitError, require
+from depthkit.models.adapters import get_adapter
+from depthkit.models.blockwise import BlockContext, block_context, embed, logits_from_hidden, run_block
+from depthkit.models.loading import resolve_dtype
+from depthkit.utils.io import atomic_output_dir
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Files of a checkpoint folder that describe weights; everything else (tokenizer, generation
+# config, chat template) is carried over unchanged by the writer.
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def meta_skeleton(config: PretrainedConfig) -> PreTrainedModel:
+    """The model of `config` with every parameter on the `meta` device: structure, no memory."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    get_adapter(model)  # refuse unsupported architectures up front
+    return model.eval()
+
+
+def module_prefix(model: nn.Module, target: nn.Module) -> str:
+    """The state-dict prefix of `target` inside `model` (e.g. `model.layers`)."""
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise DepthkitError(f"{type(target).__name__} is not part of {type(model).__name__}")
+
+
+def checkpoint_index(folder: Path) -> dict[str, str]:
+    """Map every tensor name of a safetensors checkpoint folder to the file that holds it."""
+    if (folder / INDEX_FILE).exists():
+        return dict(json.loads((folder / INDEX_FILE).read_text())["weight_map"])
+    require((folder / SINGLE_FILE).exists(),
+            f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}: streaming needs a safetensors checkpoint")
+    with safe_open(folder / SINGLE_FILE, framework="pt") as handle:
+        return dict.fromkeys(handle.keys(), SINGLE_FILE)
+
+
+class StreamingModel:
+    """A checkpoint whose decoder blocks stay on disk until asked for, one at a time."""
+
+    def __init__(self, folder: Path, skeleton: PreTrainedModel, device: torch.device, dtype: torch.dtype):
+        self.folder = folder
+        self.model = skeleton  # non-block parts materialised, blocks on `meta`
+        self.device = device
+        self.dtype = dtype
+        self.adapter = get_adapter(skeleton)
+        self.index = checkpoint_index(folder)
+        self.layers_prefix = module_prefix(skeleton, self.adapter.layers(skeleton))
+
+    @classmethod
+    def open(cls, folder: str | Path, device: str = "cpu", dtype: str | torch.dtype = "bfloat16") -> StreamingModel:
+        """Read the config, build the meta skeleton and load only the non-block weights."""
+        folder = Path(folder)
+        require((folder / "config.json").exists(), f"{folder} is not a Hugging Face model folder (no config.json)")
+        skeleton = meta_skeleton(AutoConfig.from_pretrained(folder))
+        stream = cls(folder, skeleton, torch.device(device), resolve_dtype(dtype))
+        stream._materialise_non_layer()
+        return stream
+
+    # -- what the checkpoint holds -----------------------------------------------------------
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.adapter.layers(self.model))
+
+    def layer_keys(self, index: int) -> list[str]:
+        prefix = f"{self.layers_prefix}.{index}."
+        return [key for key in self.index if key.startswith(prefix)]
+
+    def read_tensors(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Read tensors from the memory-mapped files, cast floats to the working dtype.
+
+        Each file is opened only for the read and closed right after, so the mapped pages of
+        blocks already processed do not accumulate in the process's resident memory.
+        """
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.index[key], []).append(key)
+        tensors = {}
+        for filename, names in by_file.items():
+            with safe_open(self.folder / filename, framework="pt", device=str(self.device)) as handle:
+                for name in names:
+                    tensor = handle.get_tensor(name)
+                    tensors[name] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        return tensors
+
+    # -- materialising ------------------------------------------------------------------------
+    def _materialise_non_layer(self) -> None:
+        """Load embeddings, final norm and head; re-tie tied weights; rebuild rotary tables."""
+        layer_prefix = f"{self.layers_prefix}."
+        keys = [key for key in self.index if not key.startswith(layer_prefix)]
+        state = self.read_tensors(keys)
+        self.model.load_state_dict(state, strict=False, assign=True)
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for target, source in (getattr(self.model, "all_tied_weights_keys", None) or {}).items():
+            if target not in state and source in params:
+                _set_parameter(self.model, target, params[source])
+        decoder = self.adapter.decoder(self.model)
+        with torch.device(self.device):  # rotary tables are computed from the config, not stored
+            decoder.rotary_emb = type(decoder.rotary_emb)(config=self.config)
+        missing = [name for name, tensor in self.model.state_dict().items()
+                   if tensor.is_meta and not name.startswith(layer_prefix)]
+        require(not missing, f"checkpoint {self.folder} lacks {', '.join(missing[:5])}")
+
+    def load_layer(self, index: int) -> nn.Module:
+        """Block `index` as a fresh module on the device (the skeleton keeps its meta copy)."""
+        require(0 <= index < self.num_layers, f"layer {index} out of range 0..{self.num_layers - 1}")
+        prefix = f"{self.layers_prefix}.{index}."
+        state = {key[len(prefix):]: tensor for key, tensor in self.read_tensors(self.layer_keys(index)).items()}
+        layer = copy.deepcopy(self.adapter.layers(self.model)[index])
+        try:
+            layer.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as err:
+            raise DepthkitError(f"block {index} of {self.folder} does not match its config: {err}") from err
+        return layer.eval().requires_grad_(False)
+
+    # -- computing ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return embed(self.model, input_ids.to(self.device))
+
+    def context(self, hidden: torch.Tensor) -> BlockContext:
+        return block_context(self.model, hidden)
+
+    @torch.no_grad()
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return logits_from_hidden(self.model, hidden)
+
+    @torch.no_grad()
+    def iterate_blocks(
+        self, input_ids: torch.Tensor, batch_size: int = 8
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Like `blockwise.iterate_blocks`, with only the current block's weights in memory."""
+        hidden = self.embed(input_ids)
+        context = self.context(hidden[:batch_size])
+        for index in range(self.num_layers):
+            layer = self.load_layer(index)
+            output = run_block(self.model, layer, hidden, batch_size, context)
+            del layer
+            yield index, hidden, output
+            hidden = output
+
+
+def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner_name) if owner_name else model, attr, param)
+
+
+class StreamingWriter:
+    """Write a checkpoint block by block into sharded safetensors, atomically.
+
+    Tensors are buffered until a shard reaches `max_shard_bytes`, then written; memory is one
+    shard plus whatever block the caller holds. Use it as a context manager: leaving the block
+    normally calls `finish()`, an exception discards everything written so far.
+    """
+
+    def __init__(self, out: str | Path, config: PretrainedConfig, dtype: str | torch.dtype | None = None,
+                 overwrite: bool = False, max_shard_bytes: int = 512 * 2**20):
+        self.out = Path(out)
+        self.config = copy.deepcopy(config)
+        self.dtype = resolve_dtype(dtype) if dtype is not None else None
+        self.max_shard_bytes = max_shard_bytes
+        skeleton = meta_skeleton(self.config)
+        self.adapter = get_adapter(skeleton)
+        self.layers_prefix = module_prefix(skeleton, self.adapter.layers(skeleton))
+        self._skeleton = skeleton
+        self._stack = contextlib.ExitStack()
+        self._tmp = self._stack.enter_context(atomic_output_dir(self.out, overwrite))
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: list[tuple[str, list[str]]] = []
+        self._layer_types: list[str | None] = []
+        self._source: Path | None = None
+        self._written_dtype: torch.dtype | None = None
+        self._done = False
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._stack.__exit__(exc_type, exc, tb)  # removes the temporary folder
+        elif not self._done:
+            self.finish()
+
+    # -- adding tensors ----------------------------------------------------------------------
+    def write_layer(self, index: int, layer: nn.Module) -> None:
+        """Add block `index`; blocks must come in order 0, 1, 2, ..."""
+        require(index == len(self._layer_types),
+                f"blocks must be written in order: expected block {len(self._layer_types)}, got {index}")
+        self._add(layer.state_dict(), f"{self.layers_prefix}.{index}.")
+        self._layer_types.append(getattr(layer, "attention_type", None))
+
+    def write_non_layer(self, source: StreamingModel | PreTrainedModel) -> None:
+        """Add every tensor outside the decoder blocks (tied copies once), and remember a
+        `StreamingModel`'s folder so its tokenizer and generation config are carried over."""
+        model = source.model if isinstance(source, StreamingModel) else source
+        prefix = module_prefix(model, get_adapter(model).layers(model)) + "."
+        tied = set((getattr(model, "all_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else ())
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix) and k not in tied}
+        self._add(state, "")
+        if isinstance(source, StreamingModel):
+            self._source = source.folder
+
+    def _add(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        for name, tensor in state.items():
+            tensor = tensor.detach().to("cpu")
+            if self.dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(self.dtype)
+            if tensor.is_floating_point() and self._written_dtype is None:
+                self._written_dtype = tensor.dtype
+            self._buffer[prefix + name] = tensor.contiguous().clone()
+            self._buffer_bytes += tensor.numel() * tensor.element_size()
+        if self._buffer_bytes >= self.max_shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        name = f"shard-{len(self._shards):05d}.safetensors"
+        save_file(self._buffer, self._tmp / name, metadata={"format": "pt"})
+        self._shards.append((name, list(self._buffer)))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    # -- closing -------------------------------------------------------------------------------
+    def finish(self) -> Path:
+        """Name the shards, write the index and the config for the written depth, publish `out`."""
+        require(not self._done, "this writer has already finished")
+        require(bool(self._layer_types), "no decoder block was written")
+        self._flush()
+        self._name_shards()
+        self._write_config()
+        if self._source is not None:
+            for path in self._source.iterdir():
+                if path.is_file() and not path.name.endswith(_WEIGHT_FILES) and path.name != "config.json":
+                    shutil.copy2(path, self._tmp / path.name)
+        self._done = True
+        self._stack.close()  # renames the temporary folder to `out`
+        return self.out
+
+    def _name_shards(self) -> None:
+        count = len(self._shards)
+        if count == 1:
+            os.replace(self._tmp / self._shards[0][0], self._tmp / SINGLE_FILE)
+            return
+        weight_map, total = {}, 0
+        for number, (name, keys) in enumerate(self._shards, start=1):
+            final = f"model-{number:05d}-of-{count:05d}.safetensors"
+            os.replace(self._tmp / name, self._tmp / final)
+            weight_map.update(dict.fromkeys(keys, final))
+            total += (self._tmp / final).stat().st_size
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self._tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+    def _write_config(self) -> None:
+        """Config for the written depth, through `set_layers` on the meta skeleton so per-layer
+        fields (`layer_types`, `max_window_layers`) follow the same rules as in-memory edits."""
+        template = self.adapter.layers(self._skeleton)[0]
+        layers = []
+        for layer_type in self._layer_types:
+            layer = copy.deepcopy(template)  # meta: free
+            if layer_type is not None:
+                layer.attention_type = layer_type
+            layers.append(layer)
+        self.adapter.set_layers(self._skeleton, layers)
+        config = self._skeleton.config
+        config.dtype = self._written_dtype or config.dtype  # what the files hold, so loads need no cast
+        config.save_pretrained(self._tmp)
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process in MiB: `ru_maxrss` and, on Linux, VmHWM."""
+    peaks = {"ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                key = "vmhwm_mb" if line.startswith("VmHWM") else "vmrss_mb"
+                peaks[key] = int(line.split()[1]) / 1024
+    return peaks

@@ -1,0 +1,161 @@
+"""Generation at any depth R with a KV cache per recursion step, and per-token early exit.
+
+Each application of a layer has its own slot in one `DynamicCache` (see `RecursiveModel.slot`),
+so step r of a new token attends to step r's keys and values of every earlier token.
+
+Early exit (Huginn): after each step r >= 2 of a new token, the KL divergence between the output
+distributions of steps r and r-1 is measured; below `threshold` the token stops and is predicted
+from step r. Its cache slots of the skipped steps r+1..R are filled with a copy of its latest
+(step r) keys and values, so later tokens at those steps still find an entry for it: the
+"reuse the latest cached KV" scheme. Because it needs two distributions, the earliest exit is
+after step 2. Exit decisions are per token, so early-exit decoding runs one sequence at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from depthkit.errors import require
+from depthkit.recursive.config import check_loops
+from depthkit.recursive.model import RecursiveModel
+
+DEFAULT_THRESHOLD = 5e-4
+
+
+@dataclass
+class DecodeStep:
+    """Log-probabilities of the next token and how many steps (loops) produced them."""
+
+    log_probs: torch.Tensor
+    steps_used: int
+
+
+@dataclass
+class LoopsReport:
+    """Loops actually run per token vs the budget R (for generation and early-exit scoring)."""
+
+    steps_used: list[int] = field(default_factory=list)
+    max_steps: int = 1
+
+    @property
+    def saved_fraction(self) -> float:
+        if not self.steps_used:
+            return 0.0
+        return 1.0 - sum(self.steps_used) / (len(self.steps_used) * self.max_steps)
+
+    def to_dict(self) -> dict:
+        return {"tokens": len(self.steps_used), "max_steps": self.max_steps,
+                "mean_steps": sum(self.steps_used) / max(1, len(self.steps_used)),
+                "loops_saved": self.saved_fraction}
+
+
+@dataclass
+class GenerationResult:
+    input_ids: torch.Tensor
+    new_tokens: list[int]
+    loops: LoopsReport
+
+
+def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+@torch.no_grad()
+def decode_step(model: RecursiveModel, input_ids: torch.Tensor, loops: int, cache: DynamicCache,
+                threshold: float | None = None) -> DecodeStep:
+    """Run new tokens through the recursion with the cache; exit early (one token only) if asked.
+
+    Without a threshold every step runs and only the last is decoded. With one, every step is
+    decoded (its coda and head), and the loop stops at the first step r >= 2 whose output is within
+    `threshold` (KL) of step r-1; the skipped steps' cache slots reuse step r's keys and values.
+    """
+    early = threshold is not None
+    steps = model.config.num_steps(loops)
+    previous, used, log_probs = None, steps, None
+    for out in model.iter_steps(input_ids, loops, past_key_values=cache, decode_all=early, logits_to_keep=1):
+        if out.logits is None:
+            continue
+        log_probs = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+        can_exit = early and previous is not None and out.step < steps - 1
+        if can_exit and float(kl_divergence(log_probs, previous)) < threshold:
+            used = out.step + 1
+            break
+        previous = log_probs
+    if used < steps:
+        reuse_latest_kv(model, cache, used - 1, loops)
+    return DecodeStep(log_probs, used)
+
+
+def reuse_latest_kv(model: RecursiveModel, cache: DynamicCache, exit_step: int, loops: int) -> None:
+    """Fill the skipped steps' cache slots of the newest position with its exit step's keys/values."""
+    source = model.step_slots(exit_step, loops)
+    for step in range(exit_step + 1, model.config.num_steps(loops)):
+        for src, dst in zip(source, model.step_slots(step, loops)):
+            layer = cache.layers[src]
+            cache.update(layer.keys[:, :, -1:], layer.values[:, :, -1:], dst)
+
+
+@torch.no_grad()
+def generate(model: RecursiveModel, input_ids: torch.Tensor, max_new_tokens: int = 32, num_loops: int | None = None,
+             exit_threshold: float | None = None, eos_token_id: int | None = None, use_cache: bool = True,
+             progress: bool = False) -> GenerationResult:
+    """Greedy decoding at `num_loops` loops; cached (default) or by re-running the whole prefix."""
+    loops = check_loops(model.config.num_loops if num_loops is None else num_loops)
+    require(input_ids.dim() == 2 and input_ids.shape[1] >= 1, "input_ids must have shape (batch, length >= 1)")
+    require(exit_threshold is None or input_ids.shape[0] == 1, "early exit decides per token: pass one prompt")
+    require(exit_threshold is None or exit_threshold >= 0, f"exit threshold must be >= 0, got {exit_threshold}")
+    require(exit_threshold is None or use_cache, "early exit reuses cached keys/values: it needs the KV cache")
+    require(max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    model.eval()
+    report = LoopsReport(max_steps=model.config.num_steps(loops))
+    ids, new_tokens = input_ids, []
+    cache = DynamicCache() if use_cache else None
+    pending = input_ids
+    for index in tqdm(range(max_new_tokens), desc="generate", unit="token", disable=not progress):
+        if cache is None:
+            log_probs = F.log_softmax(model(ids, loops, logits_to_keep=1).logits[:, -1].float(), -1)
+        elif index == 0:  # the prompt is prefilled at full depth
+            log_probs = decode_step(model, pending, loops, cache).log_probs
+        else:  # each new token may exit early
+            result = decode_step(model, pending, loops, cache, exit_threshold)
+            report.steps_used.append(result.steps_used)
+            log_probs = result.log_probs
+        pending = log_probs.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, pending], dim=1)
+        new_tokens.append(int(pending[0]))
+        if eos_token_id is not None and input_ids.shape[0] == 1 and new_tokens[-1] == eos_token_id:
+            break
+    return GenerationResult(ids, new_tokens, report)
+
+
+@torch.no_grad()
+def early_exit_nll(model: RecursiveModel, stream: torch.Tensor, loops: int, threshold: float | None,
+                   window: int = 256, max_windows: int = 2, progress: bool = True) -> tuple[float, LoopsReport]:
+    """Teacher-forced mean NLL when every token may exit early (decoded token by token with the cache).
+
+    This is the exact inference scheme (KV reuse for skipped steps included), not an estimate
+    from a full-depth pass. `threshold=None` runs every step (the reference at depth R).
+    """
+    report = LoopsReport(max_steps=model.config.num_steps(loops))
+    total, count = 0.0, 0
+    windows = [stream[i: i + window] for i in range(0, stream.numel() - window + 1, window)][:max_windows]
+    require(len(windows) > 0, f"text too short for one window of {window} tokens")
+    bar = tqdm(total=sum(w.numel() - 1 for w in windows), desc=f"early exit (thr={threshold})", disable=not progress)
+    device = next(model.parameters()).device
+    for chunk in windows:
+        cache = DynamicCache()
+        chunk = chunk.to(device)
+        for t in range(chunk.numel() - 1):
+            step = decode_step(model, chunk[t: t + 1].view(1, 1), loops, cache, threshold)
+            total -= float(step.log_probs[0, chunk[t + 1]])
+            count += 1
+            report.steps_used.append(step.steps_used)
+            bar.update(1)
+    bar.close()
+    return total / count, report

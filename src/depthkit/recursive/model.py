@@ -1,0 +1,269 @@
+"""The recursive model: a block of a Hugging Face decoder's layers applied R times, R per call.
+
+The base model is kept intact (its layers are the UNIQUE layers; a relaxed conversion shrinks
+it to K layers), and `RecursiveModel` decides the order in which they run:
+
+    prelude (once) -> step 1 of the block -> [feedback] -> step 2 -> ... -> step R
+    each decoded step: coda -> final norm -> LM head  (logits of that step)
+
+Feedback between steps is the Recursive Connector (RecursiveVLM) or the last hidden state
+(vanilla recursion). With a KV cache, each application of a layer writes its own cache slot:
+`prelude + step * (block + coda) + position`, so the same weights at different steps never
+overwrite each other's keys and values (layer_idx = step * L + l for a whole-decoder loop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, Cache, PreTrainedModel, PreTrainedTokenizerBase
+
+from depthkit.errors import DepthkitError, require
+from depthkit.models.adapters import get_adapter
+from depthkit.models.blockwise import BlockContext, block_context
+from depthkit.models.loading import resolve_dtype
+from depthkit.recursive.config import RecursiveConfig, check_loops
+from depthkit.recursive.connector import RecursiveConnector
+from depthkit.recursive.lora import LoopAdapters
+from depthkit.utils.io import atomic_output_dir
+
+BASE_DIR = "base"
+WEIGHTS_FILE = "recursive.safetensors"
+
+
+@dataclass
+class StepOutput:
+    """One recursion step: its index (0-based), final hidden state and logits (None if not decoded)."""
+
+    step: int
+    hidden: torch.Tensor
+    logits: torch.Tensor | None
+
+
+@dataclass
+class RecursiveOutput:
+    logits: torch.Tensor
+    step_logits: list[torch.Tensor] = field(default_factory=list)
+    past_key_values: Cache | None = None
+
+
+class RecursiveModel(nn.Module):
+    """A looped decoder over a supported Hugging Face causal LM (see the module docstring)."""
+
+    def __init__(self, base: PreTrainedModel, config: RecursiveConfig):
+        super().__init__()
+        self.adapter = get_adapter(base)
+        self._bind_architecture(base, config)
+        self.base = base
+        self.config = config
+        hidden = base.config.hidden_size
+        eps = getattr(base.config, "rms_norm_eps", 1e-6)
+        self.connector = RecursiveConnector(config, hidden, eps) if config.feedback == "connector" else None
+        self.adapters = LoopAdapters(base, config)
+        self.gradient_checkpointing = False
+
+    @classmethod
+    def wrap(cls, base: PreTrainedModel, num_loops: int = 2, feedback: str = "connector", **options) -> RecursiveModel:
+        """Loop the WHOLE decoder (RecursiveVLM style); `options` are `RecursiveConfig` fields."""
+        layers = len(get_adapter(base).layers(base))
+        config = RecursiveConfig(block=list(range(layers)), num_loops=num_loops, feedback=feedback, **options)
+        return cls(base, config)
+
+    def _bind_architecture(self, base: PreTrainedModel, config: RecursiveConfig) -> None:
+        """Record the base architecture in the config, or refuse a base that does not match it."""
+        num_layers = len(self.adapter.layers(base))
+        found = (base.config.model_type, base.config.hidden_size, num_layers)
+        if config.model_type:
+            expected = (config.model_type, config.hidden_size, config.num_base_layers)
+            require(found == expected, f"checkpoint of another architecture: the recursive config expects "
+                                       f"{expected[0]} (hidden {expected[1]}, {expected[2]} layers), the base model is "
+                                       f"{found[0]} (hidden {found[1]}, {found[2]} layers)")
+        config.model_type, config.hidden_size, config.num_base_layers = found
+        for name in ("prelude", "block", "coda"):
+            bad = [i for i in getattr(config, name) if not 0 <= i < num_layers]
+            require(not bad, f"{name} layer index {bad[0] if bad else ''} out of range: the base model has "
+                             f"{num_layers} layers")
+
+    # -- forward ------------------------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.adapter.layers(self.base)
+
+    def slot(self, step: int, position: int, loops: int) -> int:
+        """KV-cache slot of the `position`-th application in `step` (block first, then coda)."""
+        stride = len(self.config.step_applications(0, loops)) + len(self.config.coda)
+        return len(self.config.prelude) + step * stride + position
+
+    def step_slots(self, step: int, loops: int) -> list[int]:
+        count = len(self.config.step_applications(step, loops)) + len(self.config.coda)
+        return [self.slot(step, position, loops) for position in range(count)]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.adapter.embed_tokens(self.base)(input_ids)
+
+    def decode(self, hidden: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """Final norm + LM head (on the last `logits_to_keep` positions when > 0)."""
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.adapter.lm_head(self.base)(self.adapter.final_norm(self.base)(hidden))
+
+    def _apply_layer(self, layer: int, loop: int, slot: int, hidden: torch.Tensor, context: BlockContext,
+               cache: Cache | None) -> torch.Tensor:
+        """One application of a (shared) layer, with its loop's adapters and its own cache slot.
+
+        The adapters are activated INSIDE the checkpointed function so that recomputation during
+        backward (gradient checkpointing) sees the same loop as the forward pass.
+        """
+        module = self.layers[layer]
+
+        def run(h: torch.Tensor) -> torch.Tensor:
+            with self.adapters.activate(layer, loop):
+                module.self_attn.layer_idx = slot
+                return module(h, past_key_values=cache, use_cache=cache is not None, **context.layer_kwargs(module))
+
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(run, hidden, use_reentrant=False)
+        return run(hidden)
+
+    def iter_steps(
+        self,
+        input_ids: torch.Tensor | None = None,
+        num_loops: int | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        modality_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        decode_all: bool = True,
+        logits_to_keep: int = 0,
+    ) -> Iterator[StepOutput]:
+        """Run the recursion step by step, yielding each step (a caller may stop early: early exit).
+
+        Only the last step is decoded unless `decode_all`. Stopping the iteration early leaves the
+        cache slots of the remaining steps unwritten for these positions; the caller fills them.
+        """
+        loops = check_loops(self.config.num_loops if num_loops is None else num_loops)
+        require((input_ids is None) != (inputs_embeds is None), "pass exactly one of input_ids and inputs_embeds")
+        embeddings = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        context = block_context(self.base, embeddings, past_key_values)
+        steps = self.config.num_steps(loops)
+        try:
+            hidden = embeddings
+            for position, layer in enumerate(self.config.prelude):
+                hidden = self._apply_layer(layer, 0, position, hidden, context, past_key_values)
+            origin = step_input = hidden
+            for step in range(steps):
+                hidden, taps = self._run_step(step, loops, step_input, context, past_key_values)
+                last = step == steps - 1
+                logits = None
+                if decode_all or last:
+                    logits = self.decode(self._run_coda(step, loops, hidden, context, past_key_values), logits_to_keep)
+                yield StepOutput(step, hidden, logits)
+                if not last:
+                    step_input = self.next_input(hidden, taps, origin, step_input, modality_ids)
+        finally:
+            for index, module in enumerate(self.layers):
+                module.self_attn.layer_idx = index
+
+    def _run_step(self, step: int, loops: int, hidden: torch.Tensor, context: BlockContext,
+                  cache: Cache | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The block once; returns its output and the outputs of the connector's sampled layers."""
+        wanted = set(self.connector.positions) if self.connector is not None else set()
+        taps = {}
+        for position, (layer, loop) in enumerate(self.config.step_applications(step, loops)):
+            hidden = self._apply_layer(layer, loop, self.slot(step, position, loops), hidden, context, cache)
+            if position in wanted:
+                taps[position] = hidden
+        return hidden, [taps[p] for p in self.connector.positions] if self.connector is not None else []
+
+    def _run_coda(self, step: int, loops: int, hidden: torch.Tensor, context: BlockContext,
+                  cache: Cache | None) -> torch.Tensor:
+        offset = len(self.config.step_applications(step, loops))
+        for index, layer in enumerate(self.config.coda):
+            hidden = self._apply_layer(layer, 0, self.slot(step, offset + index, loops), hidden, context, cache)
+        return hidden
+
+    def next_input(self, hidden: torch.Tensor, taps: list[torch.Tensor], origin: torch.Tensor,
+                   step_input: torch.Tensor, modality_ids: torch.Tensor | None) -> torch.Tensor:
+        """Vanilla recursion feeds the last hidden state back; the connector builds a new input."""
+        if self.connector is None:
+            return hidden
+        return self.connector(taps, origin, step_input, modality_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        num_loops: int | None = None,
+        return_all_steps: bool = False,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        modality_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        logits_to_keep: int = 0,
+    ) -> RecursiveOutput:
+        """Logits after `num_loops` loops (default: the config's); every step's logits if asked."""
+        outputs = list(self.iter_steps(
+            input_ids, num_loops, inputs_embeds=inputs_embeds, modality_ids=modality_ids,
+            past_key_values=past_key_values, decode_all=return_all_steps, logits_to_keep=logits_to_keep))
+        step_logits = [o.logits for o in outputs] if return_all_steps else []
+        return RecursiveOutput(outputs[-1].logits, step_logits, past_key_values)
+
+    # -- persistence --------------------------------------------------------------------------
+    def extra_state_dict(self) -> dict[str, torch.Tensor]:
+        """Connector and adapter weights (everything that is not the plain base model)."""
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("base.")}
+
+    def save_pretrained(self, folder: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
+                        overwrite: bool = False) -> Path:
+        """Write `base/` (a plain HF checkpoint), the recursive config JSON and the extra weights."""
+        with atomic_output_dir(folder, overwrite) as tmp:
+            self.base.save_pretrained(tmp / BASE_DIR)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / BASE_DIR)
+            self.config.save(tmp)
+            save_file(self.extra_state_dict(), str(tmp / WEIGHTS_FILE))
+        return Path(folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
+                        base: PreTrainedModel | None = None) -> RecursiveModel:
+        """Reload a saved recursive model (optionally onto an already loaded, matching `base`)."""
+        folder = Path(folder)
+        config = RecursiveConfig.load(folder)
+        if base is None:
+            base = load_base(folder / BASE_DIR, dtype)
+        model = cls(base, config)
+        model.load_extra_state(load_file(str(folder / WEIGHTS_FILE)))
+        return model.to(device).eval()
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self.extra_state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        require(not missing and not unexpected, f"recursive weights do not match the config: missing "
+                                                f"{missing[:3]}, unexpected {unexpected[:3]}")
+        bad = [k for k in expected if expected[k].shape != state[k].shape]
+        require(not bad, f"recursive weight {bad[0] if bad else ''} has the wrong shape for this model")
+        self.load_state_dict(state, strict=False)
+
+
+def truncate_layers(base: PreTrainedModel, num_layers: int) -> PreTrainedModel:
+    """Keep the first `num_layers` blocks (+ final norm and head): a cheap small model to study."""
+    adapter = get_adapter(base)
+    layers = list(adapter.layers(base))
+    if not 1 <= num_layers <= len(layers):
+        raise DepthkitError(f"cannot keep {num_layers} layers of a {len(layers)}-layer model")
+    adapter.set_layers(base, layers[:num_layers])
+    return base
+
+
+def load_base(folder: Path, dtype: str | torch.dtype = "float32") -> PreTrainedModel:
+    """The plain HF base checkpoint of a saved recursive model (no tokenizer needed)."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype), attn_implementation="sdpa")
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise DepthkitError(f"could not load the base model in {folder}: {str(err).splitlines()[0]}") from err

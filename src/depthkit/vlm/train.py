@@ -1,0 +1,129 @@
+"""Training a (recursive) VLM in two stages, LLaVA style.
+
+Stage 1 aligns the projector: LLM frozen, one pass (R = 1), cross-entropy on the answer.
+Stage 2 trains the recursion: the projector, the Recursive Connector (if any) and a LoRA shared
+by every loop, with the recursion loss over steps 1..R (`depthkit.recursive.loss`): the
+Monotonic Recursion Loss for RecursiveVLM, the last step only for vanilla recursion.
+
+Only answer tokens are decoded: the LM head (49k x hidden) over every prompt position would cost
+as much as the decoder itself and contributes nothing to the loss.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from depthkit.errors import require
+from depthkit.recursive.loss import recursion_loss
+from depthkit.vlm.batches import VQABatches
+from depthkit.vlm.model import IGNORE_INDEX, VisionLanguageModel, VLMBatch, embedding_norm
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 10
+    loss: str = "monotonic"  # monotonic | sum | last (see depthkit.recursive.loss)
+    beta: float = 2.0
+    seed: int = 0
+
+
+@dataclass
+class TrainLog:
+    settings: dict
+    seconds: float = 0.0
+    trainable_parameters: int = 0
+    losses: list[float] = field(default_factory=list)
+    step_losses: list[list[float]] = field(default_factory=list)
+
+
+def answer_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask over positions 0..L-2 that predict an answer token, and those tokens (in mask order)."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return mask, targets[mask]
+
+
+def step_answer_logits(vlm: VisionLanguageModel, batch: VLMBatch, num_loops: int | None = None) -> list[torch.Tensor]:
+    """(answer tokens, vocab) logits of every recursion step."""
+    mask, _ = answer_targets(batch.labels)
+    return [vlm.decode(step.hidden[:, :-1][mask]) for step in vlm.steps(batch, num_loops)]
+
+
+def step_token_losses(vlm: VisionLanguageModel, batch: VLMBatch, num_loops: int | None = None) -> list[torch.Tensor]:
+    """Per-answer-token cross-entropy (float32) at every step."""
+    _, targets = answer_targets(batch.labels)
+    return [F.cross_entropy(logits.float(), targets, reduction="none")
+            for logits in step_answer_logits(vlm, batch, num_loops)]
+
+
+def train(vlm: VisionLanguageModel, batches: VQABatches, settings: TrainSettings,
+          progress: bool = True, desc: str = "train") -> TrainLog:
+    """AdamW on the VLM's trainable parameters with linear warm-up and cosine decay."""
+    params = vlm.trainable_parameters()
+    require(params, "nothing to train: every parameter is frozen")
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, settings))
+    log = TrainLog(asdict(settings), trainable_parameters=sum(p.numel() for p in params))
+    vlm.train()
+    start = time.perf_counter()
+    bar = tqdm(batches.shuffled(settings.batch_size, settings.steps, settings.seed), total=settings.steps,
+               desc=desc, disable=not progress)
+    for batch in bar:
+        losses = step_token_losses(vlm, batch)
+        mask = torch.ones_like(losses[0], dtype=torch.bool)
+        loss = recursion_loss(losses, mask, settings.loss, settings.beta)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        log.losses.append(float(loss.detach()))
+        log.step_losses.append([float(x.detach().mean()) for x in losses])
+        bar.set_postfix(loss=f"{log.losses[-1]:.3f}", last=f"{log.step_losses[-1][-1]:.3f}")
+    vlm.eval()
+    log.seconds = time.perf_counter() - start
+    return log
+
+
+def _lr_factor(step: int, settings: TrainSettings) -> float:
+    import math
+
+    if step < settings.warmup:
+        return (step + 1) / settings.warmup
+    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def init_projector(vlm: VisionLanguageModel, batches: VQABatches, sample: int = 64) -> None:
+    """Start the projector's output at the LLM's embedding norm (see `Projector.match_norm`)."""
+    features = torch.stack([batches.features[e.image] for e in batches.examples[:sample]])
+    vlm.projector.match_norm(features.float(), embedding_norm(vlm.language_model))
+
+
+def train_stage1(vlm: VisionLanguageModel, batches: VQABatches, settings: TrainSettings,
+                 progress: bool = True) -> TrainLog:
+    """Projector alignment: the LLM (and any recursion) frozen, one pass."""
+    vlm.make_recursive(num_loops=1, feedback="vanilla")
+    vlm.language_model.requires_grad_(False)
+    vlm.projector.requires_grad_(True)
+    init_projector(vlm, batches)
+    return train(vlm, batches, settings, progress, desc="stage 1 (projector)")
+
+
+def train_stage2(vlm: VisionLanguageModel, batches: VQABatches, settings: TrainSettings, num_loops: int = 3,
+                 feedback: str = "connector", modality_specific: bool = True, lora_rank: int = 8,
+                 progress: bool = True, desc: str = "stage 2", **options) -> TrainLog:
+    """The recursion: projector + connector (if any) + a LoRA shared by all loops; the LLM stays frozen."""
+    vlm.make_recursive(num_loops, feedback, modality_specific, lora_rank=lora_rank, **options)
+    vlm.language_model.requires_grad_(False)
+    vlm.projector.requires_grad_(True)
+    return train(vlm, batches, settings, progress, desc=desc)

@@ -1,0 +1,280 @@
+"""Recursive (looped) transformers on tiny models of every architecture: exactness of the loop
+plan, connector, relaxed conversion, KV-cached generation, early exit, losses and checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from depthkit.errors import DepthkitError
+from depthkit.models.adapters import get_adapter
+from depthkit.models.blockwise import block_context
+from depthkit.models.tiny import TINY_ARCHITECTURES, tiny_model
+from depthkit.recursive import RecursiveModel
+from depthkit.recursive.generate import generate
+from depthkit.recursive.loss import recursion_loss, step_losses, token_losses
+from depthkit.recursive.relaxed import init_sources, relax, sharing_plan
+from depthkit.recursive.train import TrainSettings, train
+
+ATOL = 1e-5
+
+
+def ids(batch: int = 2, length: int = 10, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def looped_reference(base, order: list[int]) -> torch.Tensor:
+    """Logits of the plain HF forward over a layer list that repeats shared modules.
+
+    Without a cache: a repeated module keeps one layer_idx, so with HF's cache its second
+    application would attend to the first one's keys (why the recursive model gives each step
+    its own slots)."""
+    adapter = get_adapter(base)
+    decoder = adapter.decoder(base)
+    original, types = decoder.layers, getattr(base.config, "layer_types", None)
+    decoder.layers = nn.ModuleList([original[i] for i in order])
+    base.config.num_hidden_layers = len(order)
+    if types:
+        base.config.layer_types = [types[i] for i in order]
+    try:
+        return base(ids(), use_cache=False).logits
+    finally:
+        decoder.layers = original
+        base.config.num_hidden_layers = len(original)
+        if types:
+            base.config.layer_types = types
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("feedback", ["connector", "vanilla"])
+def test_one_loop_equals_base(arch, feedback):
+    base = tiny_model(arch)
+    reference = base(ids()).logits
+    model = RecursiveModel.wrap(base, num_loops=3, feedback=feedback)
+    torch.testing.assert_close(model(ids(), num_loops=1).logits, reference, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_connector_scale_zero_reruns_decoder_on_embeddings(arch):
+    base = tiny_model(arch)
+    reference = base(ids()).logits
+    model = RecursiveModel.wrap(base, num_loops=2)
+    steps = model(ids(), num_loops=2, return_all_steps=True).step_logits
+    assert len(steps) == 2
+    torch.testing.assert_close(steps[1], reference, atol=ATOL, rtol=0)
+    with torch.no_grad():
+        model.connector.scale.fill_(0.5)
+    moved = model(ids(), num_loops=2, return_all_steps=True).step_logits
+    torch.testing.assert_close(moved[0], reference, atol=ATOL, rtol=0)
+    assert (moved[1] - reference).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_vanilla_recursion_is_the_decoder_applied_twice(arch):
+    base = tiny_model(arch)
+    reference = looped_reference(base, [0, 1, 2, 3, 0, 1, 2, 3])
+    model = RecursiveModel.wrap(base, feedback="vanilla")
+    torch.testing.assert_close(model(ids(), num_loops=2).logits, reference, atol=ATOL, rtol=0)
+
+
+def test_connector_samples_uniform_layers_and_checks_indices():
+    model = RecursiveModel.wrap(tiny_model("llama", num_layers=8), connector_k=4)
+    assert model.connector.positions == [1, 3, 5, 7]  # layers L/4, 2L/4, 3L/4, L (1-based)
+    with pytest.raises(DepthkitError, match="out of range"):
+        RecursiveModel.wrap(tiny_model("llama"), connector_layers=[0, 4])
+    with pytest.raises(DepthkitError, match="connector_k"):
+        RecursiveModel.wrap(tiny_model("llama"), connector_k=5)
+
+
+def test_connector_modalities_are_selected_by_the_token_type_mask():
+    model = RecursiveModel.wrap(tiny_model("qwen3"), num_modalities=2, fuse="weighted", projection="mlp")
+    with torch.no_grad():
+        model.connector.scale.fill_(1.0)
+        for tap in range(len(model.connector.positions)):  # modality 1's projections output zero
+            for param in model.connector.projections[tap * 2 + 1].parameters():
+                param.zero_()
+    modality = torch.zeros(2, 10, dtype=torch.long)
+    modality[:, 5:] = 1
+    outputs = list(model.iter_steps(ids(), 2, modality_ids=modality))
+    embeddings = model.embed(ids())
+    taps, hidden = [], embeddings
+    context = block_context(model.base, hidden)
+    for index, layer in enumerate(model.layers):
+        hidden = layer(hidden, **context.layer_kwargs(layer))
+        if index in model.connector.positions:
+            taps.append(hidden)
+    torch.testing.assert_close(outputs[0].hidden, hidden, atol=ATOL, rtol=0)
+    nxt = model.connector(taps, embeddings, embeddings, modality)
+    torch.testing.assert_close(nxt[:, 5:], embeddings[:, 5:])  # modality 1: nothing added
+    assert (nxt[:, :5] - embeddings[:, :5]).abs().max() > 1e-3
+    with pytest.raises(DepthkitError, match="modality_ids"):
+        model(ids(), 2)
+
+
+# -- loss --------------------------------------------------------------------------------------
+def test_recursion_losses_on_hand_made_numbers():
+    first = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
+    second = torch.tensor([[0.5, 2.5, 3.0]], requires_grad=True)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    assert recursion_loss([first, second], mask, "last").item() == pytest.approx(6.0 / 3)
+    assert recursion_loss([first, second], mask, "sum").item() == pytest.approx(12.0 / 3)
+    # token 2 rose (2.0 -> 2.5): counted beta = 2 times
+    loss = recursion_loss([first, second], mask, "monotonic", beta=2.0, detach=True)
+    assert loss.item() == pytest.approx((6.0 + 0.5 + 5.0 + 3.0) / 3)
+    loss.backward()
+    assert first.grad[0].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3])
+    assert second.grad[0].tolist() == pytest.approx([1 / 3, 2 / 3, 1 / 3])
+    first.grad = second.grad = None
+    hinge = recursion_loss([first, second], mask, "monotonic", beta=2.0, detach=False)
+    assert hinge.item() == pytest.approx((6.0 + 0.5 + 3.0 + 3.0) / 3)
+    hinge.backward()
+    assert first.grad[0].tolist() == pytest.approx([1 / 3, 0.0, 1 / 3])
+    with pytest.raises(DepthkitError):
+        recursion_loss([first, second], mask, "monotonic", beta=0.5)
+
+
+def test_token_losses_ignore_masked_labels():
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0, 2] = 10.0
+    labels = torch.tensor([[0, 2, -100]])
+    losses, mask = token_losses(logits, labels)
+    assert mask.tolist() == [[True, False]]
+    assert losses[0, 1].item() == 0.0 and losses[0, 0].item() < 1e-3
+    result = step_losses([logits, logits], labels, "sum")
+    assert result.per_step == pytest.approx([losses[0, 0].item()] * 2)
+
+
+# -- relaxed recursive -------------------------------------------------------------------------
+def test_sharing_patterns_map_layers():
+    assert sharing_plan("cycle", 6, 3).assignment == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
+    assert sharing_plan("sequence", 6, 3).assignment == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    middle = sharing_plan("middle", 8, 5)
+    assert middle.assignment == [(0, 0), (1, 0), (2, 0), (3, 0), (1, 1), (2, 1), (3, 1), (4, 0)]
+    assert (middle.prelude, middle.block, middle.coda, middle.loops) == ([0], [1, 2, 3], [4], 2)
+    assert init_sources(sharing_plan("cycle", 6, 3), "stepwise") == {0: [0], 1: [2], 2: [5]}
+    assert init_sources(sharing_plan("cycle", 6, 3), "lower") == {0: [0], 1: [1], 2: [2]}
+    assert init_sources(sharing_plan("cycle", 6, 3), "average") == {0: [0, 3], 1: [1, 4], 2: [2, 5]}
+    assert init_sources(middle, "stepwise") == {0: [0], 4: [7], 1: [1], 2: [4], 3: [6]}
+    with pytest.raises(DepthkitError, match="divisible"):
+        sharing_plan("cycle", 6, 4)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+@pytest.mark.parametrize(("sharing", "shared", "init"),
+                         [("cycle", 3, "stepwise"), ("sequence", 3, "average"), ("middle", 4, "random")])
+def test_full_rank_relaxation_reproduces_the_original(arch, sharing, shared, init):
+    base = tiny_model(arch, num_layers=6)
+    reference = base(ids()).logits
+    model = relax(base, shared, sharing, init, rank="full")
+    assert len(model.layers) == shared
+    torch.testing.assert_close(model(ids()).logits, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_rank_zero_is_strict_recursion(arch):
+    reference = tiny_model(arch, num_layers=6)(ids()).logits
+    strict = relax(tiny_model(arch, num_layers=6), 3, "cycle", "lower", rank=0)
+    assert len(strict.adapters.relax) == 0 and len(strict.adapters.norms) == 0
+    torch.testing.assert_close(strict(ids()).logits, looped_reference(strict.base, [0, 1, 2, 0, 1, 2]),
+                               atol=ATOL, rtol=0)
+    low = relax(tiny_model(arch, num_layers=6), 3, "cycle", "lower", rank=2)
+    assert (low(ids()).logits - reference).abs().max() > 1e-4  # a partial relaxation is neither
+    assert (low(ids()).logits - strict(ids()).logits).abs().max() > 1e-4
+
+
+def test_lora_rank_above_layer_rank_is_an_error():
+    with pytest.raises(DepthkitError, match="above the rank"):
+        relax(tiny_model("llama", num_layers=4), 2, rank=33)  # k_proj is 32 x 64
+
+
+def test_bad_loops_are_errors():
+    model = RecursiveModel.wrap(tiny_model("llama"))
+    for loops in (0, -1):
+        with pytest.raises(DepthkitError, match="loops"):
+            model(ids(), num_loops=loops)
+
+
+# -- generation --------------------------------------------------------------------------------
+def connector_model(arch: str) -> RecursiveModel:
+    model = RecursiveModel.wrap(tiny_model(arch), num_loops=3)
+    with torch.no_grad():
+        model.connector.scale.fill_(0.7)
+    return model
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_cached_generation_equals_uncached_greedy(arch):
+    prompt = ids(1, 6)
+    for model in (connector_model(arch), relax(tiny_model(arch, num_layers=6), 4, "middle", rank=2)):
+        cached = generate(model, prompt, 8)
+        uncached = generate(model, prompt, 8, use_cache=False)
+        assert cached.new_tokens == uncached.new_tokens
+        # and the logits match at the last position
+        full = model(cached.input_ids[:, :-1]).logits[:, -1]
+        cache = DynamicCache()
+        model(cached.input_ids[:, :-2], past_key_values=cache)
+        step = model(cached.input_ids[:, -2:-1], past_key_values=cache).logits[:, -1]
+        torch.testing.assert_close(step, full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_early_exit_thresholds(arch):
+    model, prompt = connector_model(arch), ids(1, 5)
+    never = generate(model, prompt, 6, exit_threshold=0.0)
+    assert never.loops.steps_used == [3] * 5 and never.loops.saved_fraction == 0.0
+    assert never.new_tokens == generate(model, prompt, 6).new_tokens
+    always = generate(model, prompt, 6, exit_threshold=1e9)
+    assert always.loops.steps_used == [2] * 5  # the first step whose KL to its predecessor exists
+    assert always.loops.saved_fraction == pytest.approx(1 / 3)
+    with pytest.raises(DepthkitError, match="one prompt"):
+        generate(model, ids(2, 5), 2, exit_threshold=1.0)
+
+
+# -- training and checkpoints ------------------------------------------------------------------
+def test_gradient_checkpointing_keeps_per_loop_adapters():
+    blocks = ids(2, 12)
+    grads = []
+    for checkpointing in (False, True):
+        model = relax(tiny_model("qwen2", num_layers=6), 3, rank=2)
+        model.train()
+        model.gradient_checkpointing = checkpointing
+        model(blocks, return_all_steps=False).logits.float().pow(2).mean().backward()
+        grads.append(model.adapters.relax["1_q_proj_loop1"].lora_A.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_training_reduces_the_loss():
+    model = RecursiveModel.wrap(tiny_model("llama"), num_loops=2, lora_rank=4)
+    blocks = ids(8, 16)
+    result = train(model, blocks, blocks[:2], TrainSettings(steps=6, loops=2, batch_size=4, lr=1e-2,
+                   connector_lr=1e-2, trainable=("connector", "lora"), eval_every=6, mixed_precision="no"),
+                   progress=False)
+    first, last = result.evaluations[0]["perplexity"], result.evaluations[-1]["perplexity"]
+    assert len(first) == 2 and last[-1] < first[-1]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_save_and_reload_round_trip(tmp_path, arch):
+    model = relax(tiny_model(arch, num_layers=6), 4, "middle", rank=3)
+    with torch.no_grad():
+        for param in model.adapters.parameters():
+            param.add_(0.01)
+    model.save_pretrained(tmp_path / "relaxed")
+    reloaded = RecursiveModel.from_pretrained(tmp_path / "relaxed")
+    torch.testing.assert_close(reloaded(ids()).logits, model(ids()).logits, atol=0, rtol=0)
+    wrapped = connector_model(arch)
+    wrapped.save_pretrained(tmp_path / "wrapped")
+    again = RecursiveModel.from_pretrained(tmp_path / "wrapped")
+    torch.testing.assert_close(again(ids(), 3).logits, wrapped(ids(), 3).logits, atol=0, rtol=0)
+    with pytest.raises(DepthkitError, match="already exists"):
+        wrapped.save_pretrained(tmp_path / "wrapped")
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    connector_model("llama").save_pretrained(tmp_path / "ck")
+    with pytest.raises(DepthkitError, match="another architecture"):
+        RecursiveModel.from_pretrained(tmp_path / "ck", base=tiny_model("qwen3"))
+    with pytest.raises(DepthkitError, match="not a recursive model"):
+        RecursiveModel.from_pretrained(tmp_path)

@@ -1,0 +1,182 @@
+"""The VLM on the recursion machinery: token-type routing in the connector, exactness at R = 1,
+per-step evaluation, save/reload, the CLI's errors, and one fast end-to-end run on SmolLM2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from depthkit.cli.main import main as cli
+from depthkit.errors import DepthkitError
+from depthkit.models.loading import load_tokenizer
+from depthkit.models.tiny import TINY_ARCHITECTURES, tiny_model
+from depthkit.vlm.batches import VQABatches
+from depthkit.vlm.data import VQAConfig, build_vqa
+from depthkit.vlm.evaluate import evaluate_steps, representation_stats, step_inputs
+from depthkit.vlm.model import VISION_TOKEN, VisionLanguageModel, build_vlm, collate, load_vlm
+from depthkit.vlm.projector import Projector
+from depthkit.vlm.train import TrainSettings, step_answer_logits, train_stage1, train_stage2
+
+TINY_VQA = VQAConfig(seed=1, num_mnist=40, num_digits=20, num_pairs=12, photo_variants=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+def tiny_vlm(tokenizer, model_type: str = "llama") -> VisionLanguageModel:
+    model = tiny_model(model_type, vocab_size=len(tokenizer))
+    torch.manual_seed(0)
+    return VisionLanguageModel(model, tokenizer, Projector(1280, model.config.hidden_size), num_image_tokens=49)
+
+
+def random_batch(vlm: VisionLanguageModel, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    examples = [vlm.encode("What digit is this?", "7"), vlm.encode("Which is larger, the left or the right digit?",
+                                                                   "Left")]
+    return collate(examples, [torch.rand(49, 1280, generator=generator) for _ in examples], vlm.pad_id)
+
+
+@pytest.fixture(scope="module")
+def fake_features():
+    dataset = build_vqa(TINY_VQA)
+    generator = torch.Generator().manual_seed(0)
+    return dataset, {i: torch.rand(49, 1280, generator=generator).to(torch.bfloat16) for i in dataset.image_ids()}
+
+
+@pytest.mark.parametrize("model_type", TINY_ARCHITECTURES)
+def test_one_step_is_exactly_the_plain_decoder(tokenizer, model_type):
+    vlm = tiny_vlm(tokenizer, model_type)
+    batch = random_batch(vlm)
+    embeddings = vlm.input_embeddings(batch)
+    expected = vlm.language_model(inputs_embeds=embeddings).logits
+    (step,) = list(vlm.steps(batch, 1))
+    torch.testing.assert_close(vlm.decode(step.hidden), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_visual_tokens_land_exactly_on_the_image_positions(tokenizer):
+    vlm = tiny_vlm(tokenizer)
+    batch = random_batch(vlm)
+    embeddings = vlm.input_embeddings(batch)
+    vision = batch.token_types == VISION_TOKEN
+    torch.testing.assert_close(embeddings[vision], vlm.projector(batch.features).reshape(-1, 64))
+    text = vlm.language_model.model.embed_tokens(batch.input_ids)
+    torch.testing.assert_close(embeddings[~vision], text[~vision])
+
+
+def test_connector_starts_as_a_repeated_pass_and_routes_by_modality(tokenizer):
+    vlm = tiny_vlm(tokenizer)
+    connector = vlm.make_recursive(3, "connector", modality_specific=True).connector
+    assert connector.num_modalities == 2
+    batch = random_batch(vlm)
+    logits = step_answer_logits(vlm, batch)
+    torch.testing.assert_close(logits[1], logits[0])  # scale 0: step 2 input = embeddings
+    with torch.no_grad():
+        connector.scale.fill_(1.0)
+        for tap in range(len(connector.positions)):
+            connector.projections[connector._index(tap, VISION_TOKEN)].weight.zero_()
+    inputs = step_inputs(vlm, batch, 2)
+    vision = batch.token_types == VISION_TOKEN
+    torch.testing.assert_close(inputs[1][vision], inputs[0][vision])  # vision projection zeroed: no change
+    assert (inputs[1][~vision] - inputs[0][~vision]).abs().amax(-1).min() > 0  # every text token changed
+
+
+def test_shared_connector_and_vanilla_feedback(tokenizer):
+    vlm = tiny_vlm(tokenizer)
+    assert vlm.make_recursive(3, "connector", modality_specific=False).connector.num_modalities == 1
+    vlm.make_recursive(3, "vanilla")
+    batch = random_batch(vlm)
+    hiddens = [s.hidden for s in vlm.steps(batch)]
+    inputs = step_inputs(vlm, batch, 3)
+    torch.testing.assert_close(inputs[1], hiddens[0])
+    torch.testing.assert_close(inputs[2], hiddens[1])
+
+
+def test_evaluation_counts_and_perplexity(tokenizer, fake_features):
+    dataset, features = fake_features
+    vlm = tiny_vlm(tokenizer)
+    vlm.make_recursive(2, "connector", lora_rank=2)
+    heldout = VQABatches(vlm, dataset, "heldout", features, limit=6)
+    quality = evaluate_steps(vlm, heldout, 2, batch_size=4, progress=False)
+    assert [q.step for q in quality] == [1, 2]
+    batch = heldout.batch(list(range(len(heldout))))
+    with torch.no_grad():
+        logits = vlm.language_model(inputs_embeds=vlm.input_embeddings(batch)).logits[:, :-1]
+    targets = batch.labels[:, 1:]
+    mask = targets != -100
+    expected = torch.exp(F.cross_entropy(logits[mask].float(), targets[mask]))
+    assert quality[0].perplexity == pytest.approx(float(expected), rel=1e-4)
+    right = [bool((logits[i][mask[i]].argmax(-1) == targets[i][mask[i]]).all()) for i in range(len(heldout))]
+    assert quality[0].accuracy == pytest.approx(sum(right) / len(right))
+    stats = representation_stats(vlm, heldout, 2, batch_size=4, max_examples=4)
+    assert set(stats) == {"text", "vision"}
+    assert stats["vision"][0]["cka_to_embeddings"] == pytest.approx(1.0)
+
+
+def test_training_lowers_the_loss_and_checkpoints_reload(tokenizer, fake_features, tmp_path):
+    dataset, features = fake_features
+    vlm = build_vlm("tiny:llama", dtype="float32", with_encoder=False)
+    train_set = VQABatches(vlm, dataset, "train", features)
+    log = train_stage1(vlm, train_set, TrainSettings(steps=12, batch_size=4, lr=3e-3, loss="sum"), progress=False)
+    assert np.mean(log.losses[-3:]) < np.mean(log.losses[:3])
+    log = train_stage2(vlm, train_set, TrainSettings(steps=3, batch_size=4), num_loops=2, lora_rank=2,
+                       progress=False)
+    assert len(log.step_losses[0]) == 2
+    vlm.save(tmp_path / "ckpt")
+    again = load_vlm(tmp_path / "ckpt", with_encoder=False)
+    batch = random_batch(vlm)
+    for ours, theirs in zip(step_answer_logits(vlm, batch), step_answer_logits(again, batch)):
+        torch.testing.assert_close(ours, theirs)
+    with pytest.raises(DepthkitError, match="checkpoint"):
+        load_vlm(tmp_path)
+
+
+# -- CLI errors -------------------------------------------------------------------------------
+
+def test_ask_rejects_bad_images_in_one_line(tmp_path, capsys):
+    text = tmp_path / "question.txt"
+    text.write_text("hello")
+    for path in (text, tmp_path / "nope.png"):
+        assert cli(["vlm", "ask", "--image", str(path), "--question", "What?", "--model", "tiny:llama"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("depthkit: error:") and "\n" not in err
+
+
+def test_ask_rejects_a_question_longer_than_the_context(tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(image)
+    code = cli(["vlm", "ask", "--image", str(image), "--question", "seven " * 600, "--model", "tiny:llama"])
+    assert code == 2
+    assert "context" in capsys.readouterr().err
+
+
+# -- end to end on the real model ---------------------------------------------------------------
+
+@pytest.mark.integration
+def test_recursive_vlm_end_to_end_on_smollm2(tmp_path, capsys):
+    """Real EfficientNet features + SmolLM2 (2 layers kept): stage 1, stage 2 at R = 2, evaluate, save, ask."""
+    from depthkit.vlm.data import dataset_features
+
+    dataset = build_vqa(VQAConfig(seed=5, num_mnist=16, num_digits=4, num_pairs=4, photo_variants=1))
+    vlm = build_vlm(num_layers=2, with_encoder=True)
+    features = dataset_features(dataset, vlm.encoder, progress=False)
+    assert next(iter(features.values())).shape == (49, 1280)
+    train_set = VQABatches(vlm, dataset, "train", features)
+    train_stage1(vlm, train_set, TrainSettings(steps=2, batch_size=4, loss="sum"), progress=False)
+    log = train_stage2(vlm, train_set, TrainSettings(steps=2, batch_size=4), num_loops=2, lora_rank=2,
+                       progress=False)
+    assert all(np.isfinite(log.losses))
+    quality = evaluate_steps(vlm, VQABatches(vlm, dataset, "heldout", features, limit=8), 2, progress=False)
+    assert len(quality) == 2 and all(np.isfinite(q.perplexity) for q in quality)
+    vlm.save(tmp_path / "ckpt")
+    from PIL import Image
+
+    Image.fromarray(dataset.images[dataset.image_ids("heldout")[0]]).save(tmp_path / "digit.png")
+    assert cli(["vlm", "ask", "--image", str(tmp_path / "digit.png"), "--question", "What digit is this?",
+                "--loops", "2", "--checkpoint", str(tmp_path / "ckpt"), "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()
