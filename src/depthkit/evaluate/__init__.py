@@ -1,5 +1,8 @@
-"""Evaluation: perplexity (and, through lm-evaluation-harness, zero-shot accuracy and speed)."""
+"""Evaluation: perplexity, zero-shot accuracy (through lm-evaluation-harness), speed, and reports
+comparing a base model with its compressed or looped versions."""
 
 from depthkit.evaluate.perplexity import PerplexityResult, perplexity
+from depthkit.evaluate.speed import SpeedResult, measure_speed
+from depthkit.evaluate.zeroshot import ZeroShotResult, zero_shot
 
-__all__ = ["PerplexityResult", "perplexity"]
+__all__ = ["PerplexityResult", "SpeedResult", "ZeroShotResult", "measure_speed", "perplexity", "zero_shot"]

@@ -1,0 +1,84 @@
+"""`depthkit report`: a base model and its compressed or looped versions, side by side.
+
+Each of --base/--models is a model (evaluated here: perplexity, zero-shot accuracy, speed) or a
+comma-separated list of JSON results written earlier by `depthkit eval ... --json` (or a model
+record from an earlier report's `models/` folder), so slow evaluations need not be repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from pathlib import Path
+
+from depthkit.cli.common import add_data_args
+from depthkit.cli.eval import (
+    add_ppl_args,
+    add_speed_args,
+    add_zeroshot_args,
+    evaluate_ppl,
+    evaluate_speed,
+    evaluate_zeroshot,
+)
+from depthkit.errors import DepthkitError
+from depthkit.evaluate.report import merge_results, read_result, summary_rows, write_report
+from depthkit.models.loading import load_model
+from depthkit.utils.io import atomic_output_dir, check_output_dir, format_table, write_json
+
+EVALS = {"ppl": evaluate_ppl, "zeroshot": evaluate_zeroshot, "speed": evaluate_speed}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("report", help="compare models: zero-shot accuracy, perplexity, speed")
+    parser.add_argument("--base", required=True, help="base model, or comma-separated JSON results of it")
+    parser.add_argument("--models", nargs="+", default=[], help="models (or JSON results) to compare with the base")
+    parser.add_argument("--labels", default=None, help="comma-separated names for the base and models")
+    parser.add_argument("--evals", default="ppl,zeroshot,speed", help="what to evaluate for models given by name")
+    parser.add_argument("--out", required=True, help="report folder (report.md, report.json, PNG charts)")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default, fast on CPU) or float32")
+    parser.add_argument("--device", default="cpu")
+    add_data_args(parser)
+    add_ppl_args(parser)
+    add_zeroshot_args(parser)
+    add_speed_args(parser)
+    parser.set_defaults(func=run_report)
+
+
+def run_report(args: argparse.Namespace) -> None:
+    check_output_dir(args.out, args.overwrite)
+    specs = [args.base, *args.models]
+    labels = args.labels.split(",") if args.labels else [None] * len(specs)
+    if len(labels) != len(specs):
+        raise DepthkitError(f"--labels names {len(labels)} models but {len(specs)} are given (base first)")
+    evals = [e.strip() for e in args.evals.split(",") if e.strip()]
+    unknown = sorted(set(evals) - set(EVALS))
+    if unknown or not evals:
+        raise DepthkitError(f"unknown evaluation(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(EVALS)}")
+    records = [model_record(spec, label, evals, args) for spec, label in zip(specs, labels)]
+    if len({r["label"] for r in records}) != len(records):
+        raise DepthkitError("two models have the same label; name them with --labels")
+    with atomic_output_dir(args.out, args.overwrite) as tmp:
+        for i, record in enumerate(records):
+            write_json(tmp / "models" / f"{i}-{_safe(record['label'])}.json", record)
+        report = write_report(records, tmp)
+    print(format_table(summary_rows(report["summaries"])))
+    print(f"wrote {Path(args.out) / 'report.md'}")
+
+
+def model_record(spec: str, label: str | None, evals: list[str], args: argparse.Namespace) -> dict:
+    """A model's record: read from JSON results, or evaluated now."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if parts and all(p.endswith(".json") for p in parts):
+        return merge_results([read_result(p) for p in parts], label)
+    model, tokenizer = load_model(spec, args.dtype, args.device)
+    label = label or Path(spec.rstrip("/")).name
+    print(f"== {label}: {', '.join(evals)}")
+    payloads = [EVALS[e](model, tokenizer, spec, args) for e in evals]
+    del model
+    gc.collect()
+    return merge_results(payloads, label)
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
