@@ -33,8 +33,14 @@ class CompressionMethod:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # Option name -> one-line help. When a method declares its options, unknown ones (typos in
+    # `--option key=value`) are refused instead of silently ignored.
+    option_help: ClassVar[dict[str, str]] = {}
 
     def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.option_help)) if self.option_help else []
+        require(not unknown, f"method '{self.name}' has no option {', '.join(unknown)}; "
+                             f"its options: {', '.join(sorted(self.option_help))}")
         self.options = options
 
     def compress(

@@ -1,0 +1,99 @@
+"""`depthkit compress`: remove or merge blocks with a registered method and save a plain checkpoint.
+
+    depthkit compress --method flatten --ratio 0.2 --calib austen:emma --out runs/flat24
+    depthkit compress --method shortgpt --target-layers 24 --out runs/short24 --eval-data austen:persuasion
+    depthkit compress --list
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from depthkit.cli.common import add_data_args, add_model_args, data_spec
+from depthkit.compress.api import CARD_JSON, compress, list_methods, save_compressed
+from depthkit.compress.base import blocks_to_remove, get_method
+from depthkit.compress.common import num_blocks
+from depthkit.data.blocks import token_stream
+from depthkit.errors import require
+from depthkit.evaluate.perplexity import perplexity
+from depthkit.models.loading import load_model
+from depthkit.utils.io import check_output_dir, format_table, write_json
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("compress", help="depth compression: FlattenGPT and block-pruning baselines")
+    parser.add_argument("--list", action="store_true", help="list the registered methods and exit")
+    add_model_args(parser)
+    parser.add_argument("--method", default="flatten", help="a registered method (see --list)")
+    parser.add_argument("--ratio", type=float, default=None, help="fraction of blocks to remove, in (0, 1)")
+    parser.add_argument("--target-layers", type=int, default=None, help="blocks to keep (instead of --ratio)")
+    add_data_args(parser, "--calib", split="calib", default="austen:emma")
+    parser.add_argument("--num-calib-blocks", type=int, default=64, help="calibration sequences")
+    parser.add_argument("--calib-block-len", type=int, default=256, help="tokens per calibration sequence")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method option (repeatable); values are read as int, float, bool or text")
+    parser.add_argument("--out", default=None, help="save the compressed checkpoint here (a new folder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    add_data_args(parser, "--eval-data", split="heldout", default=None)
+    parser.add_argument("--eval-window", type=int, default=512, help="perplexity window (tokens)")
+    parser.add_argument("--eval-max-tokens", type=int, default=20 * 512, help="tokens scored for perplexity")
+    parser.add_argument("--json", default=None, help="also write the report here")
+    parser.set_defaults(func=run)
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` strings to a dict, values converted to int, float or bool when they read as one."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        require(bool(sep) and bool(key), f"--option expects KEY=VALUE, got '{pair}'")
+        options[key.strip().replace("-", "_")] = _value(value.strip())
+    return options
+
+
+def _value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.list:
+        print(format_table(list_methods()))
+        return
+    options = parse_options(args.option)
+    get_method(args.method, **options)  # unknown method or option: fail before loading anything
+    if args.out:
+        check_output_dir(args.out, args.overwrite)
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    blocks_to_remove(num_blocks(model), args.ratio, args.target_layers)
+    held_out = token_stream(tokenizer, data_spec(args, "--eval-data")) if args.eval_data else None
+    row: dict[str, Any] = {}
+    if held_out is not None:
+        row["ppl before"] = _perplexity(model, held_out, args)
+    report = compress(model, args.method, ratio=args.ratio, target_layers=args.target_layers, tokenizer=tokenizer,
+                      calib=data_spec(args, "--calib"), num_calib_blocks=args.num_calib_blocks,
+                      calib_block_len=args.calib_block_len, **options)
+    report.model = args.model
+    if held_out is not None:
+        row["ppl after"] = _perplexity(model, held_out, args)
+        report.details["held_out_perplexity"] = {"data": data_spec(args, "--eval-data").describe(),
+                                                 "before": row["ppl before"], "after": row["ppl after"]}
+    if args.out:
+        save_compressed(model, tokenizer, args.out, report, overwrite=args.overwrite)
+    print(format_table([{**report.summary_row(), **row}]))
+    if args.out:
+        print(f"saved {args.out} (card: {Path(args.out) / CARD_JSON})")
+    if args.json:
+        print(f"wrote {write_json(args.json, report.to_dict())}")
+
+
+def _perplexity(model, stream, args: argparse.Namespace) -> float:
+    return perplexity(model, stream, window=args.eval_window, max_tokens=args.eval_max_tokens, batch_size=4).perplexity

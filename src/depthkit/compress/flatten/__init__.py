@@ -1,0 +1,150 @@
+"""FlattenGPT: depth compression by flattening adjacent blocks, then pruning channels back.
+
+Pipeline (`flatten_gpt`): choose groups of adjacent blocks on a small selection set
+(`selection.py`), flatten each group into one wide block (`merge.py`, exact), then prune the
+wide blocks back to the original heads/neurons with least-squares compensation fitted on the
+calibration set, front to back with error propagation (`prune.py`, `channels.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from depthkit.compress.flatten.channels import CRITERIA
+from depthkit.compress.flatten.merge import QK_NORM_MODES, flatten_layers
+from depthkit.compress.flatten.prune import TARGETS, PruneSettings, flatten_and_prune
+from depthkit.compress.flatten.selection import SELECTIONS, select_groups
+from depthkit.errors import DepthkitError, require
+from depthkit.models.adapters import get_adapter
+
+__all__ = ["OPTION_HELP", "FlattenOptions", "flatten_gpt", "flatten_layers", "select_groups", "flatten_and_prune"]
+
+
+@dataclass
+class FlattenOptions:
+    """User options of the flatten methods (validated; strings from a CLI are converted)."""
+
+    selection: str = "greedy"  # similarity | greedy
+    selection_blocks: int = 8  # the first N calibration blocks choose the pairs
+    shortlist: int = 8  # greedy: end-to-end loss only for this many candidates (0: all)
+    max_group: int = 2  # at most this many original blocks per flattened block
+    criterion: str = "ols"  # MLP neuron (and default head) criterion: magnitude | nystrom | ols
+    attn_criterion: str | None = None  # KV-group criterion, defaults to `criterion`
+    target: str = "sequential"  # ridge target: sequential | original | parallel
+    ridge: float = 1e-3  # ridge strength relative to the mean channel energy
+    batch_size: int = 8
+    qk_norm: str = "exact"  # Qwen3 q/k norms of different blocks: exact (refuse) | average
+    groups: list[list[int]] | None = field(default=None)  # skip selection: explicit groups of original indices
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> FlattenOptions:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - fields)
+        require(not unknown, f"unknown flatten option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        opts = cls(**{name: _convert(name, value, getattr(cls, name, None)) for name, value in options.items()})
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        _choice("selection", self.selection, SELECTIONS)
+        _choice("criterion", self.criterion, CRITERIA)
+        if self.attn_criterion is not None:
+            _choice("attn_criterion", self.attn_criterion, CRITERIA)
+        _choice("target", self.target, TARGETS)
+        _choice("qk_norm", self.qk_norm, QK_NORM_MODES)
+        require(self.ridge >= 0, f"ridge must be >= 0, got {self.ridge}")
+        require(self.selection_blocks >= 1 and self.batch_size >= 1, "selection_blocks and batch_size must be >= 1")
+        require(self.shortlist >= 0, f"shortlist must be >= 0, got {self.shortlist}")
+
+    def prune_settings(self) -> PruneSettings:
+        return PruneSettings(
+            self.criterion, self.attn_criterion, self.target, self.ridge, self.batch_size, self.qk_norm
+        )
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    require(value in choices, f"{name} must be one of {', '.join(choices)}, got '{value}'")
+
+
+def _convert(name: str, value: Any, default: Any) -> Any:
+    """Options may arrive as strings (`--option ridge=1e-2`): convert numbers and JSON group lists."""
+    try:
+        if name == "groups" and isinstance(value, str):
+            return json.loads(value)
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
+            return type(default)(value)
+    except (TypeError, ValueError):
+        raise DepthkitError(f"flatten option {name}: cannot read {value!r}") from None
+    return value
+
+
+OPTION_HELP = {
+    "selection": "pair selection: greedy (least calibration-loss increase, default) | similarity (input/output cosine)",
+    "selection_blocks": "calibration sequences used to choose the pairs (default 8, the first ones)",
+    "shortlist": "greedy: candidates (smallest local flattening error) whose loss is measured; 0 = all (default 8)",
+    "max_group": "most original blocks flattened into one block (default 2)",
+    "criterion": "MLP neuron (and default KV-group) criterion: ols (default) | nystrom | magnitude",
+    "attn_criterion": "KV-group criterion (defaults to criterion)",
+    "target": "least-squares target: sequential (default) | original | parallel",
+    "ridge": "ridge strength relative to the mean channel energy (default 1e-3)",
+    "batch_size": "calibration sequences per forward (default 8)",
+    "qk_norm": "Qwen3 blocks with different q/k norms: exact (refuse, default) | average (approximate)",
+    "groups": "explicit groups of original block indices, e.g. [[0],[1,2],...]: skips the selection",
+}
+
+
+def _check_groups(groups: list[list[int]], num_layers: int, num_remove: int) -> list[list[int]]:
+    groups = [[int(i) for i in g] for g in groups]
+    require(
+        sum(groups, []) == list(range(num_layers)),
+        f"groups must list every block 0..{num_layers - 1} once, in order, as consecutive runs",
+    )
+    require(
+        num_layers - len(groups) == num_remove,
+        f"groups give {len(groups)} blocks but removing {num_remove} of {num_layers} needs {num_layers - num_remove}",
+    )
+    return groups
+
+
+@torch.no_grad()
+def flatten_gpt(
+    model: PreTrainedModel,
+    selection_ids: torch.Tensor,
+    fit_ids: torch.Tensor,
+    num_remove: int,
+    options: FlattenOptions,
+    prune: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Compress `model` in place by `num_remove` blocks; returns the details for the card."""
+    num_layers = len(get_adapter(model).layers(model))
+    began = time.perf_counter()
+    if options.groups is not None:
+        groups, log = _check_groups(options.groups, num_layers, num_remove), []
+    else:
+        groups, log = select_groups(
+            model, selection_ids, num_remove, options.selection, options.max_group,
+            options.batch_size, options.qk_norm, options.shortlist, progress,
+        )
+    selected = time.perf_counter()
+    records = flatten_and_prune(model, groups, fit_ids, options.prune_settings(), prune, progress)
+    return {
+        "options": dataclasses.asdict(options),
+        "pruned": prune,
+        "layers_before": num_layers,
+        "layers_after": len(groups),
+        "flattened_groups": [g for g in groups if len(g) > 1],
+        "selection_log": log,
+        "blocks": records,
+        "selection_tokens": int(selection_ids.numel()),
+        "fit_tokens": int(fit_ids.numel()) if prune else 0,
+        "seconds_selection": selected - began,
+        "seconds_prune": time.perf_counter() - selected,
+    }

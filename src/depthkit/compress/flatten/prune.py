@@ -1,0 +1,222 @@
+"""Flatten the selected groups and prune every wide block back to the original widths.
+
+Blocks are processed front to back on the least-squares calibration tokens, carrying the hidden
+state of the ALREADY COMPRESSED model, so each block is fitted on the inputs it will really see
+and later blocks compensate earlier errors (error propagation).
+
+For a group of original blocks g_1..g_k on input x, the ridge targets are (option `target`):
+
+- `sequential` (default): what the original blocks compute one after the other on x. The
+  attention target is the sum of the blocks' attention updates along that sequential path; the
+  MLP target is the sequential output minus the pruned attention's actual output y. Pruning then
+  also repairs the flattening error (parallel vs sequential) and the attention pruning error.
+- `original`: the same, but from the original model's own hidden state at that depth, so that
+  each block also pulls the stream back towards the uncompressed model.
+- `parallel`: the unpruned flattened block's output (what pruning alone loses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from depthkit.compress.flatten.channels import GramAccumulator, ridge_lambda, ridge_solve, select_units
+from depthkit.compress.flatten.merge import flatten_layers
+from depthkit.errors import require
+from depthkit.models.adapters import get_adapter
+from depthkit.models.blockwise import BlockContext, block_context, embed, run_block
+
+TARGETS = ("sequential", "original", "parallel")
+
+
+@dataclass
+class PruneSettings:
+    criterion: str = "ols"
+    attn_criterion: str | None = None  # defaults to `criterion`
+    target: str = "sequential"
+    ridge: float = 1e-3
+    batch_size: int = 8
+    qk_norm: str = "exact"
+
+
+class BlockRunner:
+    """Runs blocks or their halves over all calibration sequences, `batch_size` at a time."""
+
+    def __init__(self, model: PreTrainedModel, hidden: torch.Tensor, batch_size: int):
+        self.model, self.batch_size = model, batch_size
+        self.context: BlockContext = block_context(model, hidden[:batch_size])
+
+    def block(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return run_block(self.model, layer, hidden, self.batch_size, self.context)
+
+    @torch.no_grad()
+    def attention(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The attention update A(N(x)) of `layer` (without the residual)."""
+        kwargs = self.context.layer_kwargs(layer)
+        out = [
+            layer.self_attn(layer.input_layernorm(chunk), **kwargs)[0]
+            for chunk in hidden.split(self.batch_size)
+        ]
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def mlp(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer.mlp(layer.post_attention_layernorm(c)) for c in hidden.split(self.batch_size)])
+
+    def sequential(self, layers: list[nn.Module], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of attention updates, output) of `layers` applied one after the other."""
+        attn_sum = torch.zeros_like(hidden, dtype=torch.float32)
+        for layer in layers:
+            update = self.attention(layer, hidden)
+            attn_sum += update.float()
+            hidden = hidden + update
+            hidden = hidden + self.mlp(layer, hidden)
+        return attn_sum, hidden
+
+
+def capture_input(module: nn.Module, run) -> torch.Tensor:
+    """The input of `module` during `run()` (e.g. the channels entering o_proj / down_proj)."""
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+def _refit(linear: nn.Linear, C: torch.Tensor, R: torch.Tensor, rows: torch.Tensor, lam: float) -> None:
+    """Replace `linear` input columns by the ridge solution on the kept channels `rows`."""
+    weight = ridge_solve(C, R, rows, lam)
+    linear.in_features = len(rows)
+    linear.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
+
+
+def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
+    linear.out_features = len(rows)
+    linear.weight = nn.Parameter(linear.weight.detach()[rows].clone(), requires_grad=False)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.detach()[rows].clone(), requires_grad=False)
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor | float:
+    return linear.bias.detach().float() if linear.bias is not None else 0.0
+
+
+def _relative(error: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(error.float().pow(2).sum() / reference.float().pow(2).sum().clamp_min(1e-30))
+
+
+class GroupPruner:
+    """Prunes one wide block (attention then MLP) given its input and its targets."""
+
+    def __init__(self, model: PreTrainedModel, runner: BlockRunner, settings: PruneSettings):
+        self.model, self.runner, self.settings = model, runner, settings
+        self.adapter = get_adapter(model)
+        config = model.config
+        self.kv_groups = self.adapter.num_kv_heads(config)
+        self.heads_per_group = self.adapter.num_heads(config) // self.kv_groups
+        self.head_dim = self.adapter.head_dim(config)
+        self.neurons = self.adapter.intermediate_size(config)
+
+    def prune_attention(self, wide: nn.Module, x: torch.Tensor, attn_target: torch.Tensor) -> dict:
+        parts = self.adapter.block(wide)
+        z = capture_input(parts.o_proj, lambda: self.runner.attention(wide, x))
+        gram = GramAccumulator()
+        gram.add(z, attn_target - _bias(parts.o_proj))
+        group_cols = self.heads_per_group * self.head_dim
+        units = [torch.arange(g * group_cols, (g + 1) * group_cols) for g in range(z.shape[-1] // group_cols)]
+        lam = ridge_lambda(gram.C, self.settings.ridge)
+        criterion = self.settings.attn_criterion or self.settings.criterion
+        kept = select_units(gram.C, gram.R, parts.o_proj.weight, units, self.kv_groups, criterion, lam)
+        columns = torch.cat([units[g] for g in kept])
+        kv_rows = torch.cat([torch.arange(g * self.head_dim, (g + 1) * self.head_dim) for g in kept])
+        _keep_rows(parts.q_proj, columns)  # q rows of a group's heads = o_proj columns of that group
+        _keep_rows(parts.k_proj, kv_rows)
+        _keep_rows(parts.v_proj, kv_rows)
+        _refit(parts.o_proj, gram.C, gram.R, columns, lam)
+        return {"kept_kv_groups": kept}
+
+    def prune_mlp(self, wide: nn.Module, y: torch.Tensor, mlp_target: torch.Tensor) -> dict:
+        parts = self.adapter.block(wide)
+        z = capture_input(parts.down_proj, lambda: self.runner.mlp(wide, y))
+        gram = GramAccumulator()
+        gram.add(z, mlp_target - _bias(parts.down_proj))
+        units = list(torch.arange(z.shape[-1]).unsqueeze(1))
+        lam = ridge_lambda(gram.C, self.settings.ridge)
+        kept = torch.tensor(
+            select_units(gram.C, gram.R, parts.down_proj.weight, units, self.neurons, self.settings.criterion, lam)
+        )
+        _keep_rows(parts.gate_proj, kept)
+        _keep_rows(parts.up_proj, kept)
+        _refit(parts.down_proj, gram.C, gram.R, kept, lam)
+        return {"kept_neurons_from_first_block": int((kept < self.neurons).sum())}
+
+    def prune(self, layers: list[nn.Module], x: torch.Tensor, x_ref: torch.Tensor | None) -> tuple[nn.Module, dict]:
+        """The pruned block replacing `layers` on input x (x_ref: original model's state)."""
+        wide = flatten_layers(self.model, layers, self.settings.qk_norm)
+        if self.settings.target == "parallel":
+            attn_goal = self.runner.attention(wide, x).float()
+            goal = self.runner.block(wide, x)
+        else:
+            source = x_ref if self.settings.target == "original" else x
+            attn_sum, goal = self.runner.sequential(layers, source)
+            attn_goal = attn_sum + (source.float() - x.float())
+        flatten_error = _relative(self.runner.block(wide, x) - goal, goal - x)
+        details = self.prune_attention(wide, x, attn_goal)
+        y = x + self.runner.attention(wide, x)
+        details |= self.prune_mlp(wide, y, goal.float() - y.float())
+        out = self.runner.block(wide, x)
+        details |= {
+            "flatten_error": flatten_error,
+            "pruned_error": _relative(out - goal, goal - x),
+        }
+        return wide, details
+
+
+@torch.no_grad()
+def flatten_and_prune(
+    model: PreTrainedModel,
+    groups: list[list[int]],
+    fit_ids: torch.Tensor,
+    settings: PruneSettings,
+    prune: bool = True,
+    progress: bool = True,
+) -> list[dict]:
+    """Replace every group of 2+ blocks by one flattened (and, if `prune`, pruned) block, in place.
+
+    Returns one record per flattened group: original indices, kept channels and the relative
+    errors (squared error over the squared block update) of the unpruned and pruned block.
+    """
+    require(settings.target in TARGETS, f"target must be one of {', '.join(TARGETS)}, got '{settings.target}'")
+    adapter = get_adapter(model)
+    original = list(adapter.layers(model))
+    require(sorted(sum(groups, [])) == list(range(len(original))), "groups must partition the blocks in order")
+    if not prune:
+        adapter.set_layers(model, [
+            original[g[0]] if len(g) == 1 else flatten_layers(model, [original[i] for i in g], settings.qk_norm)
+            for g in groups
+        ])
+        return [{"group": g} for g in groups if len(g) > 1]
+    x = embed(model, fit_ids)
+    runner = BlockRunner(model, x, settings.batch_size)
+    pruner = GroupPruner(model, runner, settings)
+    x_ref = x if settings.target == "original" else None
+    new_layers, records = [], []
+    for group in tqdm(groups, desc="flatten + prune", disable=not progress):
+        layers = [original[i] for i in group]
+        if len(group) == 1:
+            block = layers[0]
+        else:
+            block, details = pruner.prune(layers, x, x_ref)
+            records.append({"group": group} | details)
+        new_layers.append(block)
+        if x_ref is not None:
+            x_ref = runner.sequential(layers, x_ref)[1]
+        x = runner.block(block, x)
+    adapter.set_layers(model, new_layers)
+    return records

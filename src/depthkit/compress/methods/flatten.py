@@ -1,0 +1,39 @@
+"""FlattenGPT methods for the registry: `flatten` (pruned, a standard checkpoint) and
+`flatten_unpruned` (wide blocks, an upper bound that cannot be saved as a standard model)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from transformers import PreTrainedModel
+
+from depthkit.compress.base import CompressionMethod, CompressionOutcome, register_method
+from depthkit.compress.common import selection_subset
+from depthkit.compress.flatten import OPTION_HELP, FlattenOptions, flatten_gpt
+
+
+class _FlattenBase(CompressionMethod):
+    prune: ClassVar[bool] = True
+    option_help = OPTION_HELP
+
+    def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
+        """Pairs are chosen on the first `selection_blocks` sequences; least squares uses all of them."""
+        options = FlattenOptions.from_options(self.options)
+        selection_ids = selection_subset(calib_ids, options.selection_blocks)
+        details = flatten_gpt(model, selection_ids, calib_ids, num_remove, options, prune=self.prune)
+        return CompressionOutcome(details=details, saveable=self.prune)
+
+
+@register_method("flatten")
+class FlattenGPT(_FlattenBase):
+    description = (
+        "FlattenGPT: flatten adjacent block pairs into one wide block, then prune heads and MLP neurons back "
+        "to the original width with least-squares compensation (standard checkpoint)"
+    )
+
+
+@register_method("flatten_unpruned")
+class FlattenUnpruned(_FlattenBase):
+    description = "flatten adjacent block pairs without pruning (double-width blocks; an upper bound, not saveable)"
+    prune = False
