@@ -1,45 +1,67 @@
 """`depthkit run`: the quick-start job on the offline default model and text.
 
-Analyses where the default model's depth is redundant and measures its held-out perplexity, so a
-new user sees, in one command, what depthkit measures and where its results go.
+In one command a new user sees what depthkit is for: where the default model's depth is
+redundant (analysis), and FlattenGPT against the simplest block-removal baseline (ShortGPT) at
+20% depth reduction, on the same calibration and held-out text, with the FlattenGPT model saved
+as a plain Hugging Face checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 from depthkit.analysis.redundancy import analyze_redundancy
 from depthkit.cli.analyze import summary_table, write_analysis
 from depthkit.cli.common import add_model_args
+from depthkit.compress.api import compress, save_compressed
 from depthkit.data.blocks import DataSpec, token_blocks, token_stream
 from depthkit.evaluate.perplexity import perplexity
 from depthkit.models.loading import load_model
-from depthkit.utils.io import atomic_output_dir, check_output_dir, format_table, write_json
+from depthkit.utils.io import atomic_output_dir, format_table, write_json
 
 CALIB = DataSpec("austen:emma", "calib")
 HELDOUT = DataSpec("austen:persuasion", "heldout")
+METHODS = ("shortgpt", "flatten")
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("run", help="the quick-start job: redundancy analysis + perplexity")
+    parser = subparsers.add_parser("run", help="the quick-start job: analysis, then FlattenGPT vs ShortGPT at 20%%")
     add_model_args(parser)
-    parser.add_argument("--out", default="runs/quickstart")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--ratio", type=float, default=0.2, help="fraction of blocks removed (default 0.2)")
+    parser.add_argument("--out", default="runs/quickstart", help="output folder (replaced if it exists)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    check_output_dir(args.out, overwrite=True)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
+    heldout = token_stream(tokenizer, HELDOUT)[: 20 * 512]
     analysis = analyze_redundancy(model, token_blocks(tokenizer, CALIB, 16, 256).to(args.device))
-    heldout = token_stream(tokenizer, HELDOUT)
-    ppl = perplexity(model, heldout, window=512, max_tokens=20 * 512, batch_size=4)
+    rows = [_evaluate("original", model, heldout, None)]
+    compressed = {}
+    for method in METHODS:
+        candidate = copy.deepcopy(model)
+        card = compress(candidate, method=method, ratio=args.ratio, tokenizer=tokenizer, calib=CALIB,
+                        num_calib_blocks=64, calib_block_len=256)
+        rows.append(_evaluate(method, candidate, heldout, card.seconds))
+        compressed[method] = (candidate, card)
     with atomic_output_dir(args.out, overwrite=True) as tmp:
         write_analysis(analysis, tmp, title=f"{args.model} on {CALIB.describe()}",
                        meta={"model": args.model, "data": CALIB.describe(), "dtype": args.dtype})
-        write_json(tmp / "perplexity.json", {"model": args.model, "data": HELDOUT.describe(), **ppl.to_dict()})
+        write_json(tmp / "results.json", {"model": args.model, "calibration": CALIB.describe(),
+                                          "heldout": HELDOUT.describe(), "ratio": args.ratio, "rows": rows})
+        flat_model, flat_card = compressed["flatten"]
+        save_compressed(flat_model, tokenizer, tmp / "flatten", flat_card)
     print(summary_table(analysis))
-    print(format_table([{"model": args.model, "held-out data": HELDOUT.describe(),
-                         "tokens": ppl.tokens_scored, "perplexity": ppl.perplexity}]))
-    print(f"results in {Path(args.out)}/: analysis.json, cka.png, depth.png, perplexity.json")
+    print(format_table(rows))
+    print(f"results in {Path(args.out)}/: analysis.json, cka.png, depth.png, results.json, "
+          "flatten/ (a plain Hugging Face checkpoint)")
+
+
+def _evaluate(name: str, model, heldout, seconds: float | None) -> dict:
+    result = perplexity(model, heldout, window=512, batch_size=4)
+    layers = model.config.num_hidden_layers
+    params = sum(p.numel() for p in model.parameters())
+    return {"model": name, "blocks": layers, "params (M)": params / 1e6, "held-out ppl": result.perplexity,
+            "compress s": seconds if seconds is not None else ""}
