@@ -157,11 +157,11 @@ def test_cli_existing_out_refused_before_work(capsys, tmp_path):
     assert code == 2 and "already exists" in err
 
 
-def test_cli_unsaveable_method_leaves_no_folder(capsys, tmp_path):
+def test_cli_unsaveable_method_is_refused_before_work(capsys, tmp_path):
     code, _out, err = run_cli(capsys, *TINY, "--method", "flatten_unpruned", "--ratio", "0.5",
                               "--out", str(tmp_path / "wide"))
-    last = err.splitlines()[-1]  # earlier stderr lines are the method's progress bars
-    assert code == 2 and last.startswith("depthkit: error: ") and "does not produce a standard checkpoint" in last
+    assert code == 2 and err.startswith("depthkit: error: ") and len(err.splitlines()) == 1
+    assert "does not produce a standard checkpoint" in err
     assert list(tmp_path.iterdir()) == []
 
 

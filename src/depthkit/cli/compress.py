@@ -69,8 +69,10 @@ def run(args: argparse.Namespace) -> None:
         print(format_table(list_methods()))
         return
     options = parse_options(args.option)
-    get_method(args.method, **options)  # unknown method or option: fail before loading anything
+    method = get_method(args.method, **options)  # unknown method or option: fail before loading anything
     if args.out:
+        require(method.produces_checkpoint,
+                f"method '{args.method}' does not produce a standard checkpoint; run it without --out")
         check_output_dir(args.out, args.overwrite)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     blocks_to_remove(num_blocks(model), args.ratio, args.target_layers)

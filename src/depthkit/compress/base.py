@@ -36,6 +36,8 @@ class CompressionMethod:
     # Option name -> one-line help. When a method declares its options, unknown ones (typos in
     # `--option key=value`) are refused instead of silently ignored.
     option_help: ClassVar[dict[str, str]] = {}
+    # False for methods whose result is never a standard checkpoint, so `--out` is refused up front.
+    produces_checkpoint: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.option_help)) if self.option_help else []

@@ -37,3 +37,4 @@ class FlattenGPT(_FlattenBase):
 class FlattenUnpruned(_FlattenBase):
     description = "flatten adjacent block pairs without pruning (double-width blocks; an upper bound, not saveable)"
     prune = False
+    produces_checkpoint = False
