@@ -155,15 +155,23 @@ def previous_rows(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, model: str) -> None:
+    """Perplexity vs removed blocks; a collapsed method (ppl above `ceiling`) is drawn at the top edge, labelled,
+    so it does not squash every other curve into the bottom of the chart."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     base = next((r for r in rows if r["method"] == "base"), None)
+    ceiling = 10 * base["held-out ppl"] if base else float("inf")
     if base:
         ax.axhline(base["held-out ppl"], color="grey", linestyle="--", label=f"base ({base['depth']} blocks)")
     for method in ORDER[1:] + sorted({r["method"] for r in rows} - set(ORDER)):
         points = sorted((r["removed"], r["held-out ppl"]) for r in rows
                         if r["method"] == method and "held-out ppl" in r)
-        if points:
-            ax.plot(*zip(*points), marker="o", label=method)
+        if not points:
+            continue
+        line, = ax.plot(*zip(*[(x, min(y, ceiling)) for x, y in points]), marker="o", label=method)
+        for x, y in points:
+            if y > ceiling:
+                ax.annotate(f"{method} {y:.2g}", (x, ceiling), textcoords="offset points", xytext=(4, -12),
+                            fontsize=7, color=line.get_color())
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("blocks removed (attn_drop: 2 attention sublayers per block)")
