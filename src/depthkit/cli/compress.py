@@ -2,7 +2,12 @@
 
     depthkit compress --method flatten --ratio 0.2 --calib austen:emma --out runs/flat24
     depthkit compress --method shortgpt --target-layers 24 --out runs/short24 --eval-data austen:persuasion
+    depthkit compress --method flatten --ratio 0.2 --offload disk --out runs/flat24   # model larger than memory
     depthkit compress --list
+
+`--offload disk` never loads the whole model: blocks are read one at a time from the checkpoint's
+safetensors files and the compressed blocks are written as they are produced (methods that can:
+see the error message of the others). Every run prints its peak resident memory.
 """
 
 from __future__ import annotations
@@ -12,13 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from depthkit.cli.common import add_data_args, add_model_args, data_spec
-from depthkit.compress.api import CARD_JSON, compress, list_methods, save_compressed
+from depthkit.compress.api import (
+    CARD_JSON,
+    CompressionReport,
+    compress,
+    compress_checkpoint,
+    list_methods,
+    save_compressed,
+)
 from depthkit.compress.base import blocks_to_remove, get_method
 from depthkit.compress.common import num_blocks
 from depthkit.data.blocks import token_stream
 from depthkit.errors import require
 from depthkit.evaluate.perplexity import perplexity
 from depthkit.models.loading import load_model
+from depthkit.models.streaming import peak_memory_mb
 from depthkit.utils.io import check_output_dir, format_table, write_json
 
 
@@ -36,6 +49,8 @@ def register(subparsers) -> None:
                         help="a method option (repeatable); values are read as int, float, bool or text")
     parser.add_argument("--out", default=None, help="save the compressed checkpoint here (a new folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--offload", choices=("none", "disk"), default="none",
+                        help="disk: stream blocks from the checkpoint on disk (needs --out; memory ~ one block)")
     add_data_args(parser, "--eval-data", split="heldout", default=None)
     parser.add_argument("--eval-window", type=int, default=512, help="perplexity window (tokens)")
     parser.add_argument("--eval-max-tokens", type=int, default=20 * 512, help="tokens scored for perplexity")
@@ -74,6 +89,9 @@ def run(args: argparse.Namespace) -> None:
         require(method.produces_checkpoint,
                 f"method '{args.method}' does not produce a standard checkpoint; run it without --out")
         check_output_dir(args.out, args.overwrite)
+    if args.offload == "disk":
+        run_streaming(args, options)
+        return
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     blocks_to_remove(num_blocks(model), args.ratio, args.target_layers)
     held_out = token_stream(tokenizer, data_spec(args, "--eval-data")) if args.eval_data else None
@@ -90,11 +108,29 @@ def run(args: argparse.Namespace) -> None:
                                                  "before": row["ppl before"], "after": row["ppl after"]}
     if args.out:
         save_compressed(model, tokenizer, args.out, report, overwrite=args.overwrite)
-    print(format_table([{**report.summary_row(), **row}]))
+    _print_report(report, row, args)
+
+
+def run_streaming(args: argparse.Namespace, options: dict[str, Any]) -> None:
+    """`--offload disk`: checkpoint folder in, checkpoint folder out, one block in memory at a time."""
+    require(args.out is not None, "--offload disk writes the compressed model block by block: give --out")
+    require(not args.eval_data, "--eval-data needs the whole model in memory; evaluate the saved --out "
+                                "folder with `depthkit eval ppl` instead")
+    report = compress_checkpoint(args.model, args.out, args.method, ratio=args.ratio, target_layers=args.target_layers,
+                                 calib=data_spec(args, "--calib"), num_calib_blocks=args.num_calib_blocks,
+                                 calib_block_len=args.calib_block_len, device=args.device, dtype=args.dtype,
+                                 overwrite=args.overwrite, **options)
+    _print_report(report, {}, args)
+
+
+def _print_report(report: CompressionReport, row: dict[str, Any], args: argparse.Namespace) -> None:
+    peak = peak_memory_mb()
+    print(format_table([{**report.summary_row(), **row, "peak RSS (MiB)": round(peak.get("vmhwm_mb", 0.0)
+                                                                              or peak["ru_maxrss_mb"])}]))
     if args.out:
         print(f"saved {args.out} (card: {Path(args.out) / CARD_JSON})")
     if args.json:
-        print(f"wrote {write_json(args.json, report.to_dict())}")
+        print(f"wrote {write_json(args.json, report.to_dict() | {'peak_memory_mb': peak})}")
 
 
 def _perplexity(model, stream, args: argparse.Namespace) -> float:

@@ -18,14 +18,17 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import depthkit
-from depthkit.compress.base import CompressionMethod, blocks_to_remove, get_method
+from depthkit.compress.base import CompressionMethod, blocks_to_remove, get_method, streaming_methods
 from depthkit.compress.common import count_parameters, num_blocks
 from depthkit.data.blocks import DataSpec, token_blocks
 from depthkit.errors import require
-from depthkit.utils.io import atomic_output_dir, format_table, write_json
+from depthkit.utils.io import atomic_output_dir, check_output_dir, format_table, json_text, write_json
 
 CARD_JSON = "compression_card.json"
 CARD_MD = "compression_card.md"
+# Shard size of checkpoints written by `compress_checkpoint`: the writer buffers one shard, so
+# this is part of the streaming path's fixed memory overhead.
+SHARD_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -97,6 +100,62 @@ def compress(
         parameters_after=count_parameters(model), calibration=calibration, seconds=seconds,
         saveable=outcome.saveable, details=outcome.details,
     )
+
+
+def compress_checkpoint(
+    model: str | Path,
+    out: str | Path,
+    method: str = "flatten",
+    ratio: float | None = None,
+    target_layers: int | None = None,
+    calib_ids: torch.Tensor | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    calib: DataSpec | str = "austen:emma",
+    num_calib_blocks: int = 64,
+    calib_block_len: int = 256,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "bfloat16",
+    overwrite: bool = False,
+    **method_options: Any,
+) -> CompressionReport:
+    """Compress a checkpoint folder into `out` without ever holding the whole model (`--offload disk`).
+
+    Blocks are read one at a time from the memory-mapped safetensors files and the new blocks are
+    written as they are produced (`StreamingModel`, `StreamingWriter`): peak memory is about one
+    or two blocks plus the calibration activations, so a model larger than RAM (or GPU memory)
+    compresses on one device. `out` appears only once complete, with its compression card.
+    """
+    from depthkit.models.loading import load_tokenizer, resolve_model_path
+    from depthkit.models.streaming import StreamingModel, StreamingWriter, peak_memory_mb
+
+    runner = get_method(method, **method_options)
+    require(runner.streams(), f"method '{method}' needs the whole model in memory; --offload disk works with: "
+                              + ", ".join(streaming_methods()))
+    check_output_dir(out, overwrite)
+    folder = resolve_model_path(str(model))
+    source = StreamingModel.open(folder, device=device, dtype=dtype)
+    num_remove = blocks_to_remove(source.num_layers, ratio, target_layers)
+    if calib_ids is None and tokenizer is None:
+        tokenizer = load_tokenizer(folder)
+    calib_ids, calibration = _calibration(source.model, calib_ids, tokenizer, calib, num_calib_blocks, calib_block_len)
+    before = source.parameter_count()
+    began = time.perf_counter()
+    with StreamingWriter(out, source.config, overwrite=overwrite, max_shard_bytes=SHARD_BYTES) as writer, \
+            torch.no_grad():
+        writer.write_non_layer(source)
+        outcome = runner.compress_streaming(source, calib_ids, num_remove, writer)
+        report = CompressionReport(
+            method=method, options=dict(method_options), model=str(model), num_layers_before=source.num_layers,
+            num_layers_after=writer.num_layers, blocks_requested=num_remove, ratio=ratio,
+            target_layers=target_layers, parameters_before={"total": before, "effective": before},
+            parameters_after={"total": writer.parameters, "effective": writer.parameters},
+            calibration=calibration, seconds=time.perf_counter() - began, saveable=True,
+            details=outcome.details | {"offload": "disk", "peak_memory_mb": peak_memory_mb()},
+        )
+        card = report.to_dict()
+        writer.write_text(CARD_JSON, json_text(card))
+        writer.write_text(CARD_MD, card_markdown(card))
+    return report
 
 
 def _calibration(

@@ -9,12 +9,15 @@ token blocks and how many blocks to remove, edits the model in place, and return
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
 
 from depthkit.errors import DepthkitError, require
+
+if TYPE_CHECKING:
+    from depthkit.models.streaming import StreamingModel, StreamingWriter
 
 METHODS: dict[str, type[CompressionMethod]] = {}
 
@@ -50,6 +53,23 @@ class CompressionMethod:
     ) -> CompressionOutcome:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def compress_streaming(
+        self, source: StreamingModel, calib_ids: torch.Tensor, num_remove: int, writer: StreamingWriter
+    ) -> CompressionOutcome:
+        """Compress a checkpoint read block by block from disk, writing the new blocks in order.
+
+        Only methods that need no more than a block or two at a time implement this
+        (`--offload disk`); the others keep the whole model in memory.
+        """
+        raise DepthkitError(
+            f"method '{self.name}' needs the whole model in memory; --offload disk works with: "
+            + ", ".join(streaming_methods())
+        )
+
+    @classmethod
+    def streams(cls) -> bool:
+        return cls.compress_streaming is not CompressionMethod.compress_streaming
+
 
 def register_method(name: str):
     """Class decorator: make a `CompressionMethod` available by `name`."""
@@ -60,6 +80,13 @@ def register_method(name: str):
         return cls
 
     return decorator
+
+
+def streaming_methods() -> list[str]:
+    """Registered methods that can compress a checkpoint streamed from disk."""
+    import depthkit.compress.methods  # noqa: F401 - registers the built-in methods
+
+    return sorted(name for name, cls in METHODS.items() if cls.streams())
 
 
 def get_method(name: str, **options: Any) -> CompressionMethod:

@@ -15,6 +15,7 @@ API (what `depthkit compress --offload disk` builds on)::
     hidden = source.embed(ids)             # block 0's input
     context = source.context(hidden[:8])   # rotary embeddings + causal masks for run_block
     layer = source.load_layer(i)           # a fresh, materialised nn.Module (drop it to free it)
+    layers = source.layers()               # a sequence that loads block i on `layers[i]`
     logits = source.head(hidden)           # final norm + LM head
     for i, block_in, block_out in source.iterate_blocks(ids): ...   # like blockwise.iterate_blocks
 
@@ -33,10 +34,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import resource
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -114,6 +116,19 @@ class StreamingModel:
     @property
     def num_layers(self) -> int:
         return len(self.adapter.layers(self.model))
+
+    def layers(self) -> LazyLayers:
+        """The blocks as a read-only sequence that loads block i from disk on `[i]`."""
+        return LazyLayers(self)
+
+    def parameter_count(self) -> int:
+        """Parameters stored in the checkpoint, counted from the file headers (nothing is read)."""
+        total = 0
+        for filename in sorted(set(self.index.values())):
+            names = [name for name, file in self.index.items() if file == filename]
+            with safe_open(self.folder / filename, framework="pt") as handle:
+                total += sum(math.prod(handle.get_slice(name).get_shape()) for name in names)
+        return total
 
     def layer_keys(self, index: int) -> list[str]:
         prefix = f"{self.layers_prefix}.{index}."
@@ -193,6 +208,25 @@ class StreamingModel:
             hidden = output
 
 
+class LazyLayers(Sequence):
+    """Decoder blocks of a `StreamingModel`, each loaded from disk when indexed.
+
+    Code written for `adapter.layers(model)` that reads one block at a time (e.g. FlattenGPT's
+    front-to-back pruning) runs unchanged on a checkpoint larger than memory: every access
+    returns a fresh module that is freed once the caller drops it.
+    """
+
+    def __init__(self, source: StreamingModel):
+        self.source = source
+
+    def __len__(self) -> int:
+        return self.source.num_layers
+
+    def __getitem__(self, index: int) -> nn.Module:
+        require(isinstance(index, int), "streamed blocks are read one at a time (an int index)")
+        return self.source.load_layer(index if index >= 0 else index + len(self))
+
+
 def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
     owner_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(owner_name) if owner_name else model, attr, param)
@@ -224,6 +258,8 @@ class StreamingWriter:
         self._layer_types: list[str | None] = []
         self._source: Path | None = None
         self._written_dtype: torch.dtype | None = None
+        self._extra_files: dict[str, str] = {}
+        self.parameters = 0  # parameters written so far
         self._done = False
 
     def __enter__(self) -> StreamingWriter:
@@ -262,6 +298,7 @@ class StreamingWriter:
             if tensor.is_floating_point() and self._written_dtype is None:
                 self._written_dtype = tensor.dtype
             self._buffer[prefix + name] = tensor.contiguous().clone()
+            self.parameters += tensor.numel()
             self._buffer_bytes += tensor.numel() * tensor.element_size()
         if self._buffer_bytes >= self.max_shard_bytes:
             self._flush()
@@ -273,6 +310,15 @@ class StreamingWriter:
         save_file(self._buffer, self._tmp / name, metadata={"format": "pt"})
         self._shards.append((name, list(self._buffer)))
         self._buffer, self._buffer_bytes = {}, 0
+
+    @property
+    def num_layers(self) -> int:
+        """Blocks written so far."""
+        return len(self._layer_types)
+
+    def write_text(self, name: str, text: str) -> None:
+        """A small extra file (e.g. a compression card) published with the checkpoint."""
+        self._extra_files[name] = text
 
     # -- closing -------------------------------------------------------------------------------
     def finish(self) -> Path:
@@ -286,6 +332,8 @@ class StreamingWriter:
             for path in self._source.iterdir():
                 if path.is_file() and not path.name.endswith(_WEIGHT_FILES) and path.name != "config.json":
                     shutil.copy2(path, self._tmp / path.name)
+        for name, text in self._extra_files.items():
+            (self._tmp / name).write_text(text)
         self._done = True
         self._stack.close()  # renames the temporary folder to `out`
         return self.out

@@ -45,8 +45,13 @@ def write_json(path: str | Path, data: Any) -> Path:
     """Write `data` as indented JSON (creating parent folders) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    path.write_text(json_text(data))
     return path
+
+
+def json_text(data: Any) -> str:
+    """`data` as indented JSON text; tensors, arrays and paths become plain values."""
+    return json.dumps(data, indent=2, default=_json_default) + "\n"
 
 
 def _json_default(obj: Any) -> Any:

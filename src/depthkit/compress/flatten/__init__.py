@@ -19,12 +19,16 @@ from transformers import PreTrainedModel
 
 from depthkit.compress.flatten.channels import CRITERIA
 from depthkit.compress.flatten.merge import QK_NORM_MODES, flatten_layers
-from depthkit.compress.flatten.prune import TARGETS, PruneSettings, flatten_and_prune
-from depthkit.compress.flatten.selection import SELECTIONS, select_groups
+from depthkit.compress.flatten.prune import TARGETS, PruneSettings, flatten_and_prune, pruned_blocks
+from depthkit.compress.flatten.selection import ONE_PASS_SELECTIONS, SELECTIONS, one_pass_pairs, select_groups
 from depthkit.errors import DepthkitError, require
 from depthkit.models.adapters import get_adapter
+from depthkit.models.streaming import StreamingModel, StreamingWriter
 
-__all__ = ["OPTION_HELP", "FlattenOptions", "flatten_gpt", "flatten_layers", "select_groups", "flatten_and_prune"]
+__all__ = [
+    "OPTION_HELP", "FlattenOptions", "flatten_gpt", "flatten_gpt_streaming", "flatten_layers", "select_groups",
+    "flatten_and_prune",
+]
 
 
 @dataclass
@@ -86,7 +90,8 @@ def _convert(name: str, value: Any, default: Any) -> Any:
 
 
 OPTION_HELP = {
-    "selection": "pair selection: greedy (least calibration-loss increase, default) | similarity (input/output cosine)",
+    "selection": "pair selection: greedy (least calibration-loss increase, default) | local (flattening error) | "
+                 "similarity (input/output cosine); with --offload disk: local (default) | similarity, one pass",
     "selection_blocks": "calibration sequences used to choose the pairs (default 8, the first ones)",
     "shortlist": "greedy: candidates (smallest local flattening error) whose loss is measured; 0 = all (default 8)",
     "max_group": "most original blocks flattened into one block (default 2)",
@@ -135,6 +140,51 @@ def flatten_gpt(
         )
     selected = time.perf_counter()
     records = flatten_and_prune(model, groups, fit_ids, options.prune_settings(), prune, progress)
+    return _details(options, prune, num_layers, groups, log, records, selection_ids, fit_ids, began, selected)
+
+
+@torch.no_grad()
+def flatten_gpt_streaming(
+    source: StreamingModel,
+    selection_ids: torch.Tensor,
+    fit_ids: torch.Tensor,
+    num_remove: int,
+    options: FlattenOptions,
+    writer: StreamingWriter,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """FlattenGPT on a checkpoint read block by block, each new block written as soon as it is fitted.
+
+    Pairs come from one scoring pass over the original blocks (`one_pass_pairs`), since the
+    iterative selections re-run the whole model after every flatten. Memory: two original blocks,
+    one wide block and the calibration activations.
+    """
+    require(options.groups is not None or options.selection in ONE_PASS_SELECTIONS,
+            f"with --offload disk pairs are scored in one pass: selection must be one of "
+            f"{', '.join(ONE_PASS_SELECTIONS)}, got '{options.selection}'")
+    require(options.max_group == 2, "with --offload disk only pairs are flattened (max_group 2)")
+    layers = source.layers()
+    began = time.perf_counter()
+    if options.groups is not None:
+        groups, log = _check_groups(options.groups, len(layers), num_remove), []
+    else:
+        groups, log = one_pass_pairs(source.model, layers, selection_ids, num_remove, options.selection,
+                                     options.batch_size, options.qk_norm, progress)
+    selected = time.perf_counter()
+    records = []
+    blocks = pruned_blocks(source.model, layers, groups, fit_ids, options.prune_settings(), progress)
+    for index, (block, record) in enumerate(blocks):
+        writer.write_layer(index, block)
+        if record is not None:
+            records.append(record)
+    return _details(options, True, len(layers), groups, log, records, selection_ids, fit_ids, began, selected)
+
+
+def _details(
+    options: FlattenOptions, prune: bool, num_layers: int, groups: list[list[int]], log: list[dict],
+    records: list[dict], selection_ids: torch.Tensor, fit_ids: torch.Tensor, began: float, selected: float,
+) -> dict[str, Any]:
+    """What the compression card records about a FlattenGPT run."""
     return {
         "options": dataclasses.asdict(options),
         "pruned": prune,

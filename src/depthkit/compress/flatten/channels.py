@@ -37,15 +37,25 @@ class GramAccumulator:
         self.target_energy = 0.0
 
     def add(self, z: torch.Tensor, t: torch.Tensor, chunk: int = 2048) -> None:
+        """Accumulate a batch; C is updated `chunk` columns at a time, so the float32 products stay
+        small next to C itself (a wide MLP of a 2B model has 11k channels: C alone is 1 GB)."""
         z, t = z.reshape(-1, z.shape[-1]), t.reshape(-1, t.shape[-1])
         if self.C is None:
             self.C = torch.zeros(z.shape[1], z.shape[1], dtype=torch.float64)
             self.R = torch.zeros(z.shape[1], t.shape[1], dtype=torch.float64)
         for start in range(0, z.shape[0], chunk):
             zc, tc = z[start : start + chunk].float(), t[start : start + chunk].float()
-            self.C += (zc.T @ zc).double()
-            self.R += (zc.T @ tc).double()
+            for col in range(0, zc.shape[1], chunk):
+                self.C[:, col : col + chunk] += zc.T @ zc[:, col : col + chunk]
+            self.R += zc.T @ tc
             self.target_energy += float(tc.double().pow(2).sum())
+
+    def solve_and_free(self, keep: torch.Tensor, lam: float) -> torch.Tensor:
+        """`ridge_solve` on the kept channels, dropping the full Gram matrix before the solve, so
+        the peak is C or the kept block and its factorisation, not both."""
+        C_ss, R_s = self.C[keep[:, None], keep], self.R[keep]
+        self.C = self.R = None
+        return _solve_kept(C_ss, R_s, lam)
 
 
 def ridge_lambda(C: torch.Tensor, ridge: float) -> float:
@@ -55,8 +65,12 @@ def ridge_lambda(C: torch.Tensor, ridge: float) -> float:
 
 def ridge_solve(C: torch.Tensor, R: torch.Tensor, keep: torch.Tensor, lam: float) -> torch.Tensor:
     """The refit weight (d x |S|) of the kept channels, float64."""
-    C_ss = C[keep][:, keep] + lam * torch.eye(len(keep), dtype=C.dtype)
-    return torch.linalg.solve(C_ss, R[keep]).T
+    return _solve_kept(C[keep[:, None], keep], R[keep], lam)
+
+
+def _solve_kept(C_ss: torch.Tensor, R_s: torch.Tensor, lam: float) -> torch.Tensor:
+    C_ss.diagonal().add_(lam)  # C_ss is a fresh copy: safe to edit in place
+    return torch.linalg.solve(C_ss, R_s).T
 
 
 def residual_energy(C: torch.Tensor, R: torch.Tensor, keep: torch.Tensor, lam: float, target_energy: float) -> float:
@@ -181,6 +195,8 @@ def select_units(
     lam_k = lam if criterion == "ols" else ridge_lambda(K, 1e-6)
     if all(len(idx) == 1 for idx in units):
         columns = torch.cat(units)
-        pivots = _column_pivots(K[columns][:, columns], keep, None if target is None else target[columns], lam_k)
+        if not torch.equal(columns, torch.arange(K.shape[0])):  # every channel in order: no 1 GB copies
+            K, target = K[columns[:, None], columns], None if target is None else target[columns]
+        pivots = _column_pivots(K, keep, target, lam_k)
         return sorted(columns[pivots].tolist())
     return sorted(_unit_pivots(K, units, keep, target, lam_k))

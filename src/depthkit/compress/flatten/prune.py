@@ -17,6 +17,7 @@ For a group of original blocks g_1..g_k on input x, the ridge targets are (optio
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from depthkit.compress.flatten.channels import GramAccumulator, ridge_lambda, ridge_solve, select_units
+from depthkit.compress.flatten.channels import GramAccumulator, ridge_lambda, select_units
 from depthkit.compress.flatten.merge import flatten_layers
 from depthkit.errors import require
 from depthkit.models.adapters import get_adapter
@@ -89,9 +90,9 @@ def capture_input(module: nn.Module, run) -> torch.Tensor:
     return torch.cat(seen)
 
 
-def _refit(linear: nn.Linear, C: torch.Tensor, R: torch.Tensor, rows: torch.Tensor, lam: float) -> None:
-    """Replace `linear` input columns by the ridge solution on the kept channels `rows`."""
-    weight = ridge_solve(C, R, rows, lam)
+def _refit(linear: nn.Linear, gram: GramAccumulator, rows: torch.Tensor, lam: float) -> None:
+    """Replace `linear` input columns by the ridge solution on the kept channels `rows` (frees `gram`)."""
+    weight = gram.solve_and_free(rows, lam)
     linear.in_features = len(rows)
     linear.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
 
@@ -138,7 +139,7 @@ class GroupPruner:
         _keep_rows(parts.q_proj, columns)  # q rows of a group's heads = o_proj columns of that group
         _keep_rows(parts.k_proj, kv_rows)
         _keep_rows(parts.v_proj, kv_rows)
-        _refit(parts.o_proj, gram.C, gram.R, columns, lam)
+        _refit(parts.o_proj, gram, columns, lam)
         return {"kept_kv_groups": kept}
 
     def prune_mlp(self, wide: nn.Module, y: torch.Tensor, mlp_target: torch.Tensor) -> dict:
@@ -153,7 +154,7 @@ class GroupPruner:
         )
         _keep_rows(parts.gate_proj, kept)
         _keep_rows(parts.up_proj, kept)
-        _refit(parts.down_proj, gram.C, gram.R, kept, lam)
+        _refit(parts.down_proj, gram, kept, lam)
         return {"kept_neurons_from_first_block": int((kept < self.neurons).sum())}
 
     def prune(self, layers: list[nn.Module], x: torch.Tensor, x_ref: torch.Tensor | None) -> tuple[nn.Module, dict]:
@@ -192,31 +193,57 @@ def flatten_and_prune(
     Returns one record per flattened group: original indices, kept channels and the relative
     errors (squared error over the squared block update) of the unpruned and pruned block.
     """
-    require(settings.target in TARGETS, f"target must be one of {', '.join(TARGETS)}, got '{settings.target}'")
     adapter = get_adapter(model)
     original = list(adapter.layers(model))
-    require(sorted(sum(groups, [])) == list(range(len(original))), "groups must partition the blocks in order")
     if not prune:
+        _check_partition(groups, len(original))
         adapter.set_layers(model, [
             original[g[0]] if len(g) == 1 else flatten_layers(model, [original[i] for i in g], settings.qk_norm)
             for g in groups
         ])
         return [{"group": g} for g in groups if len(g) > 1]
+    new_layers, records = [], []
+    for block, record in pruned_blocks(model, original, groups, fit_ids, settings, progress):
+        new_layers.append(block)
+        if record is not None:
+            records.append(record)
+    adapter.set_layers(model, new_layers)
+    return records
+
+
+@torch.no_grad()
+def pruned_blocks(
+    model: PreTrainedModel,
+    layers: Sequence[nn.Module],
+    groups: list[list[int]],
+    fit_ids: torch.Tensor,
+    settings: PruneSettings,
+    progress: bool = True,
+) -> Iterator[tuple[nn.Module, dict | None]]:
+    """The compressed blocks in order, each with its record (None for blocks kept as they are).
+
+    `layers[i]` is original block i. It is read only while its group is processed, so `layers`
+    may load blocks from disk on access (`StreamingModel.layers()`): with a generator, memory is
+    the current group, its wide block and the calibration activations, whatever the model size.
+    """
+    require(settings.target in TARGETS, f"target must be one of {', '.join(TARGETS)}, got '{settings.target}'")
+    _check_partition(groups, len(layers))
     x = embed(model, fit_ids)
     runner = BlockRunner(model, x, settings.batch_size)
     pruner = GroupPruner(model, runner, settings)
     x_ref = x if settings.target == "original" else None
-    new_layers, records = [], []
     for group in tqdm(groups, desc="flatten + prune", disable=not progress):
-        layers = [original[i] for i in group]
+        originals = [layers[i] for i in group]
         if len(group) == 1:
-            block = layers[0]
+            block, record = originals[0], None
         else:
-            block, details = pruner.prune(layers, x, x_ref)
-            records.append({"group": group} | details)
-        new_layers.append(block)
+            block, details = pruner.prune(originals, x, x_ref)
+            record = {"group": group} | details
         if x_ref is not None:
-            x_ref = runner.sequential(layers, x_ref)[1]
+            x_ref = runner.sequential(originals, x_ref)[1]
         x = runner.block(block, x)
-    adapter.set_layers(model, new_layers)
-    return records
+        yield block, record
+
+
+def _check_partition(groups: list[list[int]], num_layers: int) -> None:
+    require(sorted(sum(groups, [])) == list(range(num_layers)), "groups must partition the blocks in order")

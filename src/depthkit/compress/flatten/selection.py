@@ -8,12 +8,21 @@ after a flatten only the cache from i on is refreshed.
 
 - `similarity`: flatten the pair whose input (before i) and output (after i+1) are most alike
   (mean token cosine): the pair that changes the residual stream least is the most redundant.
+- `local`: flatten the pair whose wide block best reproduces the two original blocks on their
+  input (smallest squared error relative to the pair's update): one block run per candidate.
 - `greedy`: flatten the pair whose (unpruned) flattening raises the calibration loss least,
   re-measured after every step. Costlier, and the spec's better choice; `shortlist` limits the
   end-to-end loss to the candidates with the smallest local flattening error.
+
+`one_pass_pairs` is the variant for checkpoints streamed from disk: every adjacent pair of the
+ORIGINAL model is scored in a single block-by-block pass (two blocks in memory), then the best
+non-overlapping pairs are flattened. It cannot re-score after each flatten, which is what the
+iterative selection above does with the whole model in memory.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -27,7 +36,8 @@ from depthkit.errors import require
 from depthkit.models.adapters import get_adapter
 from depthkit.models.blockwise import block_context, embed, run_block
 
-SELECTIONS = ("similarity", "greedy")
+SELECTIONS = ("similarity", "local", "greedy")
+ONE_PASS_SELECTIONS = ("similarity", "local")
 
 
 class FlatteningState:
@@ -67,9 +77,7 @@ class FlatteningState:
 
     def local_error(self, i: int, block: nn.Module) -> float:
         """Squared error of `block` on the input of i against the output of i+1, relative to its update."""
-        target, source = self.inputs[i + 2].float(), self.inputs[i].float()
-        error = self.run(block, self.inputs[i]).float() - target
-        return float(error.pow(2).sum() / (target - source).pow(2).sum().clamp_min(1e-30))
+        return relative_error(self.run(block, self.inputs[i]), self.inputs[i + 2], self.inputs[i])
 
     def loss_with(self, i: int, block: nn.Module) -> float:
         """Calibration loss when positions i, i+1 are replaced by `block` (later blocks re-run)."""
@@ -79,9 +87,24 @@ class FlatteningState:
         return lm_loss(self.model, hidden, self.ids)
 
 
+def relative_error(output: torch.Tensor, target: torch.Tensor, source: torch.Tensor) -> float:
+    """Squared error of `output` against `target`, relative to the update `target - source`."""
+    error = output.float() - target.float()
+    return float(error.pow(2).sum() / (target.float() - source.float()).pow(2).sum().clamp_min(1e-30))
+
+
+def similarity_score(block_in: torch.Tensor, block_out: torch.Tensor) -> float:
+    """Lower is better: negative mean token cosine between what enters and what leaves a pair."""
+    return -token_cosine(block_in, block_out).mean().item()
+
+
 def _similarity_scores(state: FlatteningState, candidates: list[int]) -> dict[int, float]:
     """Lower is better: negative mean cosine between the input of i and the output of i+1."""
-    return {i: -token_cosine(state.inputs[i], state.inputs[i + 2]).mean().item() for i in candidates}
+    return {i: similarity_score(state.inputs[i], state.inputs[i + 2]) for i in candidates}
+
+
+def _local_scores(state: FlatteningState, candidates: list[int]) -> dict[int, float]:
+    return {i: state.local_error(i, state.merged(i)) for i in candidates}
 
 
 def _greedy_scores(state: FlatteningState, candidates: list[int], shortlist: int) -> dict[int, float]:
@@ -127,9 +150,60 @@ def select_groups(
         candidates = state.candidates(max_group)
         if selection == "greedy":
             scores = _greedy_scores(state, candidates, shortlist)
+        elif selection == "local":
+            scores = _local_scores(state, candidates)
         else:
             scores = _similarity_scores(state, candidates)
         best = min(scores, key=scores.get)
         log.append({"flattened": state.groups[best] + state.groups[best + 1], "score": scores[best]})
         state.flatten(best)
     return state.groups, log
+
+
+@torch.no_grad()
+def one_pass_pairs(
+    model: PreTrainedModel,
+    layers: Sequence[nn.Module],
+    ids: torch.Tensor,
+    num_remove: int,
+    selection: str = "local",
+    batch_size: int = 8,
+    qk_norm: str = "exact",
+    progress: bool = True,
+) -> tuple[list[list[int]], list[dict]]:
+    """Groups of original indices flattening the `num_remove` best non-overlapping adjacent pairs.
+
+    Every pair (i, i+1) is scored once on the original model, in one pass that holds two blocks
+    and three hidden states: `layers` may load each block from disk on access.
+    """
+    require(selection in ONE_PASS_SELECTIONS,
+            f"one-pass selection must be one of {', '.join(ONE_PASS_SELECTIONS)}, got '{selection}'")
+    num_layers = len(layers)
+    require(num_remove <= num_layers // 2, f"cannot remove {num_remove} of {num_layers} blocks with disjoint pairs")
+    hidden = embed(model, ids)
+    context = block_context(model, hidden[:batch_size])
+    previous: tuple[nn.Module, torch.Tensor] | None = None  # (block i-1, its input)
+    scores: dict[int, float] = {}
+    for i in tqdm(range(num_layers), desc=f"pair scores ({selection})", disable=not progress):
+        layer = layers[i]
+        output = run_block(model, layer, hidden, batch_size, context)
+        if previous is not None:
+            first, pair_in = previous
+            if selection == "local":
+                wide = flatten_layers(model, [first, layer], qk_norm)
+                scores[i - 1] = relative_error(run_block(model, wide, pair_in, batch_size, context), output, pair_in)
+            else:
+                scores[i - 1] = similarity_score(pair_in, output)
+        previous, hidden = (layer, hidden), output
+    chosen: list[int] = []
+    for i in sorted(scores, key=scores.get):
+        if len(chosen) < num_remove and all(abs(i - j) > 1 for j in chosen):
+            chosen.append(i)
+    require(len(chosen) == num_remove, f"only {len(chosen)} disjoint pairs found for {num_remove} removals")
+    firsts = set(chosen)
+    groups = []
+    for i in range(num_layers):
+        if i - 1 not in firsts:
+            groups.append([i, i + 1] if i in firsts else [i])
+    log = [{"flattened": [i, i + 1], "score": scores[i]} for i in sorted(chosen, key=scores.get)]
+    return groups, log

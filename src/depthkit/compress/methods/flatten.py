@@ -10,7 +10,8 @@ from transformers import PreTrainedModel
 
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, register_method
 from depthkit.compress.common import selection_subset
-from depthkit.compress.flatten import OPTION_HELP, FlattenOptions, flatten_gpt
+from depthkit.compress.flatten import OPTION_HELP, FlattenOptions, flatten_gpt, flatten_gpt_streaming
+from depthkit.models.streaming import StreamingModel, StreamingWriter
 
 
 class _FlattenBase(CompressionMethod):
@@ -31,6 +32,16 @@ class FlattenGPT(_FlattenBase):
         "FlattenGPT: flatten adjacent block pairs into one wide block, then prune heads and MLP neurons back "
         "to the original width with least-squares compensation (standard checkpoint)"
     )
+
+    def compress_streaming(
+        self, source: StreamingModel, calib_ids: torch.Tensor, num_remove: int, writer: StreamingWriter
+    ) -> CompressionOutcome:
+        """Pairs from one streamed scoring pass (selection `local` unless `similarity` is asked),
+        then the same front-to-back flatten + prune, each block written as soon as it is done."""
+        options = FlattenOptions.from_options({"selection": "local"} | self.options)
+        details = flatten_gpt_streaming(source, selection_subset(calib_ids, options.selection_blocks),
+                                        calib_ids, num_remove, options, writer)
+        return CompressionOutcome(details=details)
 
 
 @register_method("flatten_unpruned")

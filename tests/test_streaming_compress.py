@@ -1,0 +1,126 @@
+"""`--offload disk`: compressing a checkpoint block by block gives the same model as in memory."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from depthkit.cli.main import main
+from depthkit.compress.api import CARD_JSON, compress, compress_checkpoint
+from depthkit.compress.base import streaming_methods
+from depthkit.compress.flatten.selection import one_pass_pairs
+from depthkit.errors import DepthkitError
+from depthkit.models.adapters import get_adapter
+from depthkit.models.loading import DEFAULT_MODEL, load_tokenizer
+from depthkit.models.streaming import StreamingModel
+from depthkit.models.tiny import TINY_ARCHITECTURES, tiny_model
+from tests.conftest import random_ids
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def saved_tiny(tmp_path, arch: str, num_layers: int = 6, tokenizer=None):
+    vocab = {"vocab_size": len(tokenizer)} if tokenizer is not None else {}
+    model = tiny_model(arch, num_layers=num_layers, dtype=torch.float32, **vocab)
+    folder = tmp_path / f"{arch}-src"
+    model.save_pretrained(folder, max_shard_size="200KB")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return model, folder
+
+
+def reloaded_logits(folder, ids: torch.Tensor) -> torch.Tensor:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(ids).logits
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_streamed_shortgpt_equals_in_memory(tmp_path, arch):
+    model, folder = saved_tiny(tmp_path, arch)
+    ids = random_ids(model, batch=4, length=16)
+    streamed = compress_checkpoint(folder, tmp_path / "out", "shortgpt", target_layers=4, calib_ids=ids,
+                                   dtype="float32", batch_size=2)
+    in_memory = compress(model, "shortgpt", target_layers=4, calib_ids=ids, batch_size=2)
+    assert streamed.details["removed_blocks"] == in_memory.details["removed_blocks"]
+    assert streamed.num_layers_after == 4 and streamed.parameters_after["total"] < streamed.parameters_before["total"]
+    torch.testing.assert_close(reloaded_logits(tmp_path / "out", ids), model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_streamed_flatten_equals_in_memory_for_the_same_pairs(tmp_path, arch):
+    model, folder = saved_tiny(tmp_path, arch)
+    ids = random_ids(model, batch=4, length=16)
+    options = {"groups": [[0], [1, 2], [3], [4, 5]], "batch_size": 2, "qk_norm": "average"}  # qwen3: random norms
+    report = compress_checkpoint(folder, tmp_path / "out", "flatten", target_layers=4, calib_ids=ids,
+                                 dtype="float32", **options)
+    compress(model, "flatten", target_layers=4, calib_ids=ids, **options)
+    assert report.details["flattened_groups"] == [[1, 2], [4, 5]]
+    torch.testing.assert_close(reloaded_logits(tmp_path / "out", ids), model(ids).logits, atol=1e-4, rtol=1e-4)
+    card = json.loads((tmp_path / "out" / CARD_JSON).read_text())
+    assert card["details"]["offload"] == "disk" and card["details"]["peak_memory_mb"]["ru_maxrss_mb"] > 0
+    assert card["parameters_after"]["total"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("selection", ["local", "similarity"])
+def test_one_pass_pairs_are_disjoint_and_scored_on_the_original(tmp_path, selection):
+    model, folder = saved_tiny(tmp_path, "llama", num_layers=8)
+    ids = random_ids(model, batch=2, length=16)
+    source = StreamingModel.open(folder, dtype="float32")
+    groups, log = one_pass_pairs(source.model, source.layers(), ids, 3, selection, batch_size=2, progress=False)
+    assert sum(groups, []) == list(range(8)) and len(groups) == 5
+    assert sorted(g for g in groups if len(g) == 2) == sorted(entry["flattened"] for entry in log)
+    in_memory, _ = one_pass_pairs(model, get_adapter(model).layers(model), ids, 3, selection, 2, progress=False)
+    assert in_memory == groups
+
+
+def test_default_streamed_flatten_writes_a_loadable_model(tmp_path):
+    model, folder = saved_tiny(tmp_path, "qwen2")
+    ids = random_ids(model, batch=4, length=16)
+    report = compress_checkpoint(folder, tmp_path / "out", "flatten", ratio=0.34, calib_ids=ids, dtype="float32")
+    assert report.details["options"]["selection"] == "local" and report.num_layers_after == 4
+    assert torch.isfinite(reloaded_logits(tmp_path / "out", ids)).all()
+
+
+def test_streaming_refuses_what_it_cannot_do(tmp_path):
+    model, folder = saved_tiny(tmp_path, "llama")
+    ids = random_ids(model, batch=2, length=16)
+    assert streaming_methods() == ["flatten", "shortgpt"]
+    with pytest.raises(DepthkitError, match="needs the whole model in memory"):
+        compress_checkpoint(folder, tmp_path / "a", "sleb", target_layers=4, calib_ids=ids)
+    with pytest.raises(DepthkitError, match="scored in one pass"):
+        compress_checkpoint(folder, tmp_path / "b", "flatten", target_layers=4, calib_ids=ids, selection="greedy")
+    with pytest.raises(DepthkitError, match="ratio must be in"):
+        compress_checkpoint(folder, tmp_path / "c", "shortgpt", ratio=1.5, calib_ids=ids)
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_interrupted_streaming_leaves_no_output(tmp_path, monkeypatch):
+    model, folder = saved_tiny(tmp_path, "llama")
+    ids = random_ids(model, batch=2, length=16)
+
+    def fail(self, index):
+        if index == 3:
+            raise RuntimeError("disk vanished")
+        return original(self, index)
+
+    original = StreamingModel.load_layer
+    monkeypatch.setattr(StreamingModel, "load_layer", fail)
+    with pytest.raises(RuntimeError, match="disk vanished"):
+        compress_checkpoint(folder, tmp_path / "out", "shortgpt", target_layers=4, calib_ids=ids)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+
+
+def test_cli_offload_disk(tmp_path, capsys):
+    _, folder = saved_tiny(tmp_path, "llama", tokenizer=load_tokenizer(DEFAULT_MODEL))
+    out = tmp_path / "out"
+    code = main(["compress", "--model", str(folder), "--method", "shortgpt", "--target-layers", "4",
+                 "--offload", "disk", "--out", str(out), "--num-calib-blocks", "2", "--calib-block-len", "32",
+                 "--dtype", "float32"])
+    assert code in (None, 0)
+    printed = capsys.readouterr().out
+    assert "peak RSS (MiB)" in printed and "6 -> 4" in printed
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+    assert main(["compress", "--model", str(folder), "--method", "shortgpt", "--target-layers", "4",
+                 "--offload", "disk"]) == 2
+    assert "give --out" in capsys.readouterr().err
