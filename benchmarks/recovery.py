@@ -1,7 +1,7 @@
 """Recovery fine-tuning of a 24-block SmolLM2 for a short CPU budget: held-out perplexity before/after.
 
     .venv/bin/python benchmarks/recovery.py                      # 200 steps x 1 x 512 tokens, LoRA rank 8
-    .venv/bin/python benchmarks/recovery.py --model runs/flat24   # recover a compressed checkpoint instead
+    .venv/bin/python benchmarks/recovery.py --model runs/flat24 --name recovery_flatten   # a compressed checkpoint
     .venv/bin/python benchmarks/recovery.py --steps 20 --quick    # smoke run
 
 Compressed model: `--model PATH`, or (default) the 30-block SmolLM2-135M-Instruct with the 6 blocks of
@@ -9,7 +9,7 @@ lowest block influence removed (ShortGPT; influence on 8 x 256 tokens of Emma, c
 Training text: Mansfield Park (calib split). Held-out: 20 x 512 tokens of Persuasion (heldout
 split), the same slice as the method comparison, so the figures line up with
 benchmarks/results/compare_methods.md. The original 30-block model is measured on the same slice.
-Writes benchmarks/results/recovery.{json,md,png} (`_quick` suffix for --quick).
+Writes benchmarks/results/<name>.{json,md,png} (`--name`, default `recovery`; `_quick` suffix for --quick).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 avoids spin-wait collapse on a CPU shared with other jobs)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 held-out windows, results *_quick")
+    parser.add_argument("--name", default="recovery", help="results file prefix (e.g. recovery_flatten)")
     return parser.parse_args()
 
 
@@ -112,6 +113,7 @@ def main() -> None:
 def write_results(args, card, base: tuple[float, int], source: str, dropped, depth: int) -> None:
     base_ppl, base_depth = base
     suffix = "_quick" if args.quick else ""
+    stem = f"{args.name}{suffix}"
     others = card["other_perplexity"]
     other_column = f"{OTHER.corpus} ppl"
     rows = [
@@ -134,11 +136,11 @@ def write_results(args, card, base: tuple[float, int], source: str, dropped, dep
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / f"recovery{suffix}.json", result)
+    write_json(RESULTS / f"{stem}.json", result)
     table = format_table(rows)
     curve = format_table([{"step": 0, "held-out ppl": card["perplexity_before"]},
                           *({"step": e["step"], "held-out ppl": e["perplexity"]} for e in card["evals"])])
-    (RESULTS / f"recovery{suffix}.md").write_text(
+    (RESULTS / f"{stem}.md").write_text(
         f"# Recovery fine-tuning ({source})\n\n"
         f"LoRA rank {args.lora_rank} on q/k/v/o/gate/up/down of every block, {card['steps']} steps x "
         f"{args.batch_size} x {args.seq_len} tokens of {TRAIN.describe()} ({card['tokens_trained']} tokens, "
@@ -147,8 +149,8 @@ def write_results(args, card, base: tuple[float, int], source: str, dropped, dep
         f"in {args.seq_len}-token windows; the same number of tokens of {OTHER.describe()} (another author) "
         "separates general repair from adaptation to Austen's style.\n\n"
         f"{table}\n\nRecovery closed {100 * result['gap_closed']:.1f}% of the gap to the original.\n\n"
-        f"Held-out perplexity during training:\n\n{curve}\n\n![curve](recovery{suffix}.png)\n")
-    plot_curve(card, base, RESULTS / f"recovery{suffix}.png")
+        f"Held-out perplexity during training:\n\n{curve}\n\n![curve]({stem}.png)\n")
+    plot_curve(card, base, RESULTS / f"{stem}.png")
     print(table)
 
 

@@ -40,6 +40,11 @@ def tokenizer():
         (dict(), "exactly one of"),
         (dict(ratio=0.5, method="nope"), "unknown method 'nope'"),
         (dict(ratio=0.5, method="sleb", selction_blocks=2), "has no option selction_blocks"),
+        (dict(ratio=0.5, method="sleb", selection_blocks=2.5), "must be a whole number"),
+        (dict(ratio=0.5, method="sleb", selection_blocks=0), "selection_blocks must be >= 1"),
+        (dict(ratio=0.5, method="laco", relax="lots"), "laco option relax: cannot read"),
+        (dict(ratio=0.5, method="laco", relax=0), "relax > 0"),
+        (dict(ratio=0.5, batch_size=0), "batch_size must be >= 1"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_change(model, kwargs, message):
@@ -177,6 +182,8 @@ def test_cli_compresses_saves_and_lists(capsys, tmp_path):
     assert code == 0
     for method in ("shortgpt", "sleb", "laco", "attn_drop", "flatten", "flatten_unpruned"):
         assert f"| {method} " in stdout
+    for name in ("layers_per_merge", "attention_per_block", "selection_blocks", "qk_norm", "batch_size"):
+        assert name in stdout
 
 
 @pytest.mark.integration

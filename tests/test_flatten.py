@@ -183,5 +183,5 @@ def test_too_many_blocks_for_pairs_is_an_error():
 
 
 def test_string_options_are_converted():
-    options = FlattenOptions.from_options({"ridge": "0.01", "selection_blocks": "4", "groups": "[[0, 1], [2]]"})
+    options = FlattenOptions.from_dict({"ridge": "0.01", "selection_blocks": "4", "groups": "[[0, 1], [2]]"})
     assert options.ridge == 0.01 and options.selection_blocks == 4 and options.groups == [[0, 1], [2]]

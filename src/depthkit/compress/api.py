@@ -187,7 +187,7 @@ def _calibration(
 
 def list_methods() -> list[dict[str, str]]:
     """Every registered method with its description and options (for `depthkit compress --list`)."""
-    return [{"method": name, "description": cls.description, "options": ", ".join(sorted(cls.option_help))}
+    return [{"method": name, "description": cls.description, "options": ", ".join(sorted(cls.option_help()))}
             for name, cls in sorted(_method_classes().items())]
 
 

@@ -8,7 +8,8 @@ token blocks and how many blocks to remove, edits the model in place, and return
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -22,6 +23,59 @@ if TYPE_CHECKING:
 METHODS: dict[str, type[CompressionMethod]] = {}
 
 
+def option(default: Any, help: str) -> Any:
+    """A method option: a dataclass field with its one-line help (`depthkit compress --list`)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class MethodOptions:
+    """The options of a method as a typed dataclass: one `option(default, help)` field each.
+
+    Subclass it per method. `from_dict` refuses unknown names and converts what a command line
+    gives (`--option ridge=1e-2` arrives as text or a number) to each field's type, so a typo or an
+    unreadable value fails before any model is loaded; `validate` checks ranges.
+    """
+
+    batch_size: int = option(8, "calibration sequences per forward (default 8)")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any], method: str = "") -> MethodOptions:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(options) - set(known))
+        require(not unknown, f"method '{method}' has no option {', '.join(unknown)}; "
+                             f"its options: {', '.join(sorted(known))}")
+        values = {name: _convert(method, name, value, known[name].default) for name, value in options.items()}
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+    def validate(self) -> None:
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def _convert(method: str, name: str, value: Any, default: Any) -> Any:
+    """`value` as the type of the option's default; JSON text for list options."""
+    try:
+        if isinstance(value, str) and (default is None or isinstance(default, list)) and value.lstrip()[:1] == "[":
+            return json.loads(value)
+        if isinstance(default, bool) and isinstance(value, str):
+            require(value.lower() in ("true", "false"), f"{method} option {name}: expected true or false")
+            return value.lower() == "true"
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
+            converted = type(default)(value)
+            require(not isinstance(default, int) or converted == float(value),
+                    f"{method} option {name} must be a whole number, got {value!r}")
+            return converted
+    except (TypeError, ValueError):
+        raise DepthkitError(f"{method} option {name}: cannot read {value!r}") from None
+    return value
+
+
 @dataclass
 class CompressionOutcome:
     """What a method did: removed/merged blocks and method-specific details for the card."""
@@ -32,21 +86,21 @@ class CompressionOutcome:
 
 
 class CompressionMethod:
-    """Base class: subclasses set `name`, `description` and implement `compress`."""
+    """Base class: subclasses set `name`, `description`, `options_class` and implement `compress`."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    # Option name -> one-line help. When a method declares its options, unknown ones (typos in
-    # `--option key=value`) are refused instead of silently ignored.
-    option_help: ClassVar[dict[str, str]] = {}
+    options_class: ClassVar[type[MethodOptions]] = MethodOptions
     # False for methods whose result is never a standard checkpoint, so `--out` is refused up front.
     produces_checkpoint: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.option_help)) if self.option_help else []
-        require(not unknown, f"method '{self.name}' has no option {', '.join(unknown)}; "
-                             f"its options: {', '.join(sorted(self.option_help))}")
-        self.options = options
+        self.options = options  # as given: what the compression card records
+        self.settings = self.options_class.from_dict(options, self.name)
+
+    @classmethod
+    def option_help(cls) -> dict[str, str]:
+        return cls.options_class.help()
 
     def compress(
         self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int

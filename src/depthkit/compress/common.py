@@ -10,6 +10,7 @@ blocks out so the checkpoint stays a plain Hugging Face model. Keeping them here
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from depthkit.compress.base import MethodOptions, option
 from depthkit.errors import require
 from depthkit.models.adapters import get_adapter
 from depthkit.models.blockwise import BlockContext, block_context, embed, logits_from_hidden, run_block
@@ -129,6 +131,17 @@ def count_parameters(model: PreTrainedModel) -> dict[str, int]:
         if bool(param.detach().any()):
             effective += param.numel()
     return {"total": total, "effective": effective}
+
+
+@dataclass
+class SearchOptions(MethodOptions):
+    """Options of the methods that search by re-running candidates on a few calibration sequences."""
+
+    selection_blocks: int = option(8, "calibration sequences used by the search (default 8; the first ones)")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.selection_blocks >= 1, f"selection_blocks must be >= 1, got {self.selection_blocks}")
 
 
 def selection_subset(calib_ids: torch.Tensor, max_sequences: int | None) -> torch.Tensor:

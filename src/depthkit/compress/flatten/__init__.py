@@ -9,54 +9,51 @@ calibration set, front to back with error propagation (`prune.py`, `channels.py`
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
+from depthkit.compress.base import option
+from depthkit.compress.common import SearchOptions
 from depthkit.compress.flatten.channels import CRITERIA
 from depthkit.compress.flatten.merge import QK_NORM_MODES, flatten_layers
 from depthkit.compress.flatten.prune import TARGETS, PruneSettings, flatten_and_prune, pruned_blocks
 from depthkit.compress.flatten.selection import ONE_PASS_SELECTIONS, SELECTIONS, one_pass_pairs, select_groups
-from depthkit.errors import DepthkitError, require
+from depthkit.errors import require
 from depthkit.models.adapters import get_adapter
 from depthkit.models.streaming import StreamingModel, StreamingWriter
 
 __all__ = [
-    "OPTION_HELP", "FlattenOptions", "flatten_gpt", "flatten_gpt_streaming", "flatten_layers", "select_groups",
+    "FlattenOptions", "flatten_gpt", "flatten_gpt_streaming", "flatten_layers", "select_groups",
     "flatten_and_prune",
 ]
 
 
 @dataclass
-class FlattenOptions:
-    """User options of the flatten methods (validated; strings from a CLI are converted)."""
+class FlattenOptions(SearchOptions):
+    """User options of the flatten methods (`selection_blocks`: the first N calibration sequences
+    choose the pairs; least squares uses all of them)."""
 
-    selection: str = "greedy"  # similarity | greedy
-    selection_blocks: int = 8  # the first N calibration blocks choose the pairs
-    shortlist: int = 8  # greedy: end-to-end loss only for this many candidates (0: all)
-    max_group: int = 2  # at most this many original blocks per flattened block
-    criterion: str = "ols"  # MLP neuron (and default head) criterion: magnitude | nystrom | ols
-    attn_criterion: str | None = None  # KV-group criterion, defaults to `criterion`
-    target: str = "sequential"  # ridge target: sequential | original | parallel
-    ridge: float = 1e-3  # ridge strength relative to the mean channel energy
-    batch_size: int = 8
-    qk_norm: str = "exact"  # Qwen3 q/k norms of different blocks: exact (refuse) | average
-    groups: list[list[int]] | None = field(default=None)  # skip selection: explicit groups of original indices
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> FlattenOptions:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - fields)
-        require(not unknown, f"unknown flatten option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-        opts = cls(**{name: _convert(name, value, getattr(cls, name, None)) for name, value in options.items()})
-        opts.validate()
-        return opts
+    selection: str = option("greedy", "pair selection: greedy (least calibration-loss increase, default) | local "
+                            "(flattening error) | similarity (input/output cosine); with --offload disk: local "
+                            "(default) | similarity, one pass")
+    shortlist: int = option(8, "greedy: candidates (smallest local flattening error) whose loss is measured; "
+                               "0 = all (default 8)")
+    max_group: int = option(2, "most original blocks flattened into one block (default 2)")
+    criterion: str = option("ols", "MLP neuron (and default KV-group) criterion: ols (default) | nystrom | magnitude")
+    attn_criterion: str | None = option(None, "KV-group criterion (defaults to criterion)")
+    target: str = option("sequential", "least-squares target: sequential (default) | original | parallel")
+    ridge: float = option(1e-3, "ridge strength relative to the mean channel energy (default 1e-3)")
+    qk_norm: str = option("exact", "Qwen3 blocks with different q/k norms: exact (refuse, default) | average "
+                                   "(approximate)")
+    groups: list[list[int]] | None = option(None, "explicit groups of original block indices, e.g. [[0],[1,2],...]: "
+                                                  "skips the selection")
 
     def validate(self) -> None:
+        super().validate()
         _choice("selection", self.selection, SELECTIONS)
         _choice("criterion", self.criterion, CRITERIA)
         if self.attn_criterion is not None:
@@ -64,7 +61,6 @@ class FlattenOptions:
         _choice("target", self.target, TARGETS)
         _choice("qk_norm", self.qk_norm, QK_NORM_MODES)
         require(self.ridge >= 0, f"ridge must be >= 0, got {self.ridge}")
-        require(self.selection_blocks >= 1 and self.batch_size >= 1, "selection_blocks and batch_size must be >= 1")
         require(self.shortlist >= 0, f"shortlist must be >= 0, got {self.shortlist}")
 
     def prune_settings(self) -> PruneSettings:
@@ -75,34 +71,6 @@ class FlattenOptions:
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     require(value in choices, f"{name} must be one of {', '.join(choices)}, got '{value}'")
-
-
-def _convert(name: str, value: Any, default: Any) -> Any:
-    """Options may arrive as strings (`--option ridge=1e-2`): convert numbers and JSON group lists."""
-    try:
-        if name == "groups" and isinstance(value, str):
-            return json.loads(value)
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
-            return type(default)(value)
-    except (TypeError, ValueError):
-        raise DepthkitError(f"flatten option {name}: cannot read {value!r}") from None
-    return value
-
-
-OPTION_HELP = {
-    "selection": "pair selection: greedy (least calibration-loss increase, default) | local (flattening error) | "
-                 "similarity (input/output cosine); with --offload disk: local (default) | similarity, one pass",
-    "selection_blocks": "calibration sequences used to choose the pairs (default 8, the first ones)",
-    "shortlist": "greedy: candidates (smallest local flattening error) whose loss is measured; 0 = all (default 8)",
-    "max_group": "most original blocks flattened into one block (default 2)",
-    "criterion": "MLP neuron (and default KV-group) criterion: ols (default) | nystrom | magnitude",
-    "attn_criterion": "KV-group criterion (defaults to criterion)",
-    "target": "least-squares target: sequential (default) | original | parallel",
-    "ridge": "ridge strength relative to the mean channel energy (default 1e-3)",
-    "batch_size": "calibration sequences per forward (default 8)",
-    "qk_norm": "Qwen3 blocks with different q/k norms: exact (refuse, default) | average (approximate)",
-    "groups": "explicit groups of original block indices, e.g. [[0],[1,2],...]: skips the selection",
-}
 
 
 def _check_groups(groups: list[list[int]], num_layers: int, num_remove: int) -> list[list[int]]:

@@ -17,12 +17,14 @@ Design choices, recorded on the compression card:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from depthkit.analysis.metrics import token_cosine
-from depthkit.compress.base import CompressionMethod, CompressionOutcome, register_method
+from depthkit.compress.base import CompressionMethod, CompressionOutcome, MethodOptions, option, register_method
 from depthkit.compress.common import lowest, num_blocks
 from depthkit.errors import require
 from depthkit.models.adapters import get_adapter
@@ -63,21 +65,23 @@ def zero_attention(model: PreTrainedModel, index: int) -> None:
             proj.bias.zero_()
 
 
+@dataclass
+class AttentionDropOptions(MethodOptions):
+    attention_per_block: float = option(2.0, "attention sublayers dropped per requested block (default 2)")
+
+
 @register_method("attn_drop")
 class AttentionDrop(CompressionMethod):
     description = "drop (zero) the attention sublayers closest to identity; depth and speed unchanged"
-    option_help = {
-        "attention_per_block": "attention sublayers dropped per requested block (default 2)",
-        "batch_size": "calibration sequences per forward (default 8)",
-    }
+    options_class = AttentionDropOptions
 
     def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
-        per_block = float(self.options.get("attention_per_block", 2))
+        per_block = self.settings.attention_per_block
         depth = num_blocks(model)
         count = round(per_block * num_remove)
         require(1 <= count < depth, f"attn_drop would drop {count} of {depth} attention sublayers "
                                     f"({per_block} per block x {num_remove}); lower attention_per_block or the ratio")
-        scores = attention_importance(model, calib_ids, int(self.options.get("batch_size", 8)))
+        scores = attention_importance(model, calib_ids, self.settings.batch_size)
         dropped = lowest(scores, count)
         for index in dropped:
             zero_attention(model, index)

@@ -10,17 +10,17 @@ from transformers import PreTrainedModel
 
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, register_method
 from depthkit.compress.common import selection_subset
-from depthkit.compress.flatten import OPTION_HELP, FlattenOptions, flatten_gpt, flatten_gpt_streaming
+from depthkit.compress.flatten import FlattenOptions, flatten_gpt, flatten_gpt_streaming
 from depthkit.models.streaming import StreamingModel, StreamingWriter
 
 
 class _FlattenBase(CompressionMethod):
     prune: ClassVar[bool] = True
-    option_help = OPTION_HELP
+    options_class = FlattenOptions
 
     def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
         """Pairs are chosen on the first `selection_blocks` sequences; least squares uses all of them."""
-        options = FlattenOptions.from_options(self.options)
+        options = self.settings
         selection_ids = selection_subset(calib_ids, options.selection_blocks)
         details = flatten_gpt(model, selection_ids, calib_ids, num_remove, options, prune=self.prune)
         return CompressionOutcome(details=details, saveable=self.prune)
@@ -38,7 +38,7 @@ class FlattenGPT(_FlattenBase):
     ) -> CompressionOutcome:
         """Pairs from one streamed scoring pass (selection `local` unless `similarity` is asked),
         then the same front-to-back flatten + prune, each block written as soon as it is done."""
-        options = FlattenOptions.from_options({"selection": "local"} | self.options)
+        options = FlattenOptions.from_dict({"selection": "local"} | self.options, self.name)
         details = flatten_gpt_streaming(source, selection_subset(calib_ids, options.selection_blocks),
                                         calib_ids, num_remove, options, writer)
         return CompressionOutcome(details=details)

@@ -26,6 +26,7 @@ parameter differences are not small, so summing them is destructive. Note that w
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,8 +34,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from depthkit.analysis.metrics import token_cosine
-from depthkit.compress.base import CompressionMethod, CompressionOutcome, register_method
+from depthkit.compress.base import CompressionMethod, CompressionOutcome, option, register_method
 from depthkit.compress.common import (
+    SearchOptions,
     calibration_context,
     capture_states,
     final_representation,
@@ -63,30 +65,31 @@ def rdsc_merge(base: nn.Module, others: list[nn.Module]) -> nn.Module:
     return merged
 
 
+@dataclass
+class LaCoOptions(SearchOptions):
+    layers_per_merge: int = option(2, "layers folded into one per merge, C (default 2)")
+    threshold: float = option(0.9, "minimum cosine of last-layer representations to accept a merge (default 0.9)")
+    relax: float = option(0.05, "threshold decrease per extra sweep when the target is not reached (default 0.05)")
+    interval: int = option(1, "blocks left untouched below an accepted merge (default 1)")
+    lowest_layer: int = option(1, "lowest layer a merge may start at (default 1)")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.layers_per_merge >= 1 and self.relax > 0 and self.interval >= 0 and self.lowest_layer >= 0,
+                "laco options: layers_per_merge >= 1, relax > 0, interval >= 0, lowest_layer >= 0")
+
+
 @register_method("laco")
 class LaCo(CompressionMethod):
     description = "LaCo layer collapse: merge runs of layers by adding parameter differences (RDSC)"
-    option_help = {
-        "layers_per_merge": "layers folded into one per merge, C (default 2)",
-        "threshold": "minimum cosine of last-layer representations to accept a merge (default 0.9)",
-        "relax": "threshold decrease per extra sweep when the target is not reached (default 0.05)",
-        "interval": "blocks left untouched below an accepted merge (default 1)",
-        "lowest_layer": "lowest layer a merge may start at (default 1)",
-        "selection_blocks": "calibration sequences used by the search (default 8)",
-        "batch_size": "calibration sequences per forward (default 8)",
-    }
+    options_class = LaCoOptions
 
     @torch.no_grad()
     def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
-        per_merge = int(self.options.get("layers_per_merge", 2))
-        threshold = float(self.options.get("threshold", 0.9))
-        relax = float(self.options.get("relax", 0.05))
-        interval = int(self.options.get("interval", 1))
-        lowest = int(self.options.get("lowest_layer", 1))
-        require(per_merge >= 1 and relax > 0 and interval >= 0 and lowest >= 0,
-                "laco options: layers_per_merge >= 1, relax > 0, interval >= 0, lowest_layer >= 0")
-        search = _Search(model, selection_subset(calib_ids, self.options.get("selection_blocks", 8)),
-                         int(self.options.get("batch_size", 8)))
+        opts = self.settings
+        per_merge, threshold, relax = opts.layers_per_merge, opts.threshold, opts.relax
+        interval, lowest = opts.interval, opts.lowest_layer
+        search = _Search(model, selection_subset(calib_ids, opts.selection_blocks), opts.batch_size)
         require(lowest + num_remove < search.depth(),
                 f"laco cannot remove {num_remove} blocks above lowest_layer {lowest} of {search.depth()}")
         thresholds = []

@@ -35,10 +35,9 @@ def _influences(blocks: Iterator[tuple[int, torch.Tensor, torch.Tensor]], total:
 @register_method("shortgpt")
 class ShortGPT(CompressionMethod):
     description = "drop the k blocks with the lowest block influence (1 - cos(in, out)), one shot"
-    option_help = {"batch_size": "calibration sequences per forward (default 8)"}
 
     def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
-        scores = block_influences(model, calib_ids, int(self.options.get("batch_size", 8)))
+        scores = block_influences(model, calib_ids, self.settings.batch_size)
         removed = remove_blocks(model, lowest(scores, num_remove))
         return CompressionOutcome({"removed_blocks": removed, "block_influence": scores})
 
@@ -46,7 +45,7 @@ class ShortGPT(CompressionMethod):
         self, source: StreamingModel, calib_ids: torch.Tensor, num_remove: int, writer: StreamingWriter
     ) -> CompressionOutcome:
         """The same scores from one streamed pass, then the kept blocks copied one at a time."""
-        blocks = source.iterate_blocks(calib_ids, int(self.options.get("batch_size", 8)))
+        blocks = source.iterate_blocks(calib_ids, self.settings.batch_size)
         scores = _influences(blocks, source.num_layers)
         removed = lowest(scores, num_remove)
         kept = [i for i in range(source.num_layers) if i not in removed]

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, register_method
 from depthkit.compress.common import (
+    SearchOptions,
     calibration_context,
     capture_states,
     lm_loss,
@@ -31,15 +32,12 @@ from depthkit.models.adapters import get_adapter
 @register_method("sleb")
 class SLEB(CompressionMethod):
     description = "greedy: repeatedly remove the block whose removal raises calibration loss least"
-    option_help = {
-        "selection_blocks": "calibration sequences used by the search (default 8; the first ones)",
-        "batch_size": "calibration sequences per forward (default 8)",
-    }
+    options_class = SearchOptions
 
     @torch.no_grad()
     def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
-        ids = selection_subset(calib_ids, self.options.get("selection_blocks", 8))
-        batch_size = int(self.options.get("batch_size", 8))
+        ids = selection_subset(calib_ids, self.settings.selection_blocks)
+        batch_size = self.settings.batch_size
         context = calibration_context(model, ids, batch_size)
         original = list(range(len(get_adapter(model).layers(model))))  # original index of each current block
         states = capture_states(model, ids, batch_size)
