@@ -39,6 +39,7 @@ from depthkit.data import DataSpec, token_blocks, token_stream  # noqa: E402
 from depthkit.errors import DepthkitError  # noqa: E402
 from depthkit.evaluate.perplexity import perplexity  # noqa: E402
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
+from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -178,9 +179,7 @@ def plot(rows: list[dict[str, Any]], path: Path, model: str) -> None:
     ax.set_ylabel("held-out perplexity (log)")
     ax.set_title(f"{model}: depth compression, held-out perplexity")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

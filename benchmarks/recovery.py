@@ -32,6 +32,7 @@ from depthkit.evaluate.perplexity import perplexity  # noqa: E402
 from depthkit.models.adapters import get_adapter  # noqa: E402
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.recover import RecoverySettings, recover  # noqa: E402
+from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -165,9 +166,7 @@ def plot_curve(card, base: tuple[float, int], path: Path) -> None:
     ax_ppl.axhline(base_ppl, color="gray", ls="--", label=f"original ({base_depth} blocks)")
     ax_ppl.set(xlabel="step", ylabel="held-out perplexity", title="held-out perplexity")
     ax_ppl.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

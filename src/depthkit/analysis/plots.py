@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from depthkit.analysis.redundancy import RedundancyReport  # noqa: E402
+from depthkit.analysis.redundancy import RedundancyReport
+from depthkit.utils.figures import plt, save_figure
 
 
 def plot_cka(report: RedundancyReport, path: Path, title: str = "") -> Path:
@@ -19,7 +15,7 @@ def plot_cka(report: RedundancyReport, path: Path, title: str = "") -> Path:
     ax.set_ylabel("hidden state")
     ax.set_title(title or "linear CKA between layers")
     fig.colorbar(image, ax=ax, label="CKA")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_depth_curves(report: RedundancyReport, path: Path, title: str = "") -> Path:
@@ -37,11 +33,4 @@ def plot_depth_curves(report: RedundancyReport, path: Path, title: str = "") -> 
     right.legend()
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

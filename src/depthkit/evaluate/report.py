@@ -216,10 +216,7 @@ def _speed_section(records: list[dict]) -> list[str]:
 # -- charts --------------------------------------------------------------------------------------
 def _grouped_bars(groups: list[str], series: dict[str, list[float | None]], ylabel: str, title: str, path: Path,
                   chance: list[float] | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from depthkit.utils.figures import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(series)) / 2 + 2), 4))
     width = 0.8 / max(len(series), 1)
@@ -233,9 +230,7 @@ def _grouped_bars(groups: list[str], series: dict[str, list[float | None]], ylab
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _accuracy_chart(records: list[dict], path: Path) -> bool:
