@@ -5,18 +5,20 @@
 
 Every run is its own subprocess (so peaks do not mix), reporting its peak resident memory (VmHWM):
 - `baseline`: imports, tokenizer and calibration tokens only (what any mode pays anyway);
-- `loaded`: `from_pretrained` (bf16) + `depthkit.compress(..., "flatten", selection="local")` +
-  `save_compressed`: the in-memory path (iterative pair selection);
+- `loaded`: `from_pretrained` (bf16) + `depthkit.compress(...)` + `save_compressed`: the in-memory
+  path (FlattenGPT with iterative `local` pair selection);
 - `streaming`: `compress_checkpoint(...)`, i.e. `depthkit compress --offload disk`: blocks read one
-  at a time from the safetensors files, pairs scored in one pass, new blocks written as produced.
-Both remove 20% of the blocks. For the default model the held-out perplexity of both results is
-measured too (after the peak is recorded), so the cost of one-pass selection is visible.
+  at a time from the safetensors files (FlattenGPT: pairs scored in one pass), new blocks written
+  as produced.
+Both remove 20% of the blocks, with FlattenGPT and with ShortGPT (whose only working memory is the
+calibration activations, so it shows the streaming overhead alone). For the default model the
+held-out perplexity of both results is measured too (after the peak is recorded).
 
 The simulated larger model is a randomly initialised LLaMA (hidden 2048, MLP 5632, 40 blocks,
 32 heads / 4 KV heads, vocab 49152, untied head: ~2.0B parameters, 3.9 GB in bf16) written block
 by block with `StreamingWriter`. To show "larger than memory" on a 24 GiB machine, both paths
-run under a cgroup memory limit (`--limit-gib`, default 3) SMALLER than the model's weights:
-the same ratio as a ~16B model (32 GB in bf16) on this machine. The loaded path is expected to be
+run under a cgroup memory limit (`--limit-gib`, default 3.5) SMALLER than the model's weights:
+about the ratio of a 12B model (24 GB in bf16) to this machine. The loaded path is expected to be
 killed by the limit; the streaming path must finish. Without cgroup v1 access the limit is skipped
 (and said so). Writes benchmarks/results/memory.{json,md}.
 """
@@ -58,13 +60,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--large-layers", type=int, default=40, help="blocks of the simulated model")
     parser.add_argument("--large-criterion", default="magnitude",
                         help="channel criterion on the large model (ols on 11,264 neurons is slow on 2 cores)")
-    parser.add_argument("--limit-gib", type=float, default=3.0, help="cgroup memory limit for the large model")
+    parser.add_argument("--limit-gib", type=float, default=3.5, help="cgroup memory limit for the large model")
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--criterion", default="ols", help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="flatten", help=argparse.SUPPRESS)
     parser.add_argument("--eval", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -76,7 +79,7 @@ def child(args: argparse.Namespace) -> None:
     began = time.perf_counter()
     tokenizer = load_tokenizer(DEFAULT)  # the simulated model shares the default model's vocabulary
     ids = token_blocks(tokenizer, CALIB, args.blocks, args.block_len)
-    options = {"selection": "local", "criterion": args.criterion}
+    options = {"selection": "local", "criterion": args.criterion} if args.method == "flatten" else {}
     result: dict = {"mode": args.child}
     if args.child == "loaded":
         from transformers import AutoModelForCausalLM
@@ -84,14 +87,14 @@ def child(args: argparse.Namespace) -> None:
         from depthkit.compress.api import compress, save_compressed
 
         model = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16, attn_implementation="sdpa")
-        report = compress(model.eval(), "flatten", ratio=args.ratio, calib_ids=ids, **options)
+        report = compress(model.eval(), args.method, ratio=args.ratio, calib_ids=ids, **options)
         save_compressed(model, None, args.out, report)
-        result["groups"] = report.details["flattened_groups"]
+        result["blocks"] = report.details.get("flattened_groups") or report.details.get("removed_blocks")
     elif args.child == "streaming":
         from depthkit.compress.api import compress_checkpoint
 
-        report = compress_checkpoint(args.folder, args.out, "flatten", ratio=args.ratio, calib_ids=ids, **options)
-        result["groups"] = report.details["flattened_groups"]
+        report = compress_checkpoint(args.folder, args.out, args.method, ratio=args.ratio, calib_ids=ids, **options)
+        result["blocks"] = report.details.get("flattened_groups") or report.details.get("removed_blocks")
     result |= {"seconds": time.perf_counter() - began, **peak_memory_mb()}
     if args.eval and args.child != "baseline":
         result["held_out_ppl"] = held_out_perplexity(args.out, tokenizer)
@@ -124,10 +127,10 @@ def memory_cgroup(limit_bytes: int) -> Path | None:
 
 
 def run_child(mode: str, folder: Path, out: Path, blocks: int, args: argparse.Namespace,
-              criterion: str, evaluate: bool, cgroup: Path | None) -> dict:
+              method: str, criterion: str, evaluate: bool, cgroup: Path | None) -> dict:
     command = [sys.executable, __file__, "--child", mode, "--folder", str(folder), "--out", str(out),
                "--blocks", str(blocks), "--block-len", str(args.block_len), "--ratio", str(args.ratio),
-               "--criterion", criterion] + (["--eval"] if evaluate else [])
+               "--method", method, "--criterion", criterion] + (["--eval"] if evaluate else [])
     command += ["--threads", str(args.threads)] if args.threads else []
     join = (lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))) if cgroup else None
     began = time.perf_counter()
@@ -141,16 +144,16 @@ def run_child(mode: str, folder: Path, out: Path, blocks: int, args: argparse.Na
     return json.loads(done.stdout.strip().splitlines()[-1]) | {"killed": False}
 
 
-def measure(folder: Path, blocks: int, args: argparse.Namespace, criterion: str, evaluate: bool,
+def measure(folder: Path, blocks: int, args: argparse.Namespace, method: str, criterion: str, evaluate: bool,
             cgroup: Path | None = None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="depthkit-memory-out-") as tmp:
         for mode in MODES:
-            row = run_child(mode, folder, Path(tmp) / mode, blocks, args, criterion, evaluate, cgroup)
-            rows.append(row)
+            row = run_child(mode, folder, Path(tmp) / mode, blocks, args, method, criterion, evaluate, cgroup)
+            rows.append(row | {"method": method})
             peak = row.get("vmhwm_mb", row.get("ru_maxrss_mb"))
             status = row.get("error") or f"peak {peak:.0f} MiB"
-            print(f"  {mode}: {status}, {row['seconds']:.1f} s", flush=True)
+            print(f"  {method} {mode}: {status}, {row['seconds']:.1f} s", flush=True)
     return rows
 
 
@@ -200,11 +203,12 @@ def summarise(name: str, params: int, rows: list[dict], tokens: str, limit: str)
         row = by_mode[mode]
         peak = row.get("vmhwm_mb")
         out.append({
-            "model": name, "params (M)": params / 1e6, "calibration": tokens, "memory limit": limit, "mode": mode,
+            "model": name, "params (M)": params / 1e6, "calibration": tokens, "memory limit": limit,
+            "method": row["method"], "mode": mode,
             "result": row.get("error") or "compressed", "peak RSS (MiB)": peak,
             "above baseline (MiB)": peak - base if peak is not None and base is not None else None,
             "seconds": row["seconds"], "held-out ppl": row.get("held_out_ppl"),
-            "flattened pairs": row.get("groups"),
+            "blocks merged or removed": row.get("blocks"),
         })
     return out
 
@@ -216,10 +220,11 @@ def main() -> None:
         return
     table, raw = [], {}
     folder = default_model_dir()
-    print(f"default model ({folder}), FlattenGPT at ratio {args.ratio}", flush=True)
-    raw["default"] = measure(folder, args.blocks, args, "ols", evaluate=True)
+    print(f"default model ({folder}), ratio {args.ratio}", flush=True)
     params = StreamingModel.open(folder).parameter_count()
-    table += summarise(DEFAULT, params, raw["default"], f"{args.blocks}x{args.block_len}", "none")
+    for method in ("flatten", "shortgpt"):
+        raw[f"default_{method}"] = measure(folder, args.blocks, args, method, "ols", evaluate=True)
+        table += summarise(DEFAULT, params, raw[f"default_{method}"], f"{args.blocks}x{args.block_len}", "none")
     if not args.skip_large:
         with tempfile.TemporaryDirectory(prefix="depthkit-large-") as tmp:
             print(f"writing the simulated {args.large_layers}-block model (block by block)", flush=True)
@@ -230,8 +235,8 @@ def main() -> None:
             limit = f"{args.limit_gib:g} GiB (cgroup)" if cgroup else "none (no cgroup access)"
             print(f"  {large_params / 1e9:.2f}B parameters; memory limit: {limit}", flush=True)
             try:
-                raw["large"] = measure(Path(tmp) / "llama-large", args.large_blocks, args, args.large_criterion,
-                                       evaluate=False, cgroup=cgroup)
+                raw["large"] = measure(Path(tmp) / "llama-large", args.large_blocks, args, "flatten",
+                                       args.large_criterion, evaluate=False, cgroup=cgroup)
             finally:
                 if cgroup:
                     cgroup.rmdir()
@@ -241,16 +246,16 @@ def main() -> None:
               "machine": f"{platform.machine()}, torch {torch.__version__}, threads {args.threads or 'default'}"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "memory.json", result)
-    columns = ["model", "params (M)", "calibration", "memory limit", "mode", "result", "peak RSS (MiB)",
+    columns = ["model", "params (M)", "calibration", "memory limit", "method", "mode", "result", "peak RSS (MiB)",
                "above baseline (MiB)", "seconds", "held-out ppl"]
     text = format_table(table, columns)
     (RESULTS / "memory.md").write_text(
-        f"# Peak memory of FlattenGPT compression (ratio {args.ratio}): streaming vs loaded\n\n"
+        f"# Peak memory of depth compression (ratio {args.ratio}): streaming vs loaded\n\n"
         f"Each row is a separate process. Calibration: {CALIB.describe()}; held-out: {HELD_OUT.describe()} "
         "(20 x 512 tokens). Peak RSS is VmHWM; the baseline process (imports, tokenizer, tokens) is subtracted in "
-        "'above baseline'. `loaded` = `from_pretrained` + in-memory FlattenGPT (iterative local selection) + "
-        "save; `streaming` = `depthkit compress --offload disk` (one-pass local selection, blocks read and written "
-        "one at a time).\n\n" + text + "\n")
+        "'above baseline'. `loaded` = `from_pretrained` + in-memory compression (FlattenGPT: iterative local "
+        "selection) + save; `streaming` = `depthkit compress --offload disk` (FlattenGPT: one-pass local selection; "
+        "blocks read and written one at a time).\n\n" + text + "\n")
     print(text)
 
 

@@ -28,7 +28,7 @@ CARD_JSON = "compression_card.json"
 CARD_MD = "compression_card.md"
 # Shard size of checkpoints written by `compress_checkpoint`: the writer buffers one shard, so
 # this is part of the streaming path's fixed memory overhead.
-SHARD_BYTES = 256 * 2**20
+SHARD_BYTES = 64 * 2**20
 
 
 @dataclass

@@ -79,15 +79,27 @@ class BlockRunner:
         return attn_sum, hidden
 
 
-def capture_input(module: nn.Module, run) -> torch.Tensor:
-    """The input of `module` during `run()` (e.g. the channels entering o_proj / down_proj)."""
-    seen: list[torch.Tensor] = []
-    handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+def gram_of_input(module: nn.Module, run, target: torch.Tensor) -> GramAccumulator:
+    """Gram statistics of the channels entering `module` (e.g. o_proj, down_proj) during `run()`,
+    against `target` (sequences first, in the order `run` processes them).
+
+    Accumulated call by call, so the wide channel activations of all calibration tokens never
+    exist at once: memory is one batch of them plus C and R.
+    """
+    gram, seen = GramAccumulator(), [0]
+
+    def add(_module, args) -> None:
+        rows = args[0].shape[0]
+        gram.add(args[0].detach(), target[seen[0] : seen[0] + rows])
+        seen[0] += rows
+
+    handle = module.register_forward_pre_hook(add)
     try:
         run()
     finally:
         handle.remove()
-    return torch.cat(seen)
+    require(seen[0] == target.shape[0], f"saw {seen[0]} sequences for a target of {target.shape[0]}")
+    return gram
 
 
 def _refit(linear: nn.Linear, gram: GramAccumulator, rows: torch.Tensor, lam: float) -> None:
@@ -126,11 +138,9 @@ class GroupPruner:
 
     def prune_attention(self, wide: nn.Module, x: torch.Tensor, attn_target: torch.Tensor) -> dict:
         parts = self.adapter.block(wide)
-        z = capture_input(parts.o_proj, lambda: self.runner.attention(wide, x))
-        gram = GramAccumulator()
-        gram.add(z, attn_target - _bias(parts.o_proj))
+        gram = gram_of_input(parts.o_proj, lambda: self.runner.attention(wide, x), attn_target - _bias(parts.o_proj))
         group_cols = self.heads_per_group * self.head_dim
-        units = [torch.arange(g * group_cols, (g + 1) * group_cols) for g in range(z.shape[-1] // group_cols)]
+        units = [torch.arange(g * group_cols, (g + 1) * group_cols) for g in range(gram.C.shape[0] // group_cols)]
         lam = ridge_lambda(gram.C, self.settings.ridge)
         criterion = self.settings.attn_criterion or self.settings.criterion
         kept = select_units(gram.C, gram.R, parts.o_proj.weight, units, self.kv_groups, criterion, lam)
@@ -144,10 +154,8 @@ class GroupPruner:
 
     def prune_mlp(self, wide: nn.Module, y: torch.Tensor, mlp_target: torch.Tensor) -> dict:
         parts = self.adapter.block(wide)
-        z = capture_input(parts.down_proj, lambda: self.runner.mlp(wide, y))
-        gram = GramAccumulator()
-        gram.add(z, mlp_target - _bias(parts.down_proj))
-        units = list(torch.arange(z.shape[-1]).unsqueeze(1))
+        gram = gram_of_input(parts.down_proj, lambda: self.runner.mlp(wide, y), mlp_target - _bias(parts.down_proj))
+        units = list(torch.arange(gram.C.shape[0]).unsqueeze(1))
         lam = ridge_lambda(gram.C, self.settings.ridge)
         kept = torch.tensor(
             select_units(gram.C, gram.R, parts.down_proj.weight, units, self.neurons, self.settings.criterion, lam)
