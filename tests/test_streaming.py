@@ -137,3 +137,12 @@ def test_streaming_smollm2_equals_loaded_model(smollm2):
     stream = StreamingModel.open(default_model_dir(), dtype="bfloat16")
     assert stream.num_layers == 30
     torch.testing.assert_close(streamed_logits(stream, ids), model(ids).logits, atol=0, rtol=0)
+
+
+def test_freed_memory_goes_back_to_the_os_on_glibc():
+    import platform
+
+    from depthkit.models.streaming import return_freed_memory_to_os
+
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert return_freed_memory_to_os() is expected

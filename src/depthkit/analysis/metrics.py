@@ -13,9 +13,15 @@ import torch
 import torch.nn.functional as F
 
 
-def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity per token of two (..., dim) tensors, flattened to one vector."""
-    return F.cosine_similarity(a.float().reshape(-1, a.shape[-1]), b.float().reshape(-1, b.shape[-1]), dim=-1)
+def token_cosine(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Cosine similarity per token of two (..., dim) tensors, flattened to one vector.
+
+    Computed in float32 `chunk` tokens at a time: float copies of all calibration activations
+    would cost several times the bf16 activations themselves.
+    """
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    return torch.cat([F.cosine_similarity(a[i : i + chunk].float(), b[i : i + chunk].float(), dim=-1)
+                      for i in range(0, a.shape[0], chunk)])
 
 
 def block_influence(block_input: torch.Tensor, block_output: torch.Tensor) -> float:

@@ -126,12 +126,13 @@ def compress_checkpoint(
     compresses on one device. `out` appears only once complete, with its compression card.
     """
     from depthkit.models.loading import load_tokenizer, resolve_model_path
-    from depthkit.models.streaming import StreamingModel, StreamingWriter, peak_memory_mb
+    from depthkit.models.streaming import StreamingModel, StreamingWriter, peak_memory_mb, return_freed_memory_to_os
 
     runner = get_method(method, **method_options)
     require(runner.streams(), f"method '{method}' needs the whole model in memory; --offload disk works with: "
                               + ", ".join(streaming_methods()))
     check_output_dir(out, overwrite)
+    return_freed_memory_to_os()
     folder = resolve_model_path(str(model))
     source = StreamingModel.open(folder, device=device, dtype=dtype)
     num_remove = blocks_to_remove(source.num_layers, ratio, target_layers)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import json
 import math
 import os
@@ -366,6 +367,24 @@ class StreamingWriter:
         config = self._skeleton.config
         config.dtype = self._written_dtype or config.dtype  # what the files hold, so loads need no cast
         config.save_pretrained(self._tmp)
+
+
+def return_freed_memory_to_os(threshold: int = 64 * 2**10) -> bool:
+    """Ask glibc to serve allocations above `threshold` bytes with their own mappings.
+
+    Block-by-block work allocates and frees activation-sized tensors over and over; from the
+    default heap, freed chunks stay resident (fragmentation: about 100 MiB in the memory benchmark
+    on SmolLM2), so the peak creeps above what is live. Own mappings go back to the OS on free.
+    Returns False (and changes nothing) where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 
 
 def peak_memory_mb() -> dict[str, float]:
