@@ -3,6 +3,8 @@ plan, connector, relaxed conversion, KV-cached generation, early exit, losses an
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -253,6 +255,21 @@ def test_training_reduces_the_loss():
                    progress=False)
     first, last = result.evaluations[0]["perplexity"], result.evaluations[-1]["perplexity"]
     assert len(first) == 2 and last[-1] < first[-1]
+
+
+def test_training_checkpoints_reload(tmp_path):
+    model = RecursiveModel.wrap(tiny_model("qwen3"), num_loops=2)
+    blocks = ids(8, 16)
+    settings = TrainSettings(steps=3, loops=2, batch_size=4, lr=1e-2, connector_lr=1e-2, mixed_precision="no",
+                             checkpoint_every=2, checkpoint_dir=str(tmp_path / "ck"))
+    result = train(model, blocks, None, settings, progress=False)
+    assert [Path(c).name for c in result.checkpoints] == ["step-2", "step-3"]  # every 2 steps and at the end
+    reloaded = RecursiveModel.from_pretrained(result.checkpoints[-1])
+    torch.testing.assert_close(reloaded(blocks, 2).logits, model(blocks, 2).logits, atol=0, rtol=0)
+    assert not torch.equal(RecursiveModel.from_pretrained(result.checkpoints[0])(blocks, 2).logits,
+                           model(blocks, 2).logits)
+    with pytest.raises(DepthkitError, match="checkpoint_dir"):
+        train(model, blocks, None, TrainSettings(steps=1, checkpoint_every=1), progress=False)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)

@@ -4,7 +4,9 @@ The loop is plain PyTorch wrapped by `Accelerator`, so the same code runs on one
 several (DDP/FSDP) depending on how it is launched (`accelerate launch` + its config).
 Weights stay float32 and `mixed_precision="bf16"` autocasts the matmuls: bf16 weights cannot
 hold small Adam updates. Held-out perplexity of EVERY step 1..R is measured every `eval_every`
-optimizer steps, because a recursive model is only useful if all depths are good.
+optimizer steps, because a recursive model is only useful if all depths are good. With
+`checkpoint_every`, the model is saved every so many steps (and at the end) as a reloadable
+`RecursiveModel.save_pretrained` folder (safetensors), so a long run is never lost to a crash.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -50,6 +53,8 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     mixed_precision: str = "bf16"
     seed: int = 0
+    checkpoint_every: int = 0  # save every N optimizer steps and at the end (0 = never)
+    checkpoint_dir: str | None = None  # checkpoints go to <checkpoint_dir>/step-<N>
 
     def validate(self) -> None:
         require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
@@ -61,6 +66,8 @@ class TrainSettings:
         require(not unknown, f"unknown trainable part {unknown}; choose from {', '.join(PARTS)}")
         require(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
         require(self.mixed_precision in ("no", "bf16", "fp16"), "mixed precision must be no, bf16 or fp16")
+        require(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        require(self.checkpoint_every == 0 or self.checkpoint_dir, "checkpoint_every needs a checkpoint_dir")
 
 
 @dataclass
@@ -70,6 +77,7 @@ class TrainResult:
     evaluations: list[dict] = field(default_factory=list)
     trainable_parameters: int = 0
     seconds: float = 0.0
+    checkpoints: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,6 +153,13 @@ def train(model: RecursiveModel, train_blocks: torch.Tensor, eval_blocks: torch.
             result.evaluations.append({"step": step, "perplexity": ppl})
             bar.write(f"step {step}: held-out perplexity per recursion step " + ", ".join(f"{p:.2f}" for p in ppl))
 
+    def save_checkpoint(step: int) -> None:
+        if settings.checkpoint_every and (step % settings.checkpoint_every == 0 or step == settings.steps):
+            if accelerator.is_main_process:
+                folder = model.save_pretrained(Path(settings.checkpoint_dir) / f"step-{step}", overwrite=True)
+                result.checkpoints.append(str(folder))
+            accelerator.wait_for_everyone()
+
     bar = tqdm(total=settings.steps, desc="recursive train", unit="step", disable=not progress)
     evaluate(0)
     prepared.train()
@@ -172,6 +187,7 @@ def train(model: RecursiveModel, train_blocks: torch.Tensor, eval_blocks: torch.
         if step % settings.eval_every == 0 or step == settings.steps:
             evaluate(step)
             prepared.train()
+        save_checkpoint(step)
     bar.close()
     accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # drop the autocast forward wrapper
     model.eval()
