@@ -5,14 +5,22 @@ One command (`python benchmarks/recursive_vlm.py`):
 1. the offline VQA set (MNIST, sklearn digits, digit pairs, scikit-image photos); frozen
    EfficientNet-Lite0 features of every image computed once and cached;
 2. stage 1: the projector alone on a truncated SmolLM2-135M-Instruct (first N layers), R = 1;
-3. stage 2 from the same stage-1 projector, with the same budget (steps x batch, same batches):
+3. stage 2 from the same stage-1 projector, with the same budget (steps x batch, same batches in the
+   same order, same LoRA start):
    standard (R = 1), vanilla recursion (R = 3, last hidden fed back, loss at the last step),
    RecursiveVLM with a shared connector and with a modality-specific connector (R = 3,
    Monotonic Recursion Loss); every variant trains the projector and a rank-r LoRA shared by
    all loops, the LLM itself stays frozen;
 4. held-out accuracy and answer perplexity at every step 1..3, hidden-state norm and linear CKA
-   with the input embeddings of each step's input, per modality.
+   with the input embeddings of each step's input, per modality; the issue's targets checked.
 Writes benchmarks/results/recursive_vlm.{json,md}, recursive_vlm_accuracy.png, recursive_vlm_norm_cka.png.
+
+The defaults are the recorded run: first 4 of SmolLM2's 30 layers, stage 1 300 steps, stage 2
+600 steps x batch 8 per variant, the whole held-out split scored (861 examples). With
+`OMP_NUM_THREADS=1` on the 2-core development CPU, shared with another benchmark, it took
+60 minutes: stage 1 2 min, stage 2 5 min for the standard model and 14-19 min for each R = 3
+variant (a step at R = 3 costs 3-4x a step at R = 1: three passes, three decodes, the connector),
+evaluation about 1 min per variant. `--steps` scales the stage-2 time linearly.
 """
 
 from __future__ import annotations
@@ -35,13 +43,13 @@ from depthkit.vlm.evaluate import evaluate_steps, representation_stats  # noqa: 
 from depthkit.vlm.model import build_vlm  # noqa: E402
 from depthkit.vlm.train import TrainSettings, train_stage1, train_stage2  # noqa: E402
 
+STANDARD, VANILLA = "standard (R=1)", "vanilla recursive"
+SHARED, SPECIFIC = "RecursiveVLM shared connector", "RecursiveVLM modality-specific"
 VARIANTS = {
-    "standard (R=1)": dict(num_loops=1, feedback="vanilla", loss="sum"),
-    "vanilla recursive": dict(num_loops=3, feedback="vanilla", loss="last"),
-    "RecursiveVLM shared connector": dict(num_loops=3, feedback="connector", modality_specific=False,
-                                          loss="monotonic"),
-    "RecursiveVLM modality-specific": dict(num_loops=3, feedback="connector", modality_specific=True,
-                                           loss="monotonic"),
+    STANDARD: dict(num_loops=1, feedback="vanilla", loss="sum"),
+    VANILLA: dict(feedback="vanilla", loss="last"),  # recursive variants train at R = --loops
+    SHARED: dict(feedback="connector", modality_specific=False, loss="monotonic"),
+    SPECIFIC: dict(feedback="connector", modality_specific=True, loss="monotonic"),
 }
 
 
@@ -50,18 +58,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--num-layers", type=int, default=4, help="LLM layers kept (truncated for CPU time)")
     parser.add_argument("--loops", type=int, default=3, help="steps evaluated (and trained by recursive variants)")
-    parser.add_argument("--stage1-steps", type=int, default=60)
-    parser.add_argument("--steps", type=int, default=60, help="stage-2 steps per variant")
+    parser.add_argument("--stage1-steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600, help="stage-2 steps per variant")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--beta", type=float, default=2.0)
-    parser.add_argument("--eval-examples", type=int, default=240, help="held-out examples scored per variant")
+    parser.add_argument("--beta", type=float, default=2.0, help="Monotonic Recursion Loss penalty (1 = plain sum)")
+    parser.add_argument("--scale-init", type=float, default=0.0, help="initial residual scale of the connector")
+    parser.add_argument("--eval-examples", type=int, default=0,
+                        help="held-out examples scored per variant (0 = the whole held-out split)")
     parser.add_argument("--stats-examples", type=int, default=32, help="held-out examples for norm/CKA")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results")
-    return parser.parse_args()
+    args = parser.parse_args()
+    unknown = [name for name in args.variants.split(",") if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant '{unknown[0]}'; choose from: {', '.join(VARIANTS)}")
+    return args
 
 
 def main() -> None:
@@ -72,23 +86,28 @@ def main() -> None:
     features = dataset_features(dataset)
     vlm = build_vlm(args.model, args.num_layers, with_encoder=False)
     train_set = VQABatches(vlm, dataset, "train", features)
-    heldout = VQABatches(vlm, dataset, "heldout", features, limit=args.eval_examples)
+    heldout = VQABatches(vlm, dataset, "heldout", features, limit=args.eval_examples or None)
     stats_set = VQABatches(vlm, dataset, "heldout", features, limit=args.stats_examples)
     stage1 = train_stage1(vlm, train_set, TrainSettings(args.stage1_steps, args.batch_size, args.lr, loss="sum",
                                                         seed=args.seed))
     aligned = copy.deepcopy(vlm.projector.state_dict())
-    results = {"settings": vars(args), "dataset": {"train": len(train_set), "heldout_scored": len(heldout),
-                                                   "config": dataset.config.__dict__},
-               "stage1": {"seconds": stage1.seconds, "final_loss": stage1.losses[-1]}, "variants": {}}
-    stage1_quality = evaluate_steps(vlm, heldout, 1)
-    results["stage1"]["heldout_accuracy"] = stage1_quality[0].accuracy
+    (stage1_quality,) = evaluate_steps(vlm, heldout, 1)
+    results = {"settings": {**vars(args), "torch_threads": torch.get_num_threads()},
+               "dataset": {"train": len(train_set), "heldout_scored": len(heldout), "config": dataset.config.__dict__},
+               "stage1": {"seconds": stage1.seconds, "final_loss": stage1.losses[-1],
+                          "heldout_accuracy": stage1_quality.accuracy, "perplexity": stage1_quality.perplexity},
+               "variants": {}}
+    torch.manual_seed(args.seed + 1)
+    lora_init = copy.deepcopy(vlm.make_recursive(1, "vanilla", lora_rank=args.lora_rank).adapters.state_dict())
     for name in args.variants.split(","):
-        spec = dict(VARIANTS[name])
+        spec = {"num_loops": args.loops, **VARIANTS[name]}
+        if spec["feedback"] == "connector":
+            spec["scale_init"] = args.scale_init
         vlm.projector.load_state_dict(aligned)
         settings = TrainSettings(args.steps, args.batch_size, args.lr, loss=spec.pop("loss"), beta=args.beta,
-                                 seed=args.seed + 1)
-        torch.manual_seed(args.seed + 1)  # same LoRA initialisation for every variant
-        log = train_stage2(vlm, train_set, settings, lora_rank=args.lora_rank, desc=name, **spec)
+                                 seed=args.seed + 1)  # the same batches, in the same order, for every variant
+        log = train_stage2(vlm, train_set, settings, lora_rank=args.lora_rank, desc=name, lora_init=lora_init,
+                           **spec)
         quality = evaluate_steps(vlm, heldout, args.loops)
         stats = representation_stats(vlm, stats_set, args.loops, max_examples=args.stats_examples)
         results["variants"][name] = {
@@ -96,9 +115,42 @@ def main() -> None:
             "final_step_losses": log.step_losses[-1],
             "steps": [q.__dict__ for q in quality], "representation": stats,
         }
+        if vlm.recursive.connector is not None:  # per modality (text, vision): how much of the feedback is used
+            results["variants"][name]["connector_scale"] = vlm.recursive.connector.scale.tolist()
         print(format_table([_row(name, q) for q in quality]))
+        results["targets"] = check_targets(results["variants"])
         results["total_seconds"] = time.perf_counter() - start
         write_outputs(results, Path(args.out))  # after every variant: a long run leaves usable results
+
+
+def check_targets(variants: dict) -> list[dict]:
+    """The issue's targets, checked on the measured accuracies (only for the variants that ran).
+
+    (a) every RecursiveVLM variant at each step r >= 2 beats the standard model (its one step) and
+        vanilla recursion at the same step, and its accuracy never falls from step r-1 to r;
+    (b) the modality-specific connector at least matches the shared one at every step.
+    """
+    accuracy = {name: [s["accuracy"] for s in v["steps"]] for name, v in variants.items()}
+    rows = []
+
+    def add(target: str, variant: str, step: int, value: float, reference: float) -> None:
+        rows.append({"target": target, "variant": variant, "step": step, "accuracy": value,
+                     "reference": reference, "difference": value - reference, "met": value >= reference
+                     if target.startswith("(b)") else value > reference})
+
+    for name in (SHARED, SPECIFIC):
+        for step in range(2, len(accuracy.get(name, [])) + 1):
+            value = accuracy[name][step - 1]
+            if STANDARD in accuracy:
+                add("(a) above standard R=1", name, step, value, accuracy[STANDARD][0])
+            if VANILLA in accuracy:
+                add("(a) above vanilla, same step", name, step, value, accuracy[VANILLA][step - 1])
+            add("(a) not below step r-1", name, step, value, accuracy[name][step - 2])
+            rows[-1]["met"] = value >= accuracy[name][step - 2]
+    if SHARED in accuracy and SPECIFIC in accuracy:
+        for step, (specific, shared) in enumerate(zip(accuracy[SPECIFIC], accuracy[SHARED]), start=1):
+            add("(b) specific >= shared", SPECIFIC, step, specific, shared)
+    return rows
 
 
 def _row(name: str, quality) -> dict:
@@ -115,25 +167,44 @@ def write_outputs(results: dict, out: Path) -> None:
                 for name, v in results["variants"].items() for modality, steps in v["representation"].items()
                 for s in steps]
     s = results["settings"]
+    n = results["dataset"]["heldout_scored"]
     lines = [
         "# Recursive VLM (EfficientNet-Lite0 + SmolLM2-135M-Instruct, first "
         f"{s['num_layers']} layers), CPU",
         "",
         f"Held-out examples scored: {results['dataset']['heldout_scored']} (train set {results['dataset']['train']}). "
-        f"Stage 1: {s['stage1_steps']} steps (held-out accuracy {results['stage1']['heldout_accuracy']:.4f}); "
-        f"stage 2: {s['steps']} steps x batch {s['batch_size']} per variant, LoRA rank {s['lora_rank']}, "
-        f"beta {s['beta']}. Total {results['total_seconds'] / 60:.1f} min.",
+        f"Stage 1 (projector only, LLM frozen): {s['stage1_steps']} steps, held-out accuracy "
+        f"{results['stage1']['heldout_accuracy']:.4f}, answer perplexity {results['stage1']['perplexity']:.4g}; "
+        "every variant's stage 2 starts from this projector.",
+        "",
+        f"Stage 2: {s['steps']} steps x batch {s['batch_size']} per variant, the same batches in the same order "
+        f"and the same LoRA start (rank {s['lora_rank']}) for every variant, lr {s['lr']}, beta {s['beta']}, "
+        f"connector scale init {s.get('scale_init', 0.0)}. "
+        f"{s['torch_threads']} CPU thread(s); total {results['total_seconds'] / 60:.1f} min.",
         "",
         "## Held-out answer accuracy and answer perplexity per recursion step",
         "",
         format_table(rows),
         "",
+        f"Steps 2+ of {STANDARD}: the one-pass model looped with vanilla feedback, never trained to loop.",
+        "",
         "## Step inputs: mean norm and linear CKA with the input embeddings, per modality",
         "",
         format_table(rep_rows),
         "",
-        "Train seconds per variant: " + ", ".join(f"{n}: {v['train_seconds']:.0f}"
-                                                    for n, v in results["variants"].items()),
+        "Train seconds (trainable parameters) per variant: " + ", ".join(
+            f"{n}: {v['train_seconds']:.0f} s ({v['trainable_parameters']:,})" for n, v in results["variants"].items()),
+        "",
+        "Connector residual scale after training (per modality of the connector: text, vision): " + (", ".join(
+            f"{n}: {[float(f'{x:.3g}') for x in v['connector_scale']]}" for n, v in results["variants"].items()
+            if "connector_scale" in v) or "not recorded"),
+        "",
+        "## Targets",
+        "",
+        f"Binomial standard error of one accuracy over n = {n} held-out examples: at most 0.5 / sqrt(n) = "
+        f"{0.5 / n ** 0.5:.3f}; differences of that size are within noise.",
+        "",
+        format_table(results["targets"]) if results["targets"] else "(needs the RecursiveVLM variants)",
     ]
     (out / "recursive_vlm.md").write_text("\n".join(lines) + "\n")
     plot_accuracy(results, out / "recursive_vlm_accuracy.png")

@@ -134,12 +134,37 @@ def test_training_lowers_the_loss_and_checkpoints_reload(tokenizer, fake_feature
         load_vlm(tmp_path)
 
 
+def test_stage2_variants_can_start_from_one_lora(tokenizer, fake_features):
+    """Building a connector draws random numbers first: without `lora_init` the LoRA starts would differ."""
+    dataset, features = fake_features
+    vlm = tiny_vlm(tokenizer)
+    train_set = VQABatches(vlm, dataset, "train", features)
+    torch.manual_seed(3)
+    start = {k: v.clone() for k, v in vlm.make_recursive(1, "vanilla", lora_rank=2).adapters.state_dict().items()}
+    torch.manual_seed(3)
+    unaligned = vlm.make_recursive(2, "connector", lora_rank=2).adapters.state_dict()
+    assert any(not torch.equal(unaligned[k], start[k]) for k in start)
+    no_steps = TrainSettings(steps=0)
+    for feedback in ("vanilla", "connector"):
+        train_stage2(vlm, train_set, no_steps, num_loops=2, feedback=feedback, lora_rank=2, lora_init=start,
+                     progress=False)
+        loaded = vlm.recursive.adapters.state_dict()
+        assert all(torch.equal(loaded[k], start[k]) for k in start)
+        assert all(p.requires_grad for p in vlm.recursive.adapters.parameters())
+
+
 # -- CLI errors -------------------------------------------------------------------------------
 
 def test_ask_rejects_bad_images_in_one_line(tmp_path, capsys):
+    from PIL import Image
+
     text = tmp_path / "question.txt"
     text.write_text("hello")
-    for path in (text, tmp_path / "nope.png"):
+    whole = tmp_path / "whole.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(whole)
+    truncated = tmp_path / "truncated.png"  # a valid header, then the pixel data cut short: undecodable
+    truncated.write_bytes(whole.read_bytes()[:200])
+    for path in (text, truncated, tmp_path / "nope.png"):
         assert cli(["vlm", "ask", "--image", str(path), "--question", "What?", "--model", "tiny:llama"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("depthkit: error:") and "\n" not in err

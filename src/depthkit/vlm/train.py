@@ -121,9 +121,17 @@ def train_stage1(vlm: VisionLanguageModel, batches: VQABatches, settings: TrainS
 
 def train_stage2(vlm: VisionLanguageModel, batches: VQABatches, settings: TrainSettings, num_loops: int = 3,
                  feedback: str = "connector", modality_specific: bool = True, lora_rank: int = 8,
-                 progress: bool = True, desc: str = "stage 2", **options) -> TrainLog:
-    """The recursion: projector + connector (if any) + a LoRA shared by all loops; the LLM stays frozen."""
-    vlm.make_recursive(num_loops, feedback, modality_specific, lora_rank=lora_rank, **options)
+                 progress: bool = True, desc: str = "stage 2", lora_init: dict[str, torch.Tensor] | None = None,
+                 **options) -> TrainLog:
+    """The recursion: projector + connector (if any) + a LoRA shared by all loops; the LLM stays frozen.
+
+    `lora_init` (a `recursive.adapters` state dict) starts the LoRA from given weights: comparisons
+    need it, because building a connector draws random numbers before the LoRA is built, so one
+    seed alone gives variants with and without a connector different LoRA starts.
+    """
+    recursive = vlm.make_recursive(num_loops, feedback, modality_specific, lora_rank=lora_rank, **options)
+    if lora_init is not None:
+        recursive.adapters.load_state_dict(lora_init)
     vlm.language_model.requires_grad_(False)
     vlm.projector.requires_grad_(True)
     return train(vlm, batches, settings, progress, desc=desc)
