@@ -50,6 +50,7 @@ from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.recursive import RecursiveModel, truncate_layers  # noqa: E402
 from depthkit.recursive.generate import early_exit_nll  # noqa: E402
 from depthkit.recursive.train import TrainSettings, step_perplexities, train  # noqa: E402
+from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -172,9 +173,7 @@ def plot(variants: list[dict], early: list[dict], path: Path) -> None:
         ax.set_xlabel("loops saved (%)")
         ax.set_ylabel("perplexity cost vs all R steps (%)")
         ax.set_title("Early exit (KL threshold annotated)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(result: dict) -> str:

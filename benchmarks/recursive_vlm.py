@@ -36,6 +36,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
 from depthkit.vlm.batches import VQABatches  # noqa: E402
 from depthkit.vlm.data import VQAConfig, build_vqa, dataset_features  # noqa: E402
@@ -229,9 +230,7 @@ def plot_accuracy(results: dict, path: Path) -> None:
         ax.set_xticks(steps)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_norm_cka(results: dict, path: Path) -> None:
@@ -250,9 +249,7 @@ def plot_norm_cka(results: dict, path: Path) -> None:
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
