@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import depthkit
-from depthkit.compress.base import CompressionMethod, blocks_to_remove, get_method, streaming_methods
+from depthkit.compress.base import CompressionMethod, blocks_to_remove, get_method
 from depthkit.compress.common import count_parameters, num_blocks
 from depthkit.data.blocks import DataSpec, token_blocks
 from depthkit.errors import require
@@ -129,8 +129,7 @@ def compress_checkpoint(
     from depthkit.models.streaming import StreamingModel, StreamingWriter, peak_memory_mb, return_freed_memory_to_os
 
     runner = get_method(method, **method_options)
-    require(runner.streams(), f"method '{method}' needs the whole model in memory; --offload disk works with: "
-                              + ", ".join(streaming_methods()))
+    runner.require_streaming()
     check_output_dir(out, overwrite)
     return_freed_memory_to_os()
     folder = resolve_model_path(str(model))

@@ -115,10 +115,13 @@ class CompressionMethod:
         Only methods that need no more than a block or two at a time implement this
         (`--offload disk`); the others keep the whole model in memory.
         """
-        raise DepthkitError(
-            f"method '{self.name}' needs the whole model in memory; --offload disk works with: "
-            + ", ".join(streaming_methods())
-        )
+        self.require_streaming()
+        raise NotImplementedError  # pragma: no cover - streams() is true only for overriding subclasses
+
+    def require_streaming(self) -> None:
+        """Refuse `--offload disk` (before any work) for methods that need the whole model in memory."""
+        require(self.streams(), f"method '{self.name}' needs the whole model in memory; --offload disk works with: "
+                                + ", ".join(streaming_methods()))
 
     @classmethod
     def streams(cls) -> bool:
