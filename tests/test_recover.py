@@ -12,7 +12,7 @@ from depthkit.errors import DepthkitError
 from depthkit.models.adapters import get_adapter
 from depthkit.models.loading import load_tokenizer
 from depthkit.models.tiny import TINY_ARCHITECTURES, tiny_model
-from depthkit.recover import CARD_FILE, RecoverySettings, attach_lora, distillation_loss, merge_lora, recover
+from depthkit.recover import CARD_FILE, RecoverySettings, attach_lora, distillation_loss, recover, save_merged
 from depthkit.recover import trainer as trainer_module
 from depthkit.recover.trainer import evaluate, training_blocks
 from tests.conftest import random_ids
@@ -87,9 +87,10 @@ def test_merged_checkpoint_reloads_with_the_peft_models_logits(tmp_path, arch):
     expected = peft_model(input_ids=ids).logits
     base = tiny_model(arch)(ids).logits
     assert (expected - base).abs().max() > 1e-2
-    merge_lora(peft_model).save_pretrained(tmp_path)
+    save_merged(peft_model, tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert not any("lora" in key or "base_layer" in key for key in reloaded.state_dict())
 
 
 def test_card_perplexity_is_the_saved_models(tmp_path, tokenizer):

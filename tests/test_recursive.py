@@ -90,6 +90,20 @@ def test_connector_samples_uniform_layers_and_checks_indices():
         RecursiveModel.wrap(tiny_model("llama"), connector_k=5)
 
 
+def test_connector_norm_gains_start_at_the_embedding_scale():
+    """Default gains: embedding RMS / k, so each normalised tap has RMS(embeddings) / k per dimension."""
+    base = tiny_model("llama", num_layers=4)
+    model = RecursiveModel.wrap(base, connector_k=2)
+    rms = float(base.get_input_embeddings().weight.float().pow(2).mean().sqrt())
+    feature = torch.randn(2, 5, base.config.hidden_size) * 7
+    normalised = model.connector.norms[0](feature)
+    torch.testing.assert_close(normalised.pow(2).mean(-1).sqrt(), torch.full((2, 5), rms / 2), rtol=1e-4, atol=0)
+    explicit = RecursiveModel.wrap(base, connector_gain=0.5)
+    assert all(torch.equal(norm.weight, torch.full_like(norm.weight, 0.5)) for norm in explicit.connector.norms)
+    with pytest.raises(DepthkitError, match="connector_gain"):
+        RecursiveModel.wrap(base, connector_gain=-1.0)
+
+
 def test_connector_modalities_are_selected_by_the_token_type_mask():
     model = RecursiveModel.wrap(tiny_model("qwen3"), num_modalities=2, fuse="weighted", projection="mlp")
     with torch.no_grad():

@@ -72,7 +72,7 @@ def test_writer_round_trip_with_a_block_removed(tmp_path, arch):
     stream = StreamingModel.open(folder, dtype="float32")
     out = tmp_path / "written"
     keep = [0, 2, 3]
-    with StreamingWriter(out, stream.config, max_shard_bytes=100_000) as writer:
+    with StreamingWriter(out, stream.config) as writer:
         writer.write_non_layer(stream)
         for new_index, old_index in enumerate(keep):
             writer.write_layer(new_index, stream.load_layer(old_index))
@@ -87,7 +87,7 @@ def test_writer_round_trip_with_a_block_removed(tmp_path, arch):
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_writer_casts_dtype_and_writes_a_single_file(tmp_path):
+def test_writer_casts_dtype_and_writes_a_shard_per_block(tmp_path):
     model, folder = saved_tiny(tmp_path, "qwen3")
     stream = StreamingModel.open(folder, dtype="float32")
     out = tmp_path / "bf16"
@@ -98,7 +98,8 @@ def test_writer_casts_dtype_and_writes_a_single_file(tmp_path):
     assert not out.exists()  # nothing is published before finish()
     writer.finish()
     reloaded = AutoModelForCausalLM.from_pretrained(out)
-    assert (out / "model.safetensors").exists() and not (out / INDEX_FILE).exists()
+    shards = set(json.loads((out / INDEX_FILE).read_text())["weight_map"].values())
+    assert len(shards) == stream.num_layers + 1  # the rest of the model, then one shard per block
     assert reloaded.dtype == torch.bfloat16 and reloaded.config.num_hidden_layers == 4
 
 

@@ -24,6 +24,19 @@ def token_cosine(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.T
                       for i in range(0, a.shape[0], chunk)])
 
 
+def relative_error(output: torch.Tensor, target: torch.Tensor, source: torch.Tensor, chunk: int = 4096) -> float:
+    """Squared error of `output` against `target`, relative to the update `target - source`.
+
+    Accumulated in float32 `chunk` tokens at a time, for the same reason as `token_cosine`."""
+    output, target, source = (t.reshape(-1, t.shape[-1]) for t in (output, target, source))
+    error = update = 0.0
+    for i in range(0, output.shape[0], chunk):
+        goal = target[i : i + chunk].float()
+        error += float((output[i : i + chunk].float() - goal).pow(2).sum())
+        update += float((goal - source[i : i + chunk].float()).pow(2).sum())
+    return error / max(update, 1e-30)
+
+
 def block_influence(block_input: torch.Tensor, block_output: torch.Tensor) -> float:
     return float(1 - token_cosine(block_input, block_output).mean())
 

@@ -26,9 +26,6 @@ from depthkit.utils.io import atomic_output_dir, check_output_dir, format_table,
 
 CARD_JSON = "compression_card.json"
 CARD_MD = "compression_card.md"
-# Shard size of checkpoints written by `compress_checkpoint`: the writer buffers one shard, so
-# this is part of the streaming path's fixed memory overhead.
-SHARD_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -140,7 +137,7 @@ def compress_checkpoint(
     calib_ids, calibration = _calibration(source.model, calib_ids, tokenizer, calib, num_calib_blocks, calib_block_len)
     before = source.parameter_count()
     began = time.perf_counter()
-    with StreamingWriter(out, source.config, overwrite=overwrite, max_shard_bytes=SHARD_BYTES) as writer, \
+    with StreamingWriter(out, source.config, overwrite=overwrite) as writer, \
             torch.no_grad():
         writer.write_non_layer(source)
         outcome = runner.compress_streaming(source, calib_ids, num_remove, writer)

@@ -53,7 +53,8 @@ def window_labels(ids: torch.Tensor, start: int, window: int, stride: int) -> to
 
 
 def check_context(model: PreTrainedModel, window: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
+    inner = getattr(model, "module", model)  # DDP / FSDP wrappers keep the model in `.module`
+    limit = getattr(inner.config, "max_position_embeddings", None)
     if limit is not None and window > limit:
         raise DepthkitError(f"window {window} is larger than the model's context ({limit} tokens)")
 

@@ -236,25 +236,23 @@ def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
 class StreamingWriter:
     """Write a checkpoint block by block into sharded safetensors, atomically.
 
-    Tensors are buffered until a shard reaches `max_shard_bytes`, then written; memory is one
-    shard plus whatever block the caller holds. Use it as a context manager: leaving the block
-    normally calls `finish()`, an exception discards everything written so far.
+    Every block (and the rest of the model, once) is written at once as its own shard, so the
+    writer never holds more than the block it is given (buffering several blocks per shard
+    would cost more memory, on a small model, than the block being compressed). Use it as a
+    context manager: leaving the block normally calls `finish()`, an exception discards everything written so far.
     """
 
     def __init__(self, out: str | Path, config: PretrainedConfig, dtype: str | torch.dtype | None = None,
-                 overwrite: bool = False, max_shard_bytes: int = 512 * 2**20):
+                 overwrite: bool = False):
         self.out = Path(out)
         self.config = copy.deepcopy(config)
         self.dtype = resolve_dtype(dtype) if dtype is not None else None
-        self.max_shard_bytes = max_shard_bytes
         skeleton = meta_skeleton(self.config)
         self.adapter = get_adapter(skeleton)
         self.layers_prefix = module_prefix(skeleton, self.adapter.layers(skeleton))
         self._skeleton = skeleton
         self._stack = contextlib.ExitStack()
         self._tmp = self._stack.enter_context(atomic_output_dir(self.out, overwrite))
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
         self._shards: list[tuple[str, list[str]]] = []
         self._layer_types: list[str | None] = []
         self._source: Path | None = None
@@ -292,25 +290,20 @@ class StreamingWriter:
             self._source = source.folder
 
     def _add(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """Write `state` as the next shard."""
+        shard = {}
         for name, tensor in state.items():
             tensor = tensor.detach().to("cpu")
             if self.dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(self.dtype)
             if tensor.is_floating_point() and self._written_dtype is None:
                 self._written_dtype = tensor.dtype
-            self._buffer[prefix + name] = tensor.contiguous().clone()
+            shard[prefix + name] = tensor.contiguous().clone()
             self.parameters += tensor.numel()
-            self._buffer_bytes += tensor.numel() * tensor.element_size()
-        if self._buffer_bytes >= self.max_shard_bytes:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        name = f"shard-{len(self._shards):05d}.safetensors"
-        save_file(self._buffer, self._tmp / name, metadata={"format": "pt"})
-        self._shards.append((name, list(self._buffer)))
-        self._buffer, self._buffer_bytes = {}, 0
+        if shard:
+            name = f"shard-{len(self._shards):05d}.safetensors"
+            save_file(shard, self._tmp / name, metadata={"format": "pt"})
+            self._shards.append((name, list(shard)))
 
     @property
     def num_layers(self) -> int:
@@ -326,7 +319,6 @@ class StreamingWriter:
         """Name the shards, write the index and the config for the written depth, publish `out`."""
         require(not self._done, "this writer has already finished")
         require(bool(self._layer_types), "no decoder block was written")
-        self._flush()
         self._name_shards()
         self._write_config()
         if self._source is not None:
@@ -341,9 +333,6 @@ class StreamingWriter:
 
     def _name_shards(self) -> None:
         count = len(self._shards)
-        if count == 1:
-            os.replace(self._tmp / self._shards[0][0], self._tmp / SINGLE_FILE)
-            return
         weight_map, total = {}, 0
         for number, (name, keys) in enumerate(self._shards, start=1):
             final = f"model-{number:05d}-of-{count:05d}.safetensors"

@@ -2,7 +2,7 @@
 original model, driven by `accelerate` (one CPU, one GPU or several), merged back into a plain
 Hugging Face checkpoint."""
 
-from depthkit.recover.lora import LORA_TARGETS, attach_lora, merge_lora
+from depthkit.recover.lora import LORA_TARGETS, attach_lora, merged_state_dict, save_merged
 from depthkit.recover.losses import causal_lm_loss, distillation_loss, recovery_loss
 from depthkit.recover.trainer import CARD_FILE, RecoverySettings, recover, training_blocks
 
@@ -13,7 +13,8 @@ __all__ = [
     "attach_lora",
     "causal_lm_loss",
     "distillation_loss",
-    "merge_lora",
+    "merged_state_dict",
+    "save_merged",
     "recover",
     "recovery_loss",
     "training_blocks",

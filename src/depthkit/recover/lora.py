@@ -10,10 +10,13 @@ weight is rounded away, so bf16 adapters lag at small learning rates (measured o
 100 steps at lr 1e-4: loss 5.279 with bf16 adapters, 5.253 with fp32 adapters on the bf16 base,
 5.244 all-fp32). The bf16 base itself is stable: gradients flow through it in bf16 and fp32
 adapters track all-fp32 training (a test checks this). Merging folds the fp32 delta into the
-base weights once, in the base dtype.
+base weights once, in float32, then rounds to the base dtype.
 """
 
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -23,6 +26,8 @@ from depthkit.models.adapters import get_adapter
 
 # Module names (full match) of the projections that get adapters: inside decoder blocks only.
 LORA_TARGETS = r".*\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+ADAPTER = "default"  # peft's name for the one adapter attached here
+PEFT_PREFIX = "base_model.model."  # what peft puts before the wrapped model's own parameter names
 
 
 def attach_lora(model: PreTrainedModel, rank: int = 8, alpha: float | None = None,
@@ -38,11 +43,31 @@ def attach_lora(model: PreTrainedModel, rank: int = 8, alpha: float | None = Non
     return peft_model
 
 
-def merge_lora(peft_model: PeftModel) -> PreTrainedModel:
-    """Fold the adapters into the base weights: a plain transformers model, ready to save."""
-    merged = peft_model.merge_and_unload()
-    merged.requires_grad_(False)
-    return merged.eval()
+def merged_state_dict(peft_model: PeftModel, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The plain model's weights with every adapter folded in: W + (alpha / r) B A, in W's dtype.
+
+    Computed from a full state dict (by default the model's own) rather than by merging modules in
+    place: under FSDP or DeepSpeed ZeRO-3 each process holds only shards of the modules, so the
+    trainer passes `accelerator.get_state_dict(model)`, which gathers them on the main process.
+    """
+    config = peft_model.peft_config[ADAPTER]
+    scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    state = peft_model.state_dict() if state is None else state
+    merged = {}
+    for key, tensor in state.items():
+        if ".lora_" in key:
+            continue
+        if key.endswith(".base_layer.weight"):
+            stem = key.removesuffix(".base_layer.weight")
+            lora_a, lora_b = state[f"{stem}.lora_A.{ADAPTER}.weight"], state[f"{stem}.lora_B.{ADAPTER}.weight"]
+            tensor = (tensor.float() + scaling * (lora_b.float() @ lora_a.float())).to(tensor.dtype)
+        merged[key.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")] = tensor.detach()
+    return merged
+
+
+def save_merged(peft_model: PeftModel, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Save the merged model (`merged_state_dict`) as a plain transformers checkpoint."""
+    peft_model.get_base_model().save_pretrained(folder, state_dict=merged_state_dict(peft_model, state))
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:

@@ -34,7 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from depthkit.errors import DepthkitError, require
 from depthkit.evaluate.perplexity import perplexity
 from depthkit.recover import checkpoints
-from depthkit.recover.lora import attach_lora, merge_lora, trainable_parameters
+from depthkit.recover.lora import attach_lora, save_merged, trainable_parameters
 from depthkit.recover.losses import recovery_loss
 from depthkit.utils.io import atomic_output_dir, check_output_dir, write_json
 
@@ -154,8 +154,9 @@ def recover(
 ) -> dict[str, Any]:
     """Fine-tune LoRA adapters on `train_stream`, merge them, save `out/model`; return the card.
 
-    `model` is changed in place (its adapters end up merged into it); `teacher`, when given, is
-    only run forward. `meta` (model name, data descriptions, ...) is copied into the card.
+    `model` gets the adapters (the merged weights go into the saved checkpoint, not into `model`);
+    `teacher`, when given, is only run forward. `meta` (model name, data descriptions, ...) is
+    copied into the card.
     """
     settings.validate()
     require(teacher is not None or settings.distill_weight == 0, "--distill-weight needs --teacher")
@@ -198,10 +199,10 @@ def recover(
     epoch_blocks = len(loader) * settings.batch_size * accelerator.num_processes
     card = _card(state, settings, accelerator, epoch_blocks, trainable_parameters(model), meta)
     accelerator.wait_for_everyone()
+    full_state = accelerator.get_state_dict(model)  # every process takes part: gathers FSDP / ZeRO-3 shards
     if accelerator.is_main_process:
-        merged = merge_lora(accelerator.unwrap_model(model))
         with atomic_output_dir(final_dir, overwrite) as tmp:
-            merged.save_pretrained(tmp)
+            save_merged(accelerator.unwrap_model(model), tmp, full_state)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / CARD_FILE, card)
         if not keep_checkpoints:

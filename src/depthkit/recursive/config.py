@@ -47,6 +47,8 @@ class RecursiveConfig:
     fuse: str = "sum"
     residual: str = "embeddings"
     scale_init: float = 0.0
+    # Initial RMSNorm gain of every tap; None = input-embedding RMS / number of taps (see connector.py).
+    connector_gain: float | None = None
     num_modalities: int = 1
     # Relaxation: a LoRA per (shared layer, loop) on the native loops; rank 0 = strict sharing.
     loop_lora_rank: int | str = 0
@@ -70,6 +72,8 @@ class RecursiveConfig:
         require(self.projection in PROJECTIONS, f"unknown projection '{self.projection}'; choose from linear, mlp")
         require(self.fuse in FUSIONS, f"unknown fusion '{self.fuse}'; choose from sum, weighted")
         require(self.residual in RESIDUALS, f"unknown residual '{self.residual}'; choose from embeddings, previous")
+        require(self.connector_gain is None or self.connector_gain > 0,
+                f"connector_gain must be positive, got {self.connector_gain}")
         require(self.num_modalities >= 1, f"num_modalities must be >= 1, got {self.num_modalities}")
         check_loops(self.num_loops)
         require(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")

@@ -7,6 +7,12 @@ to the layer AND the token's modality (a token-type mask selects it: text-only m
 modality, a vision-language model adds more), fuses the k results and adds them, times a
 learnable per-modality scale, onto the original embeddings (or the previous step's input).
 The scale starts at 0, so step 2 starts exactly as a second pretrained single pass.
+
+The norms' gains start at the embeddings' RMS divided by the number of taps (unless
+`connector_gain` says otherwise): with unit gains, each normalised tap has RMS 1 per dimension,
+20-30x a typical input embedding, so any non-zero scale swamps the embeddings, the scale takes
+almost all of the gradient and training switches the connector off (measured: scale 0.01 -> 0.0002
+on SmolLM2). Matched gains make scale 1 mean "an update the size of an embedding".
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ from depthkit.recursive.config import RecursiveConfig
 class ConnectorRMSNorm(nn.Module):
     """RMSNorm with a learnable gain (kept here so the connector works for any base architecture)."""
 
-    def __init__(self, hidden: int, eps: float = 1e-6):
+    def __init__(self, hidden: int, eps: float = 1e-6, gain: float = 1.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden))
+        self.weight = nn.Parameter(torch.full((hidden,), float(gain)))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,14 +49,15 @@ def make_projection(kind: str, hidden: int) -> nn.Module:
 class RecursiveConnector(nn.Module):
     """RMSNorm + projection per (sampled layer, modality), fused, scaled, added onto a residual."""
 
-    def __init__(self, config: RecursiveConfig, hidden: int, eps: float = 1e-6):
+    def __init__(self, config: RecursiveConfig, hidden: int, eps: float = 1e-6, embedding_rms: float = 1.0):
         super().__init__()
         self.positions = config.connector_positions()
         self.num_modalities = config.num_modalities
         self.residual = config.residual
         self.fuse = config.fuse
         count = len(self.positions) * config.num_modalities
-        self.norms = nn.ModuleList(ConnectorRMSNorm(hidden, eps) for _ in range(count))
+        gain = config.connector_gain or embedding_rms / len(self.positions)
+        self.norms = nn.ModuleList(ConnectorRMSNorm(hidden, eps, gain) for _ in range(count))
         self.projections = nn.ModuleList(make_projection(config.projection, hidden) for _ in range(count))
         self.fuse_logits = nn.Parameter(torch.zeros(len(self.positions))) if config.fuse == "weighted" else None
         self.scale = nn.Parameter(torch.full((config.num_modalities,), float(config.scale_init)))

@@ -53,6 +53,12 @@ class RecursiveOutput:
     past_key_values: Cache | None = None
 
 
+def embedding_rms(base: PreTrainedModel) -> float:
+    """Root mean square of the input-embedding entries: the scale the first layer expects."""
+    weight = base.get_input_embeddings().weight
+    return float(weight.detach().float().pow(2).mean().sqrt())
+
+
 class RecursiveModel(nn.Module):
     """A looped decoder over a supported Hugging Face causal LM (see the module docstring)."""
 
@@ -64,7 +70,8 @@ class RecursiveModel(nn.Module):
         self.config = config
         hidden = base.config.hidden_size
         eps = getattr(base.config, "rms_norm_eps", 1e-6)
-        self.connector = RecursiveConnector(config, hidden, eps) if config.feedback == "connector" else None
+        self.connector = (RecursiveConnector(config, hidden, eps, embedding_rms(base))
+                          if config.feedback == "connector" else None)
         self.adapters = LoopAdapters(base, config)
         self.gradient_checkpointing = False
 

@@ -36,7 +36,7 @@ class GramAccumulator:
         self.R: torch.Tensor | None = None
         self.target_energy = 0.0
 
-    def add(self, z: torch.Tensor, t: torch.Tensor, chunk: int = 2048) -> None:
+    def add(self, z: torch.Tensor, t: torch.Tensor, chunk: int = 1024) -> None:
         """Accumulate a batch; C is updated `chunk` columns at a time, so the float32 products stay
         small next to C itself (a wide MLP of a 2B model has 11k channels: C alone is 1 GB)."""
         z, t = z.reshape(-1, z.shape[-1]), t.reshape(-1, t.shape[-1])

@@ -17,7 +17,7 @@ For a group of original blocks g_1..g_k on input x, the ridge targets are (optio
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from depthkit.analysis.metrics import relative_error
 from depthkit.compress.flatten.channels import GramAccumulator, ridge_lambda, select_units
 from depthkit.compress.flatten.merge import flatten_layers
 from depthkit.errors import require
@@ -79,18 +80,20 @@ class BlockRunner:
         return attn_sum, hidden
 
 
-def gram_of_input(module: nn.Module, run, target: torch.Tensor) -> GramAccumulator:
+def gram_of_input(module: nn.Module, run: Callable[[], object], target: Callable[[int, int], torch.Tensor],
+                  sequences: int) -> GramAccumulator:
     """Gram statistics of the channels entering `module` (e.g. o_proj, down_proj) during `run()`,
-    against `target` (sequences first, in the order `run` processes them).
+    against the target rows `target(start, stop)` of those sequences (in the order `run` goes).
 
-    Accumulated call by call, so the wide channel activations of all calibration tokens never
-    exist at once: memory is one batch of them plus C and R.
+    Accumulated call by call, and the float32 target built for each call's rows only, so neither
+    the wide channel activations nor a float copy of the target ever exist for all calibration
+    tokens at once: memory is one batch of them plus C and R.
     """
     gram, seen = GramAccumulator(), [0]
 
     def add(_module, args) -> None:
         rows = args[0].shape[0]
-        gram.add(args[0].detach(), target[seen[0] : seen[0] + rows])
+        gram.add(args[0].detach(), target(seen[0], seen[0] + rows))
         seen[0] += rows
 
     handle = module.register_forward_pre_hook(add)
@@ -98,7 +101,7 @@ def gram_of_input(module: nn.Module, run, target: torch.Tensor) -> GramAccumulat
         run()
     finally:
         handle.remove()
-    require(seen[0] == target.shape[0], f"saw {seen[0]} sequences for a target of {target.shape[0]}")
+    require(seen[0] == sequences, f"saw {seen[0]} sequences for a target of {sequences}")
     return gram
 
 
@@ -120,10 +123,6 @@ def _bias(linear: nn.Linear) -> torch.Tensor | float:
     return linear.bias.detach().float() if linear.bias is not None else 0.0
 
 
-def _relative(error: torch.Tensor, reference: torch.Tensor) -> float:
-    return float(error.float().pow(2).sum() / reference.float().pow(2).sum().clamp_min(1e-30))
-
-
 class GroupPruner:
     """Prunes one wide block (attention then MLP) given its input and its targets."""
 
@@ -138,7 +137,9 @@ class GroupPruner:
 
     def prune_attention(self, wide: nn.Module, x: torch.Tensor, attn_target: torch.Tensor) -> dict:
         parts = self.adapter.block(wide)
-        gram = gram_of_input(parts.o_proj, lambda: self.runner.attention(wide, x), attn_target - _bias(parts.o_proj))
+        bias = _bias(parts.o_proj)
+        gram = gram_of_input(parts.o_proj, lambda: self.runner.attention(wide, x),
+                             lambda start, stop: attn_target[start:stop] - bias, len(x))
         group_cols = self.heads_per_group * self.head_dim
         units = [torch.arange(g * group_cols, (g + 1) * group_cols) for g in range(gram.C.shape[0] // group_cols)]
         lam = ridge_lambda(gram.C, self.settings.ridge)
@@ -152,9 +153,12 @@ class GroupPruner:
         _refit(parts.o_proj, gram, columns, lam)
         return {"kept_kv_groups": kept}
 
-    def prune_mlp(self, wide: nn.Module, y: torch.Tensor, mlp_target: torch.Tensor) -> dict:
+    def prune_mlp(self, wide: nn.Module, y: torch.Tensor, goal: torch.Tensor) -> dict:
+        """Prune the MLP, whose input is y (x + pruned attention) and target `goal - y`."""
         parts = self.adapter.block(wide)
-        gram = gram_of_input(parts.down_proj, lambda: self.runner.mlp(wide, y), mlp_target - _bias(parts.down_proj))
+        bias = _bias(parts.down_proj)
+        gram = gram_of_input(parts.down_proj, lambda: self.runner.mlp(wide, y),
+                             lambda start, stop: goal[start:stop].float() - y[start:stop].float() - bias, len(y))
         units = list(torch.arange(gram.C.shape[0]).unsqueeze(1))
         lam = ridge_lambda(gram.C, self.settings.ridge)
         kept = torch.tensor(
@@ -173,16 +177,17 @@ class GroupPruner:
             goal = self.runner.block(wide, x)
         else:
             source = x_ref if self.settings.target == "original" else x
-            attn_sum, goal = self.runner.sequential(layers, source)
-            attn_goal = attn_sum + (source.float() - x.float())
-        flatten_error = _relative(self.runner.block(wide, x) - goal, goal - x)
+            attn_goal, goal = self.runner.sequential(layers, source)
+            if source is not x:
+                attn_goal += source.float() - x.float()
+        flatten_error = relative_error(self.runner.block(wide, x), goal, x)
         details = self.prune_attention(wide, x, attn_goal)
+        del attn_goal  # float32, as large as two bf16 activations: not needed for the MLP
         y = x + self.runner.attention(wide, x)
-        details |= self.prune_mlp(wide, y, goal.float() - y.float())
-        out = self.runner.block(wide, x)
+        details |= self.prune_mlp(wide, y, goal)
         details |= {
             "flatten_error": flatten_error,
-            "pruned_error": _relative(out - goal, goal - x),
+            "pruned_error": relative_error(self.runner.block(wide, x), goal, x),
         }
         return wide, details
 

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from depthkit.analysis.metrics import token_cosine
+from depthkit.analysis.metrics import relative_error, token_cosine
 from depthkit.compress.common import lm_loss
 from depthkit.compress.flatten.merge import flatten_layers
 from depthkit.errors import require
@@ -85,12 +85,6 @@ class FlatteningState:
         for layer in self.layers[i + 2 :]:
             hidden = self.run(layer, hidden)
         return lm_loss(self.model, hidden, self.ids)
-
-
-def relative_error(output: torch.Tensor, target: torch.Tensor, source: torch.Tensor) -> float:
-    """Squared error of `output` against `target`, relative to the update `target - source`."""
-    error = output.float() - target.float()
-    return float(error.pow(2).sum() / (target.float() - source.float()).pow(2).sum().clamp_min(1e-30))
 
 
 def similarity_score(block_in: torch.Tensor, block_out: torch.Tensor) -> float:
