@@ -23,7 +23,8 @@ about the ratio of a 12B model (24 GB in bf16) to this machine. The page cache i
 each run so that file pages are charged to the run's group. (A bf16 checkpoint loaded in bf16
 would be memory-mapped by transformers, i.e. paged from disk by the OS, which is another way
 of not holding it: the fp32 checkpoint needs the conversion that forces it into memory.)
-The loaded path is expected to be killed by the limit; the streaming path must finish. Without
+The loaded path is expected to be killed by the limit (or to stall at it, evicting its own code
+pages, until `--stall-seconds` stops it); the streaming path must finish. Without
 cgroup v1 access the limit is skipped (and said so). Writes benchmarks/results/memory.{json,md}.
 """
 
@@ -66,6 +67,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--large-criterion", default="magnitude",
                         help="channel criterion on the large model (ols on 11,264 neurons is slow on 2 cores)")
     parser.add_argument("--limit-gib", type=float, default=3.5, help="cgroup memory limit for the large model")
+    parser.add_argument("--stall-seconds", type=int, default=1200,
+                        help="stop a run under the memory limit after this long: at the limit the kernel may evict "
+                             "the process's own code pages over and over (thrashing) instead of killing it")
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
@@ -149,7 +153,12 @@ def run_child(mode: str, folder: Path, out: Path, blocks: int, args: argparse.Na
     if cgroup:
         drop_page_cache()
     began = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False, preexec_fn=join)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False, preexec_fn=join,
+                              timeout=args.stall_seconds if cgroup else None)
+    except subprocess.TimeoutExpired:
+        return {"mode": mode, "killed": True, "seconds": time.perf_counter() - began,
+                "error": f"stalled at the memory limit, stopped after {args.stall_seconds} s"}
     if done.returncode == -signal.SIGKILL:
         return {"mode": mode, "killed": True, "seconds": time.perf_counter() - began,
                 "error": "killed by the memory limit (OOM)"}

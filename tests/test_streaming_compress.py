@@ -12,6 +12,7 @@ from depthkit.compress.base import streaming_methods
 from depthkit.compress.flatten.selection import one_pass_pairs
 from depthkit.errors import DepthkitError
 from depthkit.models.adapters import get_adapter
+from depthkit.models.blockwise import embed
 from depthkit.models.loading import DEFAULT_MODEL, load_tokenizer
 from depthkit.models.streaming import StreamingModel
 from depthkit.models.tiny import TINY_ARCHITECTURES, tiny_model
@@ -66,10 +67,12 @@ def test_one_pass_pairs_are_disjoint_and_scored_on_the_original(tmp_path, select
     model, folder = saved_tiny(tmp_path, "llama", num_layers=8)
     ids = random_ids(model, batch=2, length=16)
     source = StreamingModel.open(folder, dtype="float32")
-    groups, log = one_pass_pairs(source.model, source.layers(), ids, 3, selection, batch_size=2, progress=False)
+    groups, log = one_pass_pairs(source.model, source.layers(), source.embed(ids), 3, selection, batch_size=2,
+                                 progress=False)
     assert sum(groups, []) == list(range(8)) and len(groups) == 5
     assert sorted(g for g in groups if len(g) == 2) == sorted(entry["flattened"] for entry in log)
-    in_memory, _ = one_pass_pairs(model, get_adapter(model).layers(model), ids, 3, selection, 2, progress=False)
+    in_memory, _ = one_pass_pairs(model, get_adapter(model).layers(model), embed(model, ids), 3, selection, 2,
+                                  progress=False)
     assert in_memory == groups
 
 

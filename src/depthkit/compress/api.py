@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 import depthkit
 from depthkit.compress.base import CompressionMethod, blocks_to_remove, get_method
@@ -83,7 +83,8 @@ def compress(
     runner = get_method(method, **method_options)
     depth = num_blocks(model)
     num_remove = blocks_to_remove(depth, ratio, target_layers)
-    calib_ids, calibration = _calibration(model, calib_ids, tokenizer, calib, num_calib_blocks, calib_block_len)
+    calib_ids, calibration = _calibration(model.config, next(model.parameters()).device, calib_ids, tokenizer,
+                                          calib, num_calib_blocks, calib_block_len)
     before = count_parameters(model)
     model.eval()
     began = time.perf_counter()
@@ -134,7 +135,8 @@ def compress_checkpoint(
     num_remove = blocks_to_remove(source.num_layers, ratio, target_layers)
     if calib_ids is None and tokenizer is None:
         tokenizer = load_tokenizer(folder)
-    calib_ids, calibration = _calibration(source.model, calib_ids, tokenizer, calib, num_calib_blocks, calib_block_len)
+    calib_ids, calibration = _calibration(source.config, source.device, calib_ids, tokenizer, calib,
+                                          num_calib_blocks, calib_block_len)
     before = source.parameter_count()
     began = time.perf_counter()
     with StreamingWriter(out, source.config, overwrite=overwrite) as writer, \
@@ -156,7 +158,8 @@ def compress_checkpoint(
 
 
 def _calibration(
-    model: PreTrainedModel,
+    config: PretrainedConfig,
+    device: torch.device,
     calib_ids: torch.Tensor | None,
     tokenizer: PreTrainedTokenizerBase | None,
     calib: DataSpec | str,
@@ -174,10 +177,9 @@ def _calibration(
     require(calib_ids.dim() == 2 and not calib_ids.is_floating_point(),
             f"calib_ids must be a 2-D tensor of token ids (sequences x tokens), got shape {tuple(calib_ids.shape)}")
     require(calib_ids.shape[1] >= 2, f"calibration sequences need at least 2 tokens, got {calib_ids.shape[1]}")
-    vocab = model.config.vocab_size
+    vocab = config.vocab_size
     require(int(calib_ids.min()) >= 0 and int(calib_ids.max()) < vocab,
             f"calibration token ids must be in 0..{vocab - 1} for this model")
-    device = next(model.parameters()).device
     sequences, length = calib_ids.shape
     return calib_ids.to(device), {"data": source, "sequences": sequences, "tokens_per_sequence": length}
 

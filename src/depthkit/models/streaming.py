@@ -3,10 +3,11 @@
 Block-by-block calibration (`depthkit.models.blockwise`) keeps one block's activations in memory,
 but a normally loaded model still holds every block's weights. For models larger than RAM (or
 GPU memory) `StreamingModel` builds the model on the `meta` device from its config (no memory),
-materialises only the small non-block parts (embeddings, final norm, LM head, rotary tables) and
-reads ONE decoder block at a time from the memory-mapped safetensors files. `StreamingWriter`
-is the mirror image: it saves a new checkpoint block by block (sharded safetensors + index +
-config), so a compressed model never needs to exist whole in memory either.
+materialises only the small non-block parts (final norm, rotary tables; the embedding matrix and
+LM head are read when used) and reads ONE decoder block at a time from the memory-mapped
+safetensors files. `StreamingWriter` is the mirror image: it saves a new checkpoint block by
+block (sharded safetensors + index + config), so a compressed model never needs to exist whole
+in memory either.
 
 API (what `depthkit compress --offload disk` builds on)::
 
@@ -20,7 +21,8 @@ API (what `depthkit compress --offload disk` builds on)::
     for i, block_in, block_out in source.iterate_blocks(ids): ...   # like blockwise.iterate_blocks
 
     with StreamingWriter(out, source.config, overwrite=False) as writer:
-        writer.write_non_layer(source)     # embeddings, final norm, head (+ tokenizer files)
+        writer.write_non_layer(source)     # embeddings, final norm, head, copied from the files
+                                           # (+ tokenizer files)
         writer.write_layer(0, layer)       # blocks in order 0..n-1, any n
         ...                                # finish() runs on leaving the block (or call it)
 
@@ -43,6 +45,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -50,7 +53,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from depthkit.errors import DepthkitError, require
 from depthkit.models.adapters import get_adapter
-from depthkit.models.blockwise import BlockContext, block_context, embed, logits_from_hidden, run_block
+from depthkit.models.blockwise import BlockContext, block_context, run_block
 from depthkit.models.loading import resolve_dtype
 from depthkit.utils.io import atomic_output_dir
 
@@ -154,21 +157,41 @@ class StreamingModel:
 
     # -- materialising ------------------------------------------------------------------------
     def _materialise_non_layer(self) -> None:
-        """Load embeddings, final norm and head; re-tie tied weights; rebuild rotary tables."""
-        layer_prefix = f"{self.layers_prefix}."
-        keys = [key for key in self.index if not key.startswith(layer_prefix)]
-        state = self.read_tensors(keys)
-        self.model.load_state_dict(state, strict=False, assign=True)
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        for target, source in (getattr(self.model, "all_tied_weights_keys", None) or {}).items():
-            if target not in state and source in params:
-                _set_parameter(self.model, target, params[source])
+        """Load the final norm and other small non-block weights; rebuild rotary tables.
+
+        The input embedding and the LM head stay on disk (meta here): with a large vocabulary they
+        are as big as several blocks (2 x 1 GB for a 128k-token vocabulary at width 4096), and they
+        are only needed once, to embed the calibration tokens (`embed`) or to decode (`head`).
+        """
+        keys = [key for key in self._non_layer_keys() if key not in self._vocab_keys()]
+        self.model.load_state_dict(self.read_tensors(keys), strict=False, assign=True)
         decoder = self.adapter.decoder(self.model)
         with torch.device(self.device):  # rotary tables are computed from the config, not stored
             decoder.rotary_emb = type(decoder.rotary_emb)(config=self.config)
+        on_disk = {self._embedding_key(), module_prefix(self.model, self.adapter.lm_head(self.model)) + ".weight"}
         missing = [name for name, tensor in self.model.state_dict().items()
-                   if tensor.is_meta and not name.startswith(layer_prefix)]
+                   if tensor.is_meta and not name.startswith(f"{self.layers_prefix}.") and name not in on_disk]
         require(not missing, f"checkpoint {self.folder} lacks {', '.join(missing[:5])}")
+
+    def _non_layer_keys(self) -> list[str]:
+        return [key for key in self.index if not key.startswith(f"{self.layers_prefix}.")]
+
+    def _embedding_key(self) -> str:
+        return module_prefix(self.model, self.adapter.embed_tokens(self.model)) + ".weight"
+
+    def _head_key(self) -> str:
+        """The LM head's weight in the files: its own, or the embedding's when they are tied."""
+        key = module_prefix(self.model, self.adapter.lm_head(self.model)) + ".weight"
+        return key if key in self.index else self._embedding_key()
+
+    def _vocab_keys(self) -> set[str]:
+        keys = {self._embedding_key(), self._head_key()}
+        require(keys <= set(self.index), f"checkpoint {self.folder} lacks {', '.join(sorted(keys - set(self.index)))}")
+        return keys
+
+    def non_layer_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor outside the decoder blocks, read from the files (as the writer copies them)."""
+        return self.read_tensors(self._non_layer_keys())
 
     def load_layer(self, index: int) -> nn.Module:
         """Block `index` as a fresh module on the device (the skeleton keeps its meta copy)."""
@@ -185,14 +208,18 @@ class StreamingModel:
     # -- computing ----------------------------------------------------------------------------
     @torch.no_grad()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return embed(self.model, input_ids.to(self.device))
+        """Block 0's input; the embedding matrix is read for the call and freed after it."""
+        weight = self.read_tensors([self._embedding_key()])[self._embedding_key()]
+        return F.embedding(input_ids.to(self.device), weight)
 
     def context(self, hidden: torch.Tensor) -> BlockContext:
         return block_context(self.model, hidden)
 
     @torch.no_grad()
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return logits_from_hidden(self.model, hidden)
+        """Final norm + LM head; the head's weight is read for the call and freed after it."""
+        weight = self.read_tensors([self._head_key()])[self._head_key()]
+        return F.linear(self.adapter.final_norm(self.model)(hidden), weight)
 
     @torch.no_grad()
     def iterate_blocks(
@@ -228,18 +255,14 @@ class LazyLayers(Sequence):
         return self.source.load_layer(index if index >= 0 else index + len(self))
 
 
-def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(owner_name) if owner_name else model, attr, param)
-
-
 class StreamingWriter:
     """Write a checkpoint block by block into sharded safetensors, atomically.
 
     Every block (and the rest of the model, once) is written at once as its own shard, so the
     writer never holds more than the block it is given (buffering several blocks per shard
     would cost more memory, on a small model, than the block being compressed). Use it as a
-    context manager: leaving the block normally calls `finish()`, an exception discards everything written so far.
+    context manager: leaving the block normally calls `finish()`, an exception discards
+    everything written so far.
     """
 
     def __init__(self, out: str | Path, config: PretrainedConfig, dtype: str | torch.dtype | None = None,
@@ -281,13 +304,13 @@ class StreamingWriter:
     def write_non_layer(self, source: StreamingModel | PreTrainedModel) -> None:
         """Add every tensor outside the decoder blocks (tied copies once), and remember a
         `StreamingModel`'s folder so its tokenizer and generation config are carried over."""
-        model = source.model if isinstance(source, StreamingModel) else source
-        prefix = module_prefix(model, get_adapter(model).layers(model)) + "."
-        tied = set((getattr(model, "all_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else ())
-        state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix) and k not in tied}
-        self._add(state, "")
         if isinstance(source, StreamingModel):
+            self._add(source.non_layer_state(), "")
             self._source = source.folder
+            return
+        prefix = module_prefix(source, get_adapter(source).layers(source)) + "."
+        tied = set((getattr(source, "all_tied_weights_keys", None) or {}) if source.config.tie_word_embeddings else ())
+        self._add({k: v for k, v in source.state_dict().items() if not k.startswith(prefix) and k not in tied}, "")
 
     def _add(self, state: dict[str, torch.Tensor], prefix: str) -> None:
         """Write `state` as the next shard."""

@@ -136,11 +136,12 @@ def flatten_gpt_streaming(
     if options.groups is not None:
         groups, log = _check_groups(options.groups, len(layers), num_remove), []
     else:
-        groups, log = one_pass_pairs(source.model, layers, selection_ids, num_remove, options.selection,
+        groups, log = one_pass_pairs(source.model, layers, source.embed(selection_ids), num_remove, options.selection,
                                      options.batch_size, options.qk_norm, progress)
     selected = time.perf_counter()
     records = []
-    blocks = pruned_blocks(source.model, layers, groups, fit_ids, options.prune_settings(), progress)
+    blocks = pruned_blocks(source.model, layers, groups, source.embed(fit_ids), options.prune_settings(),
+                           progress)
     for index, (block, record) in enumerate(blocks):
         writer.write_layer(index, block)
         if record is not None:

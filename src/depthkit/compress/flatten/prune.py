@@ -216,7 +216,7 @@ def flatten_and_prune(
         ])
         return [{"group": g} for g in groups if len(g) > 1]
     new_layers, records = [], []
-    for block, record in pruned_blocks(model, original, groups, fit_ids, settings, progress):
+    for block, record in pruned_blocks(model, original, groups, embed(model, fit_ids), settings, progress):
         new_layers.append(block)
         if record is not None:
             records.append(record)
@@ -229,19 +229,20 @@ def pruned_blocks(
     model: PreTrainedModel,
     layers: Sequence[nn.Module],
     groups: list[list[int]],
-    fit_ids: torch.Tensor,
+    hidden: torch.Tensor,
     settings: PruneSettings,
     progress: bool = True,
 ) -> Iterator[tuple[nn.Module, dict | None]]:
     """The compressed blocks in order, each with its record (None for blocks kept as they are).
 
-    `layers[i]` is original block i. It is read only while its group is processed, so `layers`
-    may load blocks from disk on access (`StreamingModel.layers()`): with a generator, memory is
-    the current group, its wide block and the calibration activations, whatever the model size.
+    `hidden` is block 0's input (the embedded calibration tokens). `layers[i]` is original block i.
+    It is read only while its group is processed, so `layers` may load blocks from disk on access
+    (`StreamingModel.layers()`): with a generator, memory is the current group, its wide block and
+    the calibration activations, whatever the model size.
     """
     require(settings.target in TARGETS, f"target must be one of {', '.join(TARGETS)}, got '{settings.target}'")
     _check_partition(groups, len(layers))
-    x = embed(model, fit_ids)
+    x = hidden
     runner = BlockRunner(model, x, settings.batch_size)
     pruner = GroupPruner(model, runner, settings)
     x_ref = x if settings.target == "original" else None

@@ -158,7 +158,7 @@ def select_groups(
 def one_pass_pairs(
     model: PreTrainedModel,
     layers: Sequence[nn.Module],
-    ids: torch.Tensor,
+    hidden: torch.Tensor,
     num_remove: int,
     selection: str = "local",
     batch_size: int = 8,
@@ -168,13 +168,13 @@ def one_pass_pairs(
     """Groups of original indices flattening the `num_remove` best non-overlapping adjacent pairs.
 
     Every pair (i, i+1) is scored once on the original model, in one pass that holds two blocks
-    and three hidden states: `layers` may load each block from disk on access.
+    and three hidden states: `layers` may load each block from disk on access. `hidden` is block
+    0's input (the embedded calibration tokens).
     """
     require(selection in ONE_PASS_SELECTIONS,
             f"one-pass selection must be one of {', '.join(ONE_PASS_SELECTIONS)}, got '{selection}'")
     num_layers = len(layers)
     require(num_remove <= num_layers // 2, f"cannot remove {num_remove} of {num_layers} blocks with disjoint pairs")
-    hidden = embed(model, ids)
     context = block_context(model, hidden[:batch_size])
     previous: tuple[nn.Module, torch.Tensor] | None = None  # (block i-1, its input)
     scores: dict[int, float] = {}
