@@ -15,7 +15,7 @@ from depthkit.models.tiny import TINY_ARCHITECTURES, tiny_model
 from depthkit.vlm.batches import VQABatches
 from depthkit.vlm.data import VQAConfig, build_vqa
 from depthkit.vlm.evaluate import evaluate_steps, representation_stats, step_inputs
-from depthkit.vlm.model import VISION_TOKEN, VisionLanguageModel, build_vlm, collate, load_vlm
+from depthkit.vlm.model import VISION_TOKEN, EncodedExample, VisionLanguageModel, build_vlm, collate, load_vlm
 from depthkit.vlm.projector import Projector
 from depthkit.vlm.train import TrainSettings, step_answer_logits, train_stage1, train_stage2
 
@@ -93,6 +93,33 @@ def test_shared_connector_and_vanilla_feedback(tokenizer):
     inputs = step_inputs(vlm, batch, 3)
     torch.testing.assert_close(inputs[1], hiddens[0])
     torch.testing.assert_close(inputs[2], hiddens[1])
+
+
+def reference_answer(vlm: VisionLanguageModel, features: torch.Tensor, question: str, loops: int, count: int) -> str:
+    """Greedy decoding that re-runs the whole prefix for every new token (no cache)."""
+    example = vlm.encode(question)
+    ids, types = example.input_ids, example.token_types
+    for _ in range(count):
+        batch = collate([EncodedExample(ids, types, torch.full_like(ids, -100))], [features], vlm.pad_id)
+        *_, last = vlm.steps(batch, loops)
+        token = int(vlm.decode(last.hidden[:, -1]).argmax(-1))
+        ids, types = torch.cat([ids, torch.tensor([token])]), torch.cat([types, torch.tensor([0])])
+    return vlm.tokenizer.decode(ids[len(example.input_ids):], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("feedback", ["connector", "vanilla"])
+def test_cached_answer_equals_rerunning_the_prefix(tokenizer, feedback):
+    vlm = tiny_vlm(tokenizer)
+    recursive = vlm.make_recursive(3, feedback, modality_specific=True)
+    if recursive.connector is not None:
+        with torch.no_grad():
+            recursive.connector.scale.fill_(0.5)  # a connector that changes every step's input
+    features = torch.rand(49, 1280, generator=torch.Generator().manual_seed(3))
+    vlm.image_features = lambda images: features.unsqueeze(0)
+    expected = reference_answer(vlm, features, "What digit is this?", 3, 6)
+    assert expected
+    assert vlm.answer(np.zeros((8, 8), dtype=np.uint8), "What digit is this?", num_loops=3,
+                      max_new_tokens=6) == expected
 
 
 def test_evaluation_counts_and_perplexity(tokenizer, fake_features):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from depthkit.errors import DepthkitError, require
 from depthkit.models.adapters import get_adapter
@@ -220,21 +220,30 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def answer(self, image: ImageLike, question: str, num_loops: int | None = None,
                max_new_tokens: int = 16) -> str:
-        """Greedy answer after `num_loops` loops (answers are a few tokens: no KV cache needed)."""
+        """Greedy answer after `num_loops` loops, decoded with a KV cache.
+
+        The prompt (image + question) is prefilled once; each new token then runs only its own
+        position through the R steps, attending to the cached keys/values of every step
+        (`RecursiveModel.slot`), instead of re-running the whole prefix per token.
+        """
         self.eval()
-        features = self.image_features([image])[0]
+        device = _device(self.language_model)
         example = self.encode(question)
-        ids, types = example.input_ids, example.token_types
+        unlabelled = torch.full_like(example.input_ids, IGNORE_INDEX)
+        prompt = EncodedExample(example.input_ids, example.token_types, unlabelled)
+        batch = collate([prompt], [self.image_features([image])[0]], self.pad_id).to(device)
+        embeddings, types, cache = self.input_embeddings(batch), batch.token_types, DynamicCache()
+        embed = get_adapter(self.language_model).embed_tokens(self.language_model)
         new: list[int] = []
         for _ in range(max_new_tokens):
-            batch = collate([EncodedExample(ids, types, torch.full_like(ids, IGNORE_INDEX))], [features], self.pad_id)
-            *_, last = self.steps(batch.to(_device(self.language_model)), num_loops)
-            token = int(self.decode(last.hidden[:, -1]).argmax(-1))
+            *_, last = self.recursive.iter_steps(inputs_embeds=embeddings, num_loops=num_loops, modality_ids=types,
+                                                 past_key_values=cache, decode_all=False, logits_to_keep=1)
+            token = int(last.logits[0, -1].argmax(-1))
             if token == self.tokenizer.eos_token_id:
                 break
             new.append(token)
-            ids = torch.cat([ids, torch.tensor([token])])
-            types = torch.cat([types, torch.tensor([TEXT_TOKEN])])
+            next_id = torch.tensor([[token]], device=device)
+            embeddings, types = embed(next_id), torch.full_like(next_id, TEXT_TOKEN)
         return self.tokenizer.decode(new, skip_special_tokens=True).strip()
 
     # -- persistence ------------------------------------------------------------------------
