@@ -1,6 +1,7 @@
 """`--offload disk`: compressing a checkpoint block by block gives the same model as in memory."""
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -62,6 +63,59 @@ def test_streamed_flatten_equals_in_memory_for_the_same_pairs(tmp_path, arch):
     assert card["parameters_after"]["total"] == sum(p.numel() for p in model.parameters())
 
 
+# (method, target depth of 6 blocks, options): the last LaCo case merges merged layers again.
+SEARCHES = [("sleb", 3, {}), ("laco", 3, {}), ("laco", 2, {"threshold": 0.999})]
+SEARCH_IDS = ["sleb", "laco", "laco-remerge"]
+
+
+def streamed_and_in_memory(tmp_path, arch: str, method: str, target: int, options: dict):
+    model, folder = saved_tiny(tmp_path, arch)
+    ids = random_ids(model, batch=4, length=16)
+    streamed = compress_checkpoint(folder, tmp_path / "out", method, target_layers=target, calib_ids=ids,
+                                   dtype="float32", batch_size=2, **options)
+    in_memory = compress(model, method, target_layers=target, calib_ids=ids, batch_size=2, **options)
+    return model, ids, streamed, in_memory
+
+
+@pytest.mark.parametrize(("method", "target", "options"), SEARCHES, ids=SEARCH_IDS)
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_streamed_search_equals_in_memory(tmp_path, arch, method, target, options):
+    model, ids, streamed, in_memory = streamed_and_in_memory(tmp_path, arch, method, target, options)
+    assert {key: streamed.details[key] for key in in_memory.details} == tolerant(in_memory.details)
+    assert streamed.num_layers_after == in_memory.num_layers_after == target
+    if options:  # a merged layer was merged again: nested recipes were rebuilt from the files
+        assert len(streamed.details["merges"]) > len(streamed.details["merged_groups"])
+    torch.testing.assert_close(reloaded_logits(tmp_path / "out", ids), model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def tolerant(value):
+    """`value` with every float compared to float tolerance (`pytest.approx` does not nest)."""
+    if isinstance(value, float):
+        return pytest.approx(value, abs=1e-5)
+    if isinstance(value, dict):
+        return {key: tolerant(item) for key, item in value.items()}
+    return [tolerant(item) for item in value] if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize(("method", "target", "options"), SEARCHES, ids=SEARCH_IDS)
+def test_streamed_searches_hold_one_block_or_one_merge(tmp_path, monkeypatch, method, target, options):
+    """Original blocks alive at once: one for SLEB; for LaCo the layers_per_merge + 1 = 3 one merge combines."""
+    live, most = weakref.WeakSet(), [0]
+
+    def tracked(self, index):
+        layer = original(self, index)
+        live.add(layer)
+        most[0] = max(most[0], len(live))
+        return layer
+
+    original = StreamingModel.load_layer
+    monkeypatch.setattr(StreamingModel, "load_layer", tracked)
+    model, folder = saved_tiny(tmp_path, "llama")
+    compress_checkpoint(folder, tmp_path / "out", method, target_layers=target, calib_ids=random_ids(model, 4, 16),
+                        dtype="float32", batch_size=2, **options)
+    assert most[0] == (1 if method == "sleb" else 3)
+
+
 @pytest.mark.parametrize("selection", ["local", "similarity"])
 def test_one_pass_pairs_are_disjoint_and_scored_on_the_original(tmp_path, selection):
     model, folder = saved_tiny(tmp_path, "llama", num_layers=8)
@@ -87,9 +141,9 @@ def test_default_streamed_flatten_writes_a_loadable_model(tmp_path):
 def test_streaming_refuses_what_it_cannot_do(tmp_path):
     model, folder = saved_tiny(tmp_path, "llama")
     ids = random_ids(model, batch=2, length=16)
-    assert streaming_methods() == ["flatten", "shortgpt"]
+    assert streaming_methods() == ["flatten", "laco", "shortgpt", "sleb"]
     with pytest.raises(DepthkitError, match="needs the whole model in memory"):
-        compress_checkpoint(folder, tmp_path / "a", "sleb", target_layers=4, calib_ids=ids)
+        compress_checkpoint(folder, tmp_path / "a", "attn_drop", target_layers=4, calib_ids=ids)
     with pytest.raises(DepthkitError, match="scored in one pass"):
         compress_checkpoint(folder, tmp_path / "b", "flatten", target_layers=4, calib_ids=ids, selection="greedy")
     with pytest.raises(DepthkitError, match="ratio must be in"):

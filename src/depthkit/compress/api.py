@@ -119,9 +119,11 @@ def compress_checkpoint(
     """Compress a checkpoint folder into `out` without ever holding the whole model (`--offload disk`).
 
     Blocks are read one at a time from the memory-mapped safetensors files and the new blocks are
-    written as they are produced (`StreamingModel`, `StreamingWriter`): peak memory is about one
-    or two blocks plus the calibration activations, so a model larger than RAM (or GPU memory)
-    compresses on one device. `out` appears only once complete, with its compression card.
+    written as they are produced (`StreamingModel`, `StreamingWriter`): peak memory is a few blocks
+    (one for ShortGPT and SLEB, a pair and its wide block for FlattenGPT, the blocks of one merge
+    for LaCo) plus the calibration activations (for the SLEB and LaCo searches, the cached states
+    of their selection sequences), so a model larger than RAM (or GPU memory) compresses on one
+    device. `out` appears only once complete, with its compression card.
     """
     from depthkit.models.loading import load_tokenizer, resolve_model_path
     from depthkit.models.streaming import StreamingModel, StreamingWriter, peak_memory_mb, return_freed_memory_to_os

@@ -112,8 +112,8 @@ class CompressionMethod:
     ) -> CompressionOutcome:
         """Compress a checkpoint read block by block from disk, writing the new blocks in order.
 
-        Only methods that need no more than a block or two at a time implement this
-        (`--offload disk`); the others keep the whole model in memory.
+        Only methods that need no more than a few blocks at a time implement this
+        (`--offload disk`: `streaming_methods()`); the others keep the whole model in memory.
         """
         self.require_streaming()
         raise NotImplementedError  # pragma: no cover - streams() is true only for overriding subclasses

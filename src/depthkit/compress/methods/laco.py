@@ -17,6 +17,13 @@ A layer takes part in one merge only, as in the paper's single walk (on SmolLM2,
 layer again destroyed the model: perplexity 1.2e7); only when no unmerged group is left are merged
 layers merged again. The thresholds used are recorded on the card.
 
+With `--offload disk` the same walk runs on the checkpoint's files (`_LaCoSearch`): a candidate
+reads the layers of its group, merges them and runs the blocks above it one at a time from disk;
+an accepted merge is kept as its recipe (`Merge`) and rebuilt from the files whenever it is run
+again. Memory holds at most the layers_per_merge + 1 blocks one merge combines and the merged
+block, plus the cached states of the selection sequences: no part of LaCo needs the whole model.
+The price is reading (each candidate reads every block above it, a merged one as its whole group).
+
 Measured on SmolLM2-135M (30 blocks, `benchmarks/compare_methods.py`): RDSC merges of 3 layers keep a
 last-layer cosine of only ~0.5, far below what dropping blocks keeps: in a small model the layers'
 parameter differences are not small, so summing them is destructive. Note that with
@@ -27,25 +34,23 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
 from depthkit.analysis.metrics import token_cosine
-from depthkit.compress.base import CompressionMethod, CompressionOutcome, option, register_method
+from depthkit.compress.base import option, register_method
 from depthkit.compress.common import (
+    BlockSearch,
+    BlockSource,
+    LoadedModel,
+    SearchMethod,
     SearchOptions,
-    calibration_context,
-    capture_states,
-    final_representation,
-    refresh_states,
-    run_layers,
     selection_subset,
 )
 from depthkit.errors import require
-from depthkit.models.adapters import get_adapter
 
 
 def merged_parameter_names(layer: nn.Module) -> list[str]:
@@ -80,50 +85,81 @@ class LaCoOptions(SearchOptions):
 
 
 @register_method("laco")
-class LaCo(CompressionMethod):
+class LaCo(SearchMethod):
     description = "LaCo layer collapse: merge runs of layers by adding parameter differences (RDSC)"
     options_class = LaCoOptions
 
-    @torch.no_grad()
-    def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
+    def search(
+        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int
+    ) -> tuple[BlockSearch, dict[str, Any]]:
         opts = self.settings
-        per_merge, threshold, relax = opts.layers_per_merge, opts.threshold, opts.relax
-        interval, lowest = opts.interval, opts.lowest_layer
-        search = _Search(model, selection_subset(calib_ids, opts.selection_blocks), opts.batch_size)
-        require(lowest + num_remove < search.depth(),
-                f"laco cannot remove {num_remove} blocks above lowest_layer {lowest} of {search.depth()}")
-        thresholds = []
-        with tqdm(total=num_remove, desc="laco", leave=False) as bar:
-            while search.removed < num_remove:
-                thresholds.append(threshold)
-                best_rejected = search.sweep(threshold, per_merge, interval, lowest, num_remove, bar)
-                search.remerge = search.remerge or best_rejected == float("-inf")
-                threshold = min(threshold - relax, best_rejected)
-        return CompressionOutcome({
+        depth = len(source.layers())
+        require(opts.lowest_layer + num_remove < depth,
+                f"laco cannot remove {num_remove} blocks above lowest_layer {opts.lowest_layer} of {depth}")
+        search = _LaCoSearch(source, selection_subset(calib_ids, opts.selection_blocks), opts.batch_size)
+        thresholds = search.collapse(num_remove, opts)
+        return search, {
             "merges": search.merges,
             "removed_blocks": sorted(i for group in search.groups for i in group[1:]),
             "merged_groups": [group for group in search.groups if len(group) > 1],
             "thresholds": thresholds,
             "selection_tokens": list(search.ids.shape),
-        })
+        }
 
 
-class _Search:
-    """The LaCo walk over one model, with cached per-block hidden states of the current model."""
+@dataclass(frozen=True)
+class Merge:
+    """The recipe of a merged block: RDSC of `base` and `others`, entries of `_LaCoSearch.blocks`."""
 
-    def __init__(self, model: PreTrainedModel, ids: torch.Tensor, batch_size: int) -> None:
-        self.model, self.ids, self.batch_size = model, ids, batch_size
-        self.adapter = get_adapter(model)
-        self.context = calibration_context(model, ids, batch_size)
-        self.states = capture_states(model, ids, batch_size)
-        self.reference = final_representation(model, self.states[-1])
+    base: Any
+    others: tuple[Any, ...]
+
+
+class _LaCoSearch(BlockSearch):
+    """The LaCo walk on a `BlockSearch`, whose positions also hold merged blocks.
+
+    On a model in memory an accepted merge is kept as its module. On a streamed checkpoint it is
+    kept as its `Merge` recipe and rebuilt from the original blocks, read from disk, whenever it
+    is run (a merged layer merged again nests recipes): memory holds at most the blocks of one
+    merge and the merged block, never every merged block. Nothing of LaCo needs more.
+    """
+
+    def __init__(self, source: BlockSource, ids: torch.Tensor, batch_size: int) -> None:
+        super().__init__(source, ids, batch_size)
+        self.keep_merged = isinstance(source, LoadedModel)
+        self.reference = self.final(self.states[-1])
         self.groups = [[i] for i in range(self.depth())]  # original blocks behind each current block
         self.merges: list[dict] = []
         self.removed = 0
         self.remerge = False  # allowed only once no group of unmerged layers is left to try
 
-    def depth(self) -> int:
-        return len(self.adapter.layers(self.model))
+    def load(self, position: int) -> nn.Module:
+        return self.build(self.blocks[position])
+
+    def build(self, block: Any) -> nn.Module:
+        """The module of a `blocks` entry: an original block, a kept merged one, or a recipe's merge.
+
+        Nested recipes are built first, so each is a single block before the plain layers of this
+        merge are read: a merge never holds more than the layers_per_merge + 1 blocks it combines.
+        """
+        if not isinstance(block, Merge):
+            return block if isinstance(block, nn.Module) else self.originals[block]
+        entries = [block.base, *block.others]
+        nested = {i: self.build(entry) for i, entry in enumerate(entries) if isinstance(entry, Merge)}
+        parts = [nested.pop(i) if i in nested else self.build(entry) for i, entry in enumerate(entries)]
+        return rdsc_merge(parts[0], parts[1:])
+
+    def collapse(self, num_remove: int, opts: LaCoOptions) -> list[float]:
+        """Sweep, relaxing the threshold, until `num_remove` blocks are merged away; the thresholds used."""
+        threshold, thresholds = opts.threshold, []
+        with tqdm(total=num_remove, desc="laco", leave=False) as bar:
+            while self.removed < num_remove:
+                thresholds.append(threshold)
+                best_rejected = self.sweep(threshold, opts.layers_per_merge, opts.interval, opts.lowest_layer,
+                                           num_remove, bar)
+                self.remerge = self.remerge or best_rejected == float("-inf")
+                threshold = min(threshold - opts.relax, best_rejected)
+        return thresholds
 
     def sweep(self, threshold: float, per_merge: int, interval: int, lowest: int, target: int, bar) -> float:
         """One walk from the top down; returns the best similarity it rejected (-inf if none)."""
@@ -136,26 +172,30 @@ class _Search:
             if not self.remerge and any(len(g) > 1 for g in self.groups[start : start + 1 + count]):
                 start -= 1  # a layer takes part in one merge only (merging merges compounds the damage)
                 continue
-            layers = list(self.adapter.layers(self.model))
-            merged = rdsc_merge(layers[start], layers[start + 1 : start + 1 + count])
-            hidden = run_layers(self.model, [merged, *layers[start + 1 + count :]], self.states[start],
-                                self.batch_size, self.context)
-            similarity = float(token_cosine(final_representation(self.model, hidden), self.reference).mean())
+            block, similarity = self._candidate(start, count)
             if similarity < threshold:
                 best_rejected = max(best_rejected, similarity)
                 start -= 1
                 continue
-            self._accept(start, count, merged, layers, similarity, threshold)
+            self._accept(start, count, block, similarity, threshold)
             bar.update(count)
             start = min(start - interval - per_merge, self.depth() - 1 - per_merge)
         return best_rejected
 
-    def _accept(self, start: int, count: int, merged: nn.Module, layers: list[nn.Module], similarity: float,
-                threshold: float) -> None:
-        self.adapter.set_layers(self.model, [*layers[:start], merged, *layers[start + 1 + count :]])
+    def _candidate(self, start: int, count: int) -> tuple[Any, float]:
+        """Positions start..start+count merged: the entry that stands for the merge, and its similarity."""
+        recipe = Merge(self.blocks[start], tuple(self.blocks[start + 1 : start + 1 + count]))
+        merged = self.build(recipe)
+        hidden = self.run(merged, self.states[start])
+        block = merged if self.keep_merged else recipe  # streamed: dropped now, rebuilt when run again
+        del merged
+        hidden = self.run_from(start + 1 + count, hidden)
+        return block, float(token_cosine(self.final(hidden), self.reference).mean())
+
+    def _accept(self, start: int, count: int, block: Any, similarity: float, threshold: float) -> None:
         group = [i for g in self.groups[start : start + 1 + count] for i in g]
         self.groups[start : start + 1 + count] = [group]
         self.merges.append({"blocks": group, "similarity": similarity, "threshold": threshold})
         self.removed += count
-        self.states = refresh_states(self.model, self.states, start, self.batch_size, self.context)
-        self.reference = final_representation(self.model, self.states[-1])
+        self.replace(start, start + 1 + count, [block])
+        self.reference = self.final(self.states[-1])
