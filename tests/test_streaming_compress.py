@@ -49,6 +49,21 @@ def test_streamed_shortgpt_equals_in_memory(tmp_path, arch):
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_streamed_attn_drop_equals_in_memory(tmp_path, arch):
+    model, folder = saved_tiny(tmp_path, arch)
+    ids = random_ids(model, batch=4, length=16)
+    streamed = compress_checkpoint(folder, tmp_path / "out", "attn_drop", target_layers=4, calib_ids=ids,
+                                   dtype="float32", batch_size=2, attention_per_block=1)
+    in_memory = compress(model, "attn_drop", target_layers=4, calib_ids=ids, batch_size=2, attention_per_block=1)
+    assert streamed.details["dropped_attention"] == in_memory.details["dropped_attention"]
+    assert streamed.details["attention_importance"] == tolerant(in_memory.details["attention_importance"])
+    assert streamed.num_layers_after == 6 and "not removed" in streamed.details["warning"]
+    assert streamed.parameters_after == in_memory.parameters_after  # zeroed sublayers are not effective
+    assert streamed.parameters_after["effective"] < streamed.parameters_after["total"]
+    torch.testing.assert_close(reloaded_logits(tmp_path / "out", ids), model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_streamed_flatten_equals_in_memory_for_the_same_pairs(tmp_path, arch):
     model, folder = saved_tiny(tmp_path, arch)
     ids = random_ids(model, batch=4, length=16)
@@ -141,9 +156,9 @@ def test_default_streamed_flatten_writes_a_loadable_model(tmp_path):
 def test_streaming_refuses_what_it_cannot_do(tmp_path):
     model, folder = saved_tiny(tmp_path, "llama")
     ids = random_ids(model, batch=2, length=16)
-    assert streaming_methods() == ["flatten", "laco", "shortgpt", "sleb"]
+    assert streaming_methods() == ["attn_drop", "flatten", "laco", "shortgpt", "sleb"]
     with pytest.raises(DepthkitError, match="needs the whole model in memory"):
-        compress_checkpoint(folder, tmp_path / "a", "attn_drop", target_layers=4, calib_ids=ids)
+        compress_checkpoint(folder, tmp_path / "a", "flatten_unpruned", target_layers=4, calib_ids=ids)
     with pytest.raises(DepthkitError, match="scored in one pass"):
         compress_checkpoint(folder, tmp_path / "b", "flatten", target_layers=4, calib_ids=ids, selection="greedy")
     with pytest.raises(DepthkitError, match="ratio must be in"):

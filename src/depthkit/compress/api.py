@@ -120,10 +120,10 @@ def compress_checkpoint(
 
     Blocks are read one at a time from the memory-mapped safetensors files and the new blocks are
     written as they are produced (`StreamingModel`, `StreamingWriter`): peak memory is a few blocks
-    (one for ShortGPT and SLEB, a pair and its wide block for FlattenGPT, the blocks of one merge
-    for LaCo) plus the calibration activations (for the SLEB and LaCo searches, the cached states
-    of their selection sequences), so a model larger than RAM (or GPU memory) compresses on one
-    device. `out` appears only once complete, with its compression card.
+    (one for ShortGPT, SLEB and attention drop, a pair and its wide block for FlattenGPT, the
+    blocks of one merge for LaCo) plus the calibration activations (for the SLEB and LaCo searches,
+    the cached states of their selection sequences), so a model larger than RAM (or GPU memory)
+    compresses on one device. `out` appears only once complete, with its compression card.
     """
     from depthkit.models.loading import load_tokenizer, resolve_model_path
     from depthkit.models.streaming import StreamingModel, StreamingWriter, peak_memory_mb, return_freed_memory_to_os
@@ -149,7 +149,7 @@ def compress_checkpoint(
             method=method, options=dict(method_options), model=str(model), num_layers_before=source.num_layers,
             num_layers_after=writer.num_layers, blocks_requested=num_remove, ratio=ratio,
             target_layers=target_layers, parameters_before={"total": before, "effective": before},
-            parameters_after={"total": writer.parameters, "effective": writer.parameters},
+            parameters_after={"total": writer.parameters, "effective": writer.effective_parameters},
             calibration=calibration, seconds=time.perf_counter() - began, saveable=True,
             details=outcome.details | {"offload": "disk", "peak_memory_mb": peak_memory_mb()},
         )

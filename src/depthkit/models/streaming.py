@@ -282,6 +282,9 @@ class StreamingWriter:
         self._written_dtype: torch.dtype | None = None
         self._extra_files: dict[str, str] = {}
         self.parameters = 0  # parameters written so far
+        # Those in tensors that are not entirely zero, as `count_parameters` counts them in memory
+        # (attention drop stores dropped sublayers as zeros: the card must not count them as kept).
+        self.effective_parameters = 0
         self._done = False
 
     def __enter__(self) -> StreamingWriter:
@@ -323,6 +326,7 @@ class StreamingWriter:
                 self._written_dtype = tensor.dtype
             shard[prefix + name] = tensor.contiguous().clone()
             self.parameters += tensor.numel()
+            self.effective_parameters += tensor.numel() if bool(tensor.any()) else 0
         if shard:
             name = f"shard-{len(self._shards):05d}.safetensors"
             save_file(shard, self._tmp / name, metadata={"format": "pt"})

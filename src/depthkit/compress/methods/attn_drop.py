@@ -13,22 +13,29 @@ Design choices, recorded on the compression card:
   zero, the model computes what the method intends, and it reloads in plain transformers. But
   the depth, the file size and the speed are unchanged: the zeroed attention is still computed.
   `effective` parameter counts leave the zeroed tensors out; throughput does not improve.
+
+With `--offload disk` the scores come from one pass over the checkpoint's files, one block in
+memory at a time (the same code reads the model through a `BlockSource`), and every block is then
+copied to the new checkpoint, its attention zeroed where chosen.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from depthkit.analysis.metrics import token_cosine
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, MethodOptions, option, register_method
-from depthkit.compress.common import lowest, num_blocks
+from depthkit.compress.common import BlockSource, LoadedModel, lowest
 from depthkit.errors import require
-from depthkit.models.adapters import get_adapter
-from depthkit.models.blockwise import iterate_blocks
+from depthkit.models.adapters import ArchitectureAdapter, get_adapter
+from depthkit.models.blockwise import BlockContext, run_block
+from depthkit.models.streaming import StreamingModel, StreamingWriter
 
 NO_SPEEDUP_WARNING = (
     "attention sublayers are zeroed, not removed: the checkpoint keeps its depth, size and speed "
@@ -39,30 +46,51 @@ NO_SPEEDUP_WARNING = (
 @torch.no_grad()
 def attention_importance(model: PreTrainedModel, calib_ids: torch.Tensor, batch_size: int = 8) -> list[float]:
     """1 - cos(attention sublayer input, its residual output) for every block."""
-    adapter = get_adapter(model)
-    captured: list[torch.Tensor] = []
-    hooks = [adapter.block(layer).post_attention_norm.register_forward_pre_hook(
-        lambda _module, args: captured.append(args[0])) for layer in adapter.layers(model)]
-    scores = []
-    try:
-        blocks = iterate_blocks(model, calib_ids, batch_size)
-        for _index, block_in, _block_out in tqdm(blocks, total=num_blocks(model), desc="attn_drop", leave=False):
-            scores.append(float(1 - token_cosine(block_in, torch.cat(captured)).mean()))
-            captured.clear()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return scores
+    return source_attention_importance(LoadedModel(model), calib_ids, batch_size)
 
 
 @torch.no_grad()
-def zero_attention(model: PreTrainedModel, index: int) -> None:
-    """Make block `index`'s attention output exactly zero (weights and biases of q, k, v, o)."""
-    parts = get_adapter(model).block(get_adapter(model).layers(model)[index])
+def source_attention_importance(source: BlockSource, calib_ids: torch.Tensor, batch_size: int = 8) -> list[float]:
+    """`attention_importance` read through a `BlockSource`, so a checkpoint streamed from disk
+    (one block's weights in memory at a time) is scored by exactly the same code as a loaded model."""
+    layers = source.layers()
+    hidden = source.embed(calib_ids)
+    context = source.context(hidden[:batch_size])
+    scores = []
+    for index in tqdm(range(len(layers)), desc="attn_drop", leave=False):
+        output, residual = _run_with_attention_residual(source.model, layers[index], hidden, batch_size, context)
+        scores.append(float(1 - token_cosine(hidden, residual).mean()))
+        hidden = output
+    return scores
+
+
+def _run_with_attention_residual(
+    model: PreTrainedModel, layer: nn.Module, hidden: torch.Tensor, batch_size: int, context: BlockContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's output and its residual stream after attention, X + Attn(N(X)).
+
+    The residual is what enters the post-attention norm, caught by a hook on `layer` itself: a
+    streamed block is a fresh module per read, so hooks on the model's own blocks would miss it.
+    """
+    captured: list[torch.Tensor] = []
+    norm = get_adapter(model).block(layer).post_attention_norm
+    hook = norm.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    try:
+        output = run_block(model, layer, hidden, batch_size, context)
+    finally:
+        hook.remove()
+    return output, torch.cat(captured)
+
+
+@torch.no_grad()
+def zero_attention(adapter: ArchitectureAdapter, layer: nn.Module) -> nn.Module:
+    """Make `layer`'s attention output exactly zero (weights and biases of q, k, v, o); returns it."""
+    parts = adapter.block(layer)
     for proj in (parts.q_proj, parts.k_proj, parts.v_proj, parts.o_proj):
         proj.weight.zero_()
         if proj.bias is not None:
             proj.bias.zero_()
+    return layer
 
 
 @dataclass
@@ -76,18 +104,35 @@ class AttentionDrop(CompressionMethod):
     options_class = AttentionDropOptions
 
     def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
+        details = self.choose(LoadedModel(model), calib_ids, num_remove)
+        adapter = get_adapter(model)
+        for index in details["dropped_attention"]:
+            zero_attention(adapter, adapter.layers(model)[index])
+        return CompressionOutcome(details)
+
+    def compress_streaming(
+        self, source: StreamingModel, calib_ids: torch.Tensor, num_remove: int, writer: StreamingWriter
+    ) -> CompressionOutcome:
+        """The same scores from one streamed pass, then every block copied, zeroed where chosen."""
+        details = self.choose(source, calib_ids, num_remove)
+        for index in range(source.num_layers):
+            layer = source.load_layer(index)
+            if index in details["dropped_attention"]:
+                zero_attention(source.adapter, layer)
+            writer.write_layer(index, layer)
+        return CompressionOutcome(details)
+
+    def choose(self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int) -> dict[str, Any]:
+        """Score every attention sublayer and pick the ones to drop: the card's details."""
         per_block = self.settings.attention_per_block
-        depth = num_blocks(model)
+        depth = len(source.layers())
         count = round(per_block * num_remove)
         require(1 <= count < depth, f"attn_drop would drop {count} of {depth} attention sublayers "
                                     f"({per_block} per block x {num_remove}); lower attention_per_block or the ratio")
-        scores = attention_importance(model, calib_ids, self.settings.batch_size)
-        dropped = lowest(scores, count)
-        for index in dropped:
-            zero_attention(model, index)
-        return CompressionOutcome({
-            "dropped_attention": dropped,
+        scores = source_attention_importance(source, calib_ids, self.settings.batch_size)
+        return {
+            "dropped_attention": lowest(scores, count),
             "attention_per_block": per_block,
             "attention_importance": scores,
             "warning": NO_SPEEDUP_WARNING,
-        })
+        }
