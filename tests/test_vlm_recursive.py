@@ -3,6 +3,8 @@ per-step evaluation, save/reload, the CLI's errors, and one fast end-to-end run 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from depthkit.vlm.data import VQAConfig, build_vqa
 from depthkit.vlm.evaluate import evaluate_steps, representation_stats, step_inputs
 from depthkit.vlm.model import VISION_TOKEN, EncodedExample, VisionLanguageModel, build_vlm, collate, load_vlm
 from depthkit.vlm.projector import Projector
-from depthkit.vlm.train import TrainSettings, step_answer_logits, train_stage1, train_stage2
+from depthkit.vlm.train import TrainSettings, train_stage1, train_stage2
 
 TINY_VQA = VQAConfig(seed=1, num_mnist=40, num_digits=20, num_pairs=12, photo_variants=2)
 
@@ -72,7 +74,7 @@ def test_connector_starts_as_a_repeated_pass_and_routes_by_modality(tokenizer):
     connector = vlm.make_recursive(3, "connector", modality_specific=True).connector
     assert connector.num_modalities == 2
     batch = random_batch(vlm)
-    logits = step_answer_logits(vlm, batch)
+    logits = vlm(batch)
     torch.testing.assert_close(logits[1], logits[0])  # scale 0: step 2 input = embeddings
     with torch.no_grad():
         connector.scale.fill_(1.0)
@@ -149,16 +151,20 @@ def test_training_lowers_the_loss_and_checkpoints_reload(tokenizer, fake_feature
     train_set = VQABatches(vlm, dataset, "train", features)
     log = train_stage1(vlm, train_set, TrainSettings(steps=12, batch_size=4, lr=3e-3, loss="sum"), progress=False)
     assert np.mean(log.losses[-3:]) < np.mean(log.losses[:3])
-    log = train_stage2(vlm, train_set, TrainSettings(steps=3, batch_size=4), num_loops=2, lora_rank=2,
-                       progress=False)
+    settings = TrainSettings(steps=3, batch_size=4, checkpoint_every=2, checkpoint_dir=str(tmp_path / "periodic"))
+    log = train_stage2(vlm, train_set, settings, num_loops=2, lora_rank=2, progress=False)
     assert len(log.step_losses[0]) == 2
-    vlm.save(tmp_path / "ckpt")
-    again = load_vlm(tmp_path / "ckpt", with_encoder=False)
+    assert [Path(c).name for c in log.checkpoints] == ["step-2", "step-3"]
     batch = random_batch(vlm)
-    for ours, theirs in zip(step_answer_logits(vlm, batch), step_answer_logits(again, batch)):
+    again = load_vlm(tmp_path / "periodic" / "step-3", with_encoder=False)  # the last periodic one is the final model
+    for ours, theirs in zip(vlm(batch), again(batch)):
         torch.testing.assert_close(ours, theirs)
+    middle = load_vlm(tmp_path / "periodic" / "step-2", with_encoder=False)
+    assert any(not torch.allclose(a, b) for a, b in zip(vlm(batch), middle(batch)))
     with pytest.raises(DepthkitError, match="checkpoint"):
         load_vlm(tmp_path)
+    with pytest.raises(DepthkitError, match="checkpoint_dir"):
+        train_stage2(vlm, train_set, TrainSettings(steps=1, checkpoint_every=1), num_loops=2, progress=False)
 
 
 def test_stage2_variants_can_start_from_one_lora(tokenizer, fake_features):

@@ -37,6 +37,8 @@ def _register_train(commands) -> None:
     parser.add_argument("--num-pairs", type=int, default=600)
     parser.add_argument("--photo-variants", type=int, default=6)
     parser.add_argument("--eval-examples", type=int, default=None, help="held-out examples scored (default all)")
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="stage 2: save a reloadable checkpoint to <out>-checkpoints/step-N every N steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/vlm", help="checkpoint folder")
     parser.add_argument("--overwrite", action="store_true")
@@ -76,7 +78,8 @@ def run_train(args: argparse.Namespace) -> None:
     if args.stage1_steps:
         logs["stage1"] = train_stage1(vlm, train_set, settings)
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, loss=args.loss,
-                             beta=args.beta, seed=args.seed + 1)
+                             beta=args.beta, seed=args.seed + 1, checkpoint_every=args.checkpoint_every,
+                             checkpoint_dir=f"{Path(args.out)}-checkpoints")
     logs["stage2"] = train_stage2(vlm, train_set, settings, args.loops, args.feedback, not args.shared_connector,
                                   args.lora_rank)
     quality = evaluate_steps(vlm, heldout, args.loops)

@@ -20,8 +20,7 @@ from tqdm import tqdm
 
 from depthkit.analysis.metrics import linear_cka
 from depthkit.vlm.batches import VQABatches
-from depthkit.vlm.model import TEXT_TOKEN, VISION_TOKEN, VisionLanguageModel, VLMBatch
-from depthkit.vlm.train import answer_targets, step_answer_logits
+from depthkit.vlm.model import TEXT_TOKEN, VISION_TOKEN, VisionLanguageModel, VLMBatch, answer_targets
 
 MODALITIES = {"text": TEXT_TOKEN, "vision": VISION_TOKEN}
 
@@ -45,7 +44,7 @@ def evaluate_steps(vlm: VisionLanguageModel, batches: VQABatches, num_loops: int
                                desc=f"evaluate R={num_loops}", disable=not progress):
         mask, targets = answer_targets(batch.labels)
         owner = mask.nonzero()[:, 0]  # which example of the batch each answer token belongs to
-        for step, logits in enumerate(step_answer_logits(vlm, batch, num_loops)):
+        for step, logits in enumerate(vlm(batch, num_loops)):
             nll[step] += F.cross_entropy(logits.float(), targets, reduction="sum").double()
             wrong = torch.zeros(len(indices), dtype=torch.long).index_add_(
                 0, owner, (logits.argmax(-1) != targets).long())

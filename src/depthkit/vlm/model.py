@@ -103,6 +103,13 @@ def encode_example(
                           as_long(labels))
 
 
+def answer_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask over positions 0..L-2 that predict an answer token, and those tokens (in mask order)."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return mask, targets[mask]
+
+
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -183,6 +190,16 @@ class VisionLanguageModel(nn.Module):
         require(not self.recursive.config.coda, "a recursive VLM loops the whole decoder (no coda layers)")
         yield from self.recursive.iter_steps(inputs_embeds=self.input_embeddings(batch), num_loops=num_loops,
                                              modality_ids=batch.token_types, decode_all=False, logits_to_keep=1)
+
+    def forward(self, batch: VLMBatch, num_loops: int | None = None) -> list[torch.Tensor]:
+        """(answer tokens, vocab) logits of every recursion step: what training and scoring read.
+
+        Only answer positions are decoded: the LM head (49k x hidden) over every prompt position
+        would cost as much as the decoder and contributes nothing to the loss. Going through
+        `forward` lets `accelerate` wrap the model (DDP synchronises gradients in its forward).
+        """
+        mask, _ = answer_targets(batch.labels)
+        return [self.decode(step.hidden[:, :-1][mask]) for step in self.steps(batch, num_loops)]
 
     def decode(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head (of any subset of positions)."""

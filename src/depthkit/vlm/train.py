@@ -5,23 +5,28 @@ Stage 2 trains the recursion: the projector, the Recursive Connector (if any) an
 by every loop, with the recursion loss over steps 1..R (`depthkit.recursive.loss`): the
 Monotonic Recursion Loss for RecursiveVLM, the last step only for vanilla recursion.
 
-Only answer tokens are decoded: the LM head (49k x hidden) over every prompt position would cost
-as much as the decoder itself and contributes nothing to the loss.
+The loop is plain PyTorch driven by `accelerate`, like `depthkit.recursive.train`: one CPU, one
+GPU or several processes (`accelerate launch`), each process taking its share of the batches.
+No autocast: the LLM is already bf16 and every trainable module is float32.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from tqdm import tqdm
 
 from depthkit.errors import require
 from depthkit.recursive.loss import recursion_loss
 from depthkit.vlm.batches import VQABatches
-from depthkit.vlm.model import IGNORE_INDEX, VisionLanguageModel, VLMBatch, embedding_norm
+from depthkit.vlm.model import VisionLanguageModel, VLMBatch, answer_targets, embedding_norm
 
 
 @dataclass
@@ -34,6 +39,12 @@ class TrainSettings:
     loss: str = "monotonic"  # monotonic | sum | last (see depthkit.recursive.loss)
     beta: float = 2.0
     seed: int = 0
+    checkpoint_every: int = 0  # save every N optimizer steps and at the end (0 = never)
+    checkpoint_dir: str | None = None  # checkpoints go to <checkpoint_dir>/step-<N> (`load_vlm` reloads them)
+
+    def validate(self) -> None:
+        require(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        require(self.checkpoint_every == 0 or self.checkpoint_dir, "checkpoint_every needs a checkpoint_dir")
 
 
 @dataclass
@@ -43,60 +54,66 @@ class TrainLog:
     trainable_parameters: int = 0
     losses: list[float] = field(default_factory=list)
     step_losses: list[list[float]] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
 
 
-def answer_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask over positions 0..L-2 that predict an answer token, and those tokens (in mask order)."""
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    return mask, targets[mask]
-
-
-def step_answer_logits(vlm: VisionLanguageModel, batch: VLMBatch, num_loops: int | None = None) -> list[torch.Tensor]:
-    """(answer tokens, vocab) logits of every recursion step."""
-    mask, _ = answer_targets(batch.labels)
-    return [vlm.decode(step.hidden[:, :-1][mask]) for step in vlm.steps(batch, num_loops)]
-
-
-def step_token_losses(vlm: VisionLanguageModel, batch: VLMBatch, num_loops: int | None = None) -> list[torch.Tensor]:
-    """Per-answer-token cross-entropy (float32) at every step."""
+def step_token_losses(vlm: torch.nn.Module, batch: VLMBatch, num_loops: int | None = None) -> list[torch.Tensor]:
+    """Per-answer-token cross-entropy (float32) at every step (`vlm` may be accelerate's wrapper)."""
     _, targets = answer_targets(batch.labels)
-    return [F.cross_entropy(logits.float(), targets, reduction="none")
-            for logits in step_answer_logits(vlm, batch, num_loops)]
+    return [F.cross_entropy(logits.float(), targets, reduction="none") for logits in vlm(batch, num_loops)]
 
 
-def train(vlm: VisionLanguageModel, batches: VQABatches, settings: TrainSettings,
-          progress: bool = True, desc: str = "train") -> TrainLog:
+def train(vlm: VisionLanguageModel, batches: VQABatches, settings: TrainSettings, progress: bool = True,
+          desc: str = "train", accelerator: Accelerator | None = None) -> TrainLog:
     """AdamW on the VLM's trainable parameters with linear warm-up and cosine decay."""
+    settings.validate()
     params = vlm.trainable_parameters()
     require(params, "nothing to train: every parameter is frozen")
+    accelerator = accelerator or Accelerator()
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, settings))
+    prepared, optimizer, schedule = accelerator.prepare(vlm, optimizer, schedule)
     log = TrainLog(asdict(settings), trainable_parameters=sum(p.numel() for p in params))
-    vlm.train()
+    prepared.train()
     start = time.perf_counter()
-    bar = tqdm(batches.shuffled(settings.batch_size, settings.steps, settings.seed), total=settings.steps,
-               desc=desc, disable=not progress)
-    for batch in bar:
-        losses = step_token_losses(vlm, batch)
-        mask = torch.ones_like(losses[0], dtype=torch.bool)
-        loss = recursion_loss(losses, mask, settings.loss, settings.beta)
+    bar = tqdm(process_share(batches, settings, accelerator), total=settings.steps, desc=desc,
+               disable=not progress or not accelerator.is_main_process)
+    for step, batch in enumerate(bar, start=1):
+        losses = step_token_losses(prepared, batch.to(accelerator.device))
+        loss = recursion_loss(losses, torch.ones_like(losses[0], dtype=torch.bool), settings.loss, settings.beta)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         log.losses.append(float(loss.detach()))
         log.step_losses.append([float(x.detach().mean()) for x in losses])
         bar.set_postfix(loss=f"{log.losses[-1]:.3f}", last=f"{log.step_losses[-1][-1]:.3f}")
+        save_checkpoint(vlm, step, settings, accelerator, log)
     vlm.eval()
     log.seconds = time.perf_counter() - start
     return log
 
 
-def _lr_factor(step: int, settings: TrainSettings) -> float:
-    import math
+def process_share(batches: VQABatches, settings: TrainSettings, accelerator: Accelerator):
+    """This process's `settings.steps` batches: every process draws the same seeded sequence of
+    steps x processes batches and takes every n-th one, so n processes see n different batches."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    drawn = batches.shuffled(settings.batch_size, settings.steps * world, settings.seed)
+    return itertools.islice(drawn, rank, None, world)
 
+
+def save_checkpoint(vlm: VisionLanguageModel, step: int, settings: TrainSettings, accelerator: Accelerator,
+                    log: TrainLog) -> None:
+    """Every `checkpoint_every` steps and at the last one: a `load_vlm` folder from the main process."""
+    if not settings.checkpoint_every or (step % settings.checkpoint_every and step != settings.steps):
+        return
+    if accelerator.is_main_process:
+        log.checkpoints.append(str(vlm.save(Path(settings.checkpoint_dir) / f"step-{step}", overwrite=True)))
+    accelerator.wait_for_everyone()
+
+
+def _lr_factor(step: int, settings: TrainSettings) -> float:
     if step < settings.warmup:
         return (step + 1) / settings.warmup
     progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
