@@ -66,6 +66,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--beta", type=float, default=2.0, help="Monotonic Recursion Loss penalty (1 = plain sum)")
     parser.add_argument("--scale-init", type=float, default=0.3, help="initial residual scale of the connector")
+    parser.add_argument("--residual", default="embeddings", choices=["embeddings", "previous"],
+                        help="what the connector adds onto: the input embeddings or the previous step's input")
     parser.add_argument("--eval-examples", type=int, default=0,
                         help="held-out examples scored per variant (0 = the whole held-out split)")
     parser.add_argument("--stats-examples", type=int, default=32, help="held-out examples for norm/CKA")
@@ -103,7 +105,7 @@ def main() -> None:
     for name in args.variants.split(","):
         spec = {"num_loops": args.loops, **VARIANTS[name]}
         if spec["feedback"] == "connector":
-            spec["scale_init"] = args.scale_init
+            spec["scale_init"], spec["residual"] = args.scale_init, args.residual
         vlm.projector.load_state_dict(aligned)
         settings = TrainSettings(args.steps, args.batch_size, args.lr, loss=spec.pop("loss"), beta=args.beta,
                                  seed=args.seed + 1)  # the same batches, in the same order, for every variant
@@ -180,7 +182,7 @@ def write_outputs(results: dict, out: Path) -> None:
         "",
         f"Stage 2: {s['steps']} steps x batch {s['batch_size']} per variant, the same batches in the same order "
         f"and the same LoRA start (rank {s['lora_rank']}) for every variant, lr {s['lr']}, beta {s['beta']}, "
-        f"connector scale init {s.get('scale_init', 0.0)}. "
+        f"connector scale init {s.get('scale_init', 0.0)}, residual onto the {s.get('residual', 'embeddings')} input. "
         f"{s['torch_threads']} CPU thread(s); total {results['total_seconds'] / 60:.1f} min.",
         "",
         "## Held-out answer accuracy and answer perplexity per recursion step",
