@@ -18,7 +18,7 @@ Writes benchmarks/results/recursive_vlm.{json,md}, recursive_vlm_accuracy.png, r
 The defaults are the recorded run: first 4 of SmolLM2's 30 layers, stage 1 300 steps, stage 2
 600 steps x batch 8 per variant, the whole held-out split scored (861 examples). With
 `OMP_NUM_THREADS=1` on the 2-core development CPU, shared with another benchmark, it took
-35 minutes: stage 1 1 min, stage 2 4 min for the standard model and 7-10 min for each R = 3
+31-35 minutes: stage 1 1 min, stage 2 4 min for the standard model and 7-10 min for each R = 3
 variant (a step at R = 3 costs 2-3x a step at R = 1: three passes, three decodes, the connector),
 evaluation about 1 min per variant. `--steps` scales the stage-2 time linearly.
 """
@@ -66,7 +66,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--beta", type=float, default=2.0, help="Monotonic Recursion Loss penalty (1 = plain sum)")
     parser.add_argument("--scale-init", type=float, default=0.3, help="initial residual scale of the connector")
-    parser.add_argument("--residual", default="embeddings", choices=["embeddings", "previous"],
+    parser.add_argument("--residual", default="previous", choices=["embeddings", "previous"],
                         help="what the connector adds onto: the input embeddings or the previous step's input")
     parser.add_argument("--eval-examples", type=int, default=0,
                         help="held-out examples scored per variant (0 = the whole held-out split)")
@@ -184,6 +184,7 @@ def write_outputs(results: dict, out: Path) -> None:
         f"and the same LoRA start (rank {s['lora_rank']}) for every variant, lr {s['lr']}, beta {s['beta']}, "
         f"connector scale init {s.get('scale_init', 0.0)}, residual onto the {s.get('residual', 'embeddings')} input. "
         f"{s['torch_threads']} CPU thread(s); total {results['total_seconds'] / 60:.1f} min.",
+        *(["", results["note"]] if results.get("note") else []),
         "",
         "## Held-out answer accuracy and answer perplexity per recursion step",
         "",

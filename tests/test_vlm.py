@@ -85,6 +85,22 @@ def test_encoder_stays_frozen_and_in_eval(encoder):
     assert not any(p.requires_grad for p in encoder.parameters())
 
 
+def test_features_leave_the_random_state_alone_cached_or_not(tmp_path, monkeypatch):
+    """A seeded run must not depend on whether the feature cache existed: building the encoder
+    draws random numbers, so computing features must not advance the caller's generator."""
+    from depthkit.vlm.data import dataset_features
+
+    monkeypatch.setenv("DEPTHKIT_CACHE", str(tmp_path))
+    dataset = build_vqa(VQAConfig(seed=2, num_mnist=4, num_digits=2, num_pairs=2, photo_variants=1))
+    draws = []
+    for _ in ("computed", "cached"):
+        torch.manual_seed(0)
+        dataset_features(dataset, progress=False)
+        draws.append(torch.rand(4))
+    assert any(tmp_path.rglob("features-*.pt"))
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
+
+
 # -- bad images ---------------------------------------------------------------------------------
 
 def test_bad_images_raise_depthkit_error(tmp_path):

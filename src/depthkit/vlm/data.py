@@ -241,7 +241,9 @@ def dataset_features(dataset: VQADataset, encoder=None, image_ids: list[str] | N
     """Frozen-encoder features (49 x 1280, bfloat16) of the dataset's images, computed once and cached.
 
     The encoder never trains, so every training step and every run of the benchmark can reuse the
-    same features: encoding is the slowest part of a step on a CPU otherwise.
+    same features: encoding is the slowest part of a step on a CPU otherwise. Building the encoder
+    draws random numbers (its classifier head is initialised before the weights load), so it runs
+    on a forked RNG: the caller's seeded run is the same whether the features were cached or not.
     """
     from depthkit.vlm.vision import VisionEncoder
 
@@ -250,8 +252,9 @@ def dataset_features(dataset: VQADataset, encoder=None, image_ids: list[str] | N
     cached: dict[str, torch.Tensor] = torch.load(path) if path.exists() else {}
     missing = [i for i in ids if i not in cached]
     if missing:
-        encoder = encoder or VisionEncoder()
-        features = encoder.encode_images([dataset.images[i] for i in missing], batch_size, progress)
+        with torch.random.fork_rng():
+            encoder = encoder or VisionEncoder()
+            features = encoder.encode_images([dataset.images[i] for i in missing], batch_size, progress)
         cached.update(zip(missing, features.to(torch.bfloat16)))
         tmp = path.with_suffix(".tmp")
         torch.save(cached, tmp)
