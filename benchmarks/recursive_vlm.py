@@ -221,14 +221,20 @@ class _Quality:
 
 
 def plot_accuracy(results: dict, path: Path) -> None:
+    """Accuracy and answer perplexity per step; the standard model is the dashed line of its one
+    pass (its looped steps, never trained, would squash the differences that matter)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, variant in results["variants"].items():
+    for index, (name, variant) in enumerate(results["variants"].items()):
         steps = [s["step"] for s in variant["steps"]]
-        axes[0].plot(steps, [s["accuracy"] for s in variant["steps"]], marker="o", label=name)
-        axes[1].plot(steps, [s["perplexity"] for s in variant["steps"]], marker="o", label=name)
+        accuracy, perplexity = [s["accuracy"] for s in variant["steps"]], [s["perplexity"] for s in variant["steps"]]
+        if name == STANDARD:
+            axes[0].axhline(accuracy[0], color=f"C{index}", linestyle="--", label=f"{name}, one pass")
+            axes[1].axhline(perplexity[0], color=f"C{index}", linestyle="--", label=f"{name}, one pass")
+            continue
+        axes[0].plot(steps, accuracy, marker="o", color=f"C{index}", label=name)
+        axes[1].plot(steps, perplexity, marker="o", color=f"C{index}", label=name)
     axes[0].set(xlabel="recursion depth R", ylabel="held-out answer accuracy", title="accuracy vs depth")
-    axes[1].set(xlabel="recursion depth R", ylabel="answer perplexity", title="answer perplexity vs depth",
-                yscale="log")
+    axes[1].set(xlabel="recursion depth R", ylabel="answer perplexity", title="answer perplexity vs depth")
     for ax in axes:
         ax.set_xticks(steps)
         ax.grid(alpha=0.3)
