@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -66,8 +68,24 @@ class TrainSettings:
         require(not unknown, f"unknown trainable part {unknown}; choose from {', '.join(PARTS)}")
         require(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
         require(self.mixed_precision in ("no", "bf16", "fp16"), "mixed precision must be no, bf16 or fp16")
-        require(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        require(self.checkpoint_every == 0 or self.checkpoint_dir, "checkpoint_every needs a checkpoint_dir")
+        check_checkpointing(self.checkpoint_every, self.checkpoint_dir)
+
+
+def check_checkpointing(every: int, folder: str | None) -> None:
+    """The `checkpoint_every` / `checkpoint_dir` pair of a training run (recursive LM or VLM)."""
+    require(every >= 0, f"checkpoint_every must be >= 0, got {every}")
+    require(every == 0 or folder, "checkpoint_every needs a checkpoint_dir")
+
+
+def save_periodic(save: Callable[[Path], Path], step: int, total: int, every: int, folder: str | None,
+                  accelerator: Accelerator) -> str | None:
+    """Every `every` steps and at the last, `save(<folder>/step-<N>)` on the main process while the
+    others wait; returns the folder written (None when nothing was saved on this process)."""
+    if not every or (step % every and step != total):
+        return None
+    written = str(save(Path(folder) / f"step-{step}")) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    return written
 
 
 @dataclass
@@ -154,11 +172,10 @@ def train(model: RecursiveModel, train_blocks: torch.Tensor, eval_blocks: torch.
             bar.write(f"step {step}: held-out perplexity per recursion step " + ", ".join(f"{p:.2f}" for p in ppl))
 
     def save_checkpoint(step: int) -> None:
-        if settings.checkpoint_every and (step % settings.checkpoint_every == 0 or step == settings.steps):
-            if accelerator.is_main_process:
-                folder = model.save_pretrained(Path(settings.checkpoint_dir) / f"step-{step}", overwrite=True)
-                result.checkpoints.append(str(folder))
-            accelerator.wait_for_everyone()
+        folder = save_periodic(partial(model.save_pretrained, overwrite=True), step, settings.steps,
+                               settings.checkpoint_every, settings.checkpoint_dir, accelerator)
+        if folder:
+            result.checkpoints.append(folder)
 
     bar = tqdm(total=settings.steps, desc="recursive train", unit="step", disable=not progress)
     evaluate(0)

@@ -250,7 +250,6 @@ class VisionLanguageModel(nn.Module):
         prompt = EncodedExample(example.input_ids, example.token_types, unlabelled)
         batch = collate([prompt], [self.image_features([image])[0]], self.pad_id).to(device)
         embeddings, types, cache = self.input_embeddings(batch), batch.token_types, DynamicCache()
-        embed = get_adapter(self.language_model).embed_tokens(self.language_model)
         new: list[int] = []
         for _ in range(max_new_tokens):
             *_, last = self.recursive.iter_steps(inputs_embeds=embeddings, num_loops=num_loops, modality_ids=types,
@@ -260,7 +259,7 @@ class VisionLanguageModel(nn.Module):
                 break
             new.append(token)
             next_id = torch.tensor([[token]], device=device)
-            embeddings, types = embed(next_id), torch.full_like(next_id, TEXT_TOKEN)
+            embeddings, types = self.recursive.embed(next_id), torch.full_like(next_id, TEXT_TOKEN)
         return self.tokenizer.decode(new, skip_special_tokens=True).strip()
 
     # -- persistence ------------------------------------------------------------------------

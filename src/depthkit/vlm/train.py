@@ -16,7 +16,7 @@ import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from depthkit.errors import require
 from depthkit.recursive.loss import recursion_loss
+from depthkit.recursive.train import check_checkpointing, save_periodic
 from depthkit.vlm.batches import VQABatches
 from depthkit.vlm.model import VisionLanguageModel, VLMBatch, answer_targets, embedding_norm
 
@@ -43,8 +44,7 @@ class TrainSettings:
     checkpoint_dir: str | None = None  # checkpoints go to <checkpoint_dir>/step-<N> (`load_vlm` reloads them)
 
     def validate(self) -> None:
-        require(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        require(self.checkpoint_every == 0 or self.checkpoint_dir, "checkpoint_every needs a checkpoint_dir")
+        check_checkpointing(self.checkpoint_every, self.checkpoint_dir)
 
 
 @dataclass
@@ -89,7 +89,10 @@ def train(vlm: VisionLanguageModel, batches: VQABatches, settings: TrainSettings
         log.losses.append(float(loss.detach()))
         log.step_losses.append([float(x.detach().mean()) for x in losses])
         bar.set_postfix(loss=f"{log.losses[-1]:.3f}", last=f"{log.step_losses[-1][-1]:.3f}")
-        save_checkpoint(vlm, step, settings, accelerator, log)
+        folder = save_periodic(partial(vlm.save, overwrite=True), step, settings.steps, settings.checkpoint_every,
+                               settings.checkpoint_dir, accelerator)
+        if folder:
+            log.checkpoints.append(folder)
     vlm.eval()
     log.seconds = time.perf_counter() - start
     return log
@@ -101,16 +104,6 @@ def process_share(batches: VQABatches, settings: TrainSettings, accelerator: Acc
     world, rank = accelerator.num_processes, accelerator.process_index
     drawn = batches.shuffled(settings.batch_size, settings.steps * world, settings.seed)
     return itertools.islice(drawn, rank, None, world)
-
-
-def save_checkpoint(vlm: VisionLanguageModel, step: int, settings: TrainSettings, accelerator: Accelerator,
-                    log: TrainLog) -> None:
-    """Every `checkpoint_every` steps and at the last one: a `load_vlm` folder from the main process."""
-    if not settings.checkpoint_every or (step % settings.checkpoint_every and step != settings.steps):
-        return
-    if accelerator.is_main_process:
-        log.checkpoints.append(str(vlm.save(Path(settings.checkpoint_dir) / f"step-{step}", overwrite=True)))
-    accelerator.wait_for_everyone()
 
 
 def _lr_factor(step: int, settings: TrainSettings) -> float:
