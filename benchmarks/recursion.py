@@ -117,8 +117,9 @@ def run_variant(name: str, args, train_ids, eval_ids) -> tuple[RecursiveModel, d
                              connector_lr=args.connector_lr, loss=spec["loss"], trainable=trainable,
                              eval_every=max(1, args.steps), warmup_steps=max(1, args.steps // 10))
     result = train(model, train_ids, None, settings)
-    after = step_perplexities(model, eval_ids, loops)
-    deeper = step_perplexities(model, eval_ids, args.deeper) if loops > 1 and args.deeper > loops else None
+    # one pass to the deepest step: steps 1..R of a deeper run are the R-step run's own steps
+    evaluated = step_perplexities(model, eval_ids, max(loops, args.deeper) if loops > 1 else 1)
+    after, deeper = evaluated[:loops], evaluated if len(evaluated) > loops else None
     print(f"{name}: held-out ppl per step before {fmt(before)} after {fmt(after)} ({result.seconds:.0f} s)", flush=True)
     return model, {"variant": name, "loops": loops, "loss": spec["loss"], "feedback": spec["feedback"],
                    "train_seconds": result.seconds, "seconds_per_step": result.seconds / max(1, args.steps),
