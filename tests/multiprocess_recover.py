@@ -26,3 +26,7 @@ if accelerator.is_main_process:
     saved = AutoModelForCausalLM.from_pretrained(f"{out}/model", dtype=torch.float32)
     print(json.dumps({"processes": accelerator.num_processes, "card_after": card["perplexity_after"],
                       "card_before": card["perplexity_before"], "saved": evaluate(saved, stream[:512], settings)}))
+# Leave the process group before exiting (see multiprocess_vlm.py: a rank exiting while gloo's
+# threads still run can die with "terminate called without an active exception").
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()
