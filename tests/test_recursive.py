@@ -3,6 +3,7 @@ plan, connector, relaxed conversion, KV-cached generation, early exit, losses an
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from depthkit.errors import DepthkitError
 from depthkit.models.adapters import get_adapter
 from depthkit.models.blockwise import block_context
 from depthkit.models.tiny import TINY_ARCHITECTURES, tiny_model
-from depthkit.recursive import RecursiveModel
+from depthkit.recursive import RecursiveModel, truncate_layers
 from depthkit.recursive.generate import generate
 from depthkit.recursive.loss import recursion_loss, step_losses, token_losses
 from depthkit.recursive.relaxed import init_sources, relax, sharing_plan
@@ -200,6 +201,29 @@ def test_rank_zero_is_strict_recursion(arch):
     assert (low(ids()).logits - strict(ids()).logits).abs().max() > 1e-4
 
 
+def test_per_loop_lora_on_a_looped_decoder_starts_exact_and_learns_per_loop():
+    """Without an SVD residual to start from (the whole decoder looped), B = 0 keeps the start
+    exact and a random A lets every loop's B receive its own gradient."""
+    base = tiny_model("llama")
+    strict = RecursiveModel.wrap(base, num_loops=3, feedback="vanilla")(ids()).logits
+    model = RecursiveModel.wrap(base, num_loops=3, feedback="vanilla", loop_lora_rank=2, relaxed_loops=3)
+    torch.testing.assert_close(model(ids()).logits, strict, atol=ATOL, rtol=0)
+    model(ids()).logits.float().pow(2).mean().backward()
+    grads = [model.adapters.relax[f"0_q_proj_loop{loop}"].lora_B.grad for loop in range(3)]
+    assert all(g is not None and g.abs().max() > 0 for g in grads)
+    assert (grads[0] - grads[1]).abs().max() > 0
+
+
+def test_truncation_keeps_the_first_or_evenly_spaced_layers():
+    base = tiny_model("llama", num_layers=6)
+    originals = list(get_adapter(base).layers(base))
+    kept = list(get_adapter(base).layers(truncate_layers(base, 3, pick="stepwise")))
+    assert [originals.index(layer) for layer in kept] == [0, 2, 5]  # round(linspace(0, 5, 3)) = 0, 2.5 -> 2, 5
+    assert [id(m) for m in get_adapter(base).layers(truncate_layers(base, 2))] == [id(originals[0]), id(originals[2])]
+    with pytest.raises(DepthkitError, match="layer pick"):
+        truncate_layers(tiny_model("llama"), 1, pick="last")
+
+
 def test_lora_rank_above_layer_rank_is_an_error():
     with pytest.raises(DepthkitError, match="above the rank"):
         relax(tiny_model("llama", num_layers=4), 2, rank=33)  # k_proj is 32 x 64
@@ -309,3 +333,25 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         RecursiveModel.from_pretrained(tmp_path / "ck", base=tiny_model("qwen3"))
     with pytest.raises(DepthkitError, match="not a recursive model"):
         RecursiveModel.from_pretrained(tmp_path)
+
+
+# -- command line --------------------------------------------------------------------------------
+def test_cli_trains_a_looped_decoder_with_per_loop_lora_and_generates(tmp_path, capsys):
+    from depthkit.cli.main import main
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97} and then some more text" for i in range(400)))
+    data = ["--data", str(text), "--data-split", "all", "--eval-data", str(text), "--eval-data-split", "all"]
+    out = tmp_path / "looped"
+    assert main(["recursive", "train", "--model", "tiny:llama", "--layers", "3", "--layer-pick", "stepwise",
+                 "--loops", "2", "--connector-k", "3", "--loop-lora-rank", "2", "--train", "connector,layers,loop_lora",
+                 "--steps", "2",
+                 "--train-blocks", "4", "--eval-blocks", "2", "--seq-len", "16", "--batch-size", "2",
+                 "--mixed-precision", "no", *data, "--out", str(out)]) == 0
+    model = RecursiveModel.from_pretrained(out)
+    assert model.config.num_base_layers == 3 and model.config.relaxed_loops == 2
+    assert sum(p.abs().sum() for n, p in model.adapters.relax.named_parameters() if "lora_B" in n) > 0  # trained
+    assert main(["recursive", "generate", str(out), "--prompt", "word1 and", "--max-new-tokens", "3",
+                 "--loops", "3", "--json", str(tmp_path / "gen.json")]) == 0
+    generated = json.loads((tmp_path / "gen.json").read_text())
+    assert generated["completion"] and generated["loops"] == 3 and generated["max_steps"] == 3  # deeper than trained

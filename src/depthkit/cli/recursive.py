@@ -15,7 +15,7 @@ from depthkit.models.loading import load_model, load_tokenizer
 from depthkit.recursive.config import FEEDBACKS, FUSIONS, PROJECTIONS, RESIDUALS
 from depthkit.recursive.generate import DEFAULT_THRESHOLD, early_exit_nll, generate
 from depthkit.recursive.loss import LOSSES
-from depthkit.recursive.model import BASE_DIR, RecursiveModel, truncate_layers
+from depthkit.recursive.model import BASE_DIR, LAYER_PICKS, RecursiveModel, truncate_layers
 from depthkit.recursive.relaxed import INITS, SHARINGS, relax
 from depthkit.recursive.train import PARTS, TrainSettings, step_perplexities, train
 from depthkit.utils.io import check_output_dir, format_table, write_json
@@ -33,12 +33,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _register_train(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.set_defaults(dtype="float32")
-    p.add_argument("--layers", type=int, help="keep only the first N layers of the base model (cheap experiments)")
+    p.add_argument("--layers", type=int, help="keep only N layers of the base model (cheap experiments)")
+    p.add_argument("--layer-pick", default="first", choices=LAYER_PICKS,
+                   help="which --layers to keep: the first N, or N evenly spaced ones (the last kept)")
     p.add_argument("--relax", type=int, metavar="K", help="convert to K shared layers (Relaxed Recursive) "
                                                           "instead of looping the whole decoder")
     p.add_argument("--sharing", default="cycle", choices=SHARINGS)
     p.add_argument("--init", default="stepwise", choices=INITS)
-    p.add_argument("--loop-lora-rank", default="0", help="per-loop LoRA rank of the relaxation (int or 'full')")
+    p.add_argument("--loop-lora-rank", default="0",
+                   help="per-loop LoRA rank (int or 'full'): the relaxation's, or one LoRA per loop of the "
+                        "looped decoder without --relax")
     p.add_argument("--feedback", default="connector", choices=FEEDBACKS)
     p.add_argument("--loops", type=int, default=3, help="recursion steps R used in training (and saved default)")
     p.add_argument("--connector-k", type=int, default=4)
@@ -94,15 +98,16 @@ def build_model(args: argparse.Namespace):
     """The base model (optionally truncated), wrapped or relaxed as the arguments say."""
     base, tokenizer = load_model(args.model, args.dtype, args.device)
     if args.layers:
-        truncate_layers(base, args.layers)
+        truncate_layers(base, args.layers, args.layer_pick)
+    rank = _rank(args.loop_lora_rank)
     if args.relax:
-        model = relax(base, args.relax, args.sharing, args.init, _rank(args.loop_lora_rank), args.seed)
+        model = relax(base, args.relax, args.sharing, args.init, rank, args.seed)
     else:
         model = RecursiveModel.wrap(
             base, num_loops=args.loops, feedback=args.feedback, connector_k=args.connector_k,
             connector_layers=_int_list(args.connector_layers), projection=args.projection, fuse=args.fuse,
             residual=args.residual, scale_init=args.scale_init, num_modalities=args.modalities,
-            lora_rank=args.lora_rank)
+            lora_rank=args.lora_rank, loop_lora_rank=rank, relaxed_loops=args.loops if rank else 0)
     return model.to(args.device), tokenizer
 
 

@@ -95,8 +95,11 @@ class LoopAdapters(nn.Module):
             for name in PROJECTIONS:
                 linear = getattr(parts, name)
                 rank = resolve_rank(config.loop_lora_rank, linear, f"layer {layer} {name}")
-                self.relax[lora_key(layer, name, loop)] = LoRA(
-                    linear.in_features, linear.out_features, rank, bias=linear.bias is not None)
+                lora = LoRA(linear.in_features, linear.out_features, rank, bias=linear.bias is not None)
+                # B = 0 keeps the start exact; a non-zero A lets B learn where no SVD init follows
+                # (a whole decoder looped with per-loop LoRA). The relaxed conversion overwrites both.
+                nn.init.kaiming_uniform_(lora.lora_A, a=math.sqrt(5))
+                self.relax[lora_key(layer, name, loop)] = lora
             for name in NORMS:
                 norm = getattr(parts, name)
                 if norm is not None:

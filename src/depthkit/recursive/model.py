@@ -35,6 +35,7 @@ from depthkit.utils.io import atomic_output_dir
 
 BASE_DIR = "base"
 WEIGHTS_FILE = "recursive.safetensors"
+LAYER_PICKS = ("first", "stepwise")
 
 
 @dataclass
@@ -258,13 +259,22 @@ class RecursiveModel(nn.Module):
         self.load_state_dict(state, strict=False)
 
 
-def truncate_layers(base: PreTrainedModel, num_layers: int) -> PreTrainedModel:
-    """Keep the first `num_layers` blocks (+ final norm and head): a cheap small model to study."""
+def truncate_layers(base: PreTrainedModel, num_layers: int, pick: str = "first") -> PreTrainedModel:
+    """Keep `num_layers` blocks (+ final norm and head): a cheap small model to study.
+
+    `pick` = "first" keeps the first ones; "stepwise" keeps evenly spaced ones,
+    `round(linspace(0, N-1, K))`, so the last block (whose features the head expects) stays.
+    """
     adapter = get_adapter(base)
     layers = list(adapter.layers(base))
     if not 1 <= num_layers <= len(layers):
         raise DepthkitError(f"cannot keep {num_layers} layers of a {len(layers)}-layer model")
-    adapter.set_layers(base, layers[:num_layers])
+    require(pick in LAYER_PICKS, f"unknown layer pick '{pick}'; choose from {', '.join(LAYER_PICKS)}")
+    if pick == "first":
+        kept = list(range(num_layers))
+    else:
+        kept = sorted({round(i * (len(layers) - 1) / max(1, num_layers - 1)) for i in range(num_layers)})
+    adapter.set_layers(base, [layers[i] for i in kept])
     return base
 
 
