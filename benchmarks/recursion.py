@@ -9,14 +9,18 @@ About 35 minutes on one thread of the shared 2-core CPU (AVX-512, bf16 autocast)
 9 x 255 held-out tokens one at a time (a few minutes).
 `--steps 2 --eval-blocks 2 --exit-tokens 12` is a two-minute smoke run.
 
-Why the first 6 of SmolLM2's 30 layers: recursion pays when the unique layers are too few for the
-task, which is the regime looped models are for (the same parameters, more compute). The
-truncated model starts broken (held-out perplexity ~4e7: the final norm and head expect layer
-30's features), so every variant first has to heal, and they all heal from the same start with the
-same budget: the comparison is how much the loops add at equal parameters. Looping the intact
-30-layer model instead (`--layers 0`, kept in benchmarks/results/recursion_full_depth.*) leaves
-nothing for later loops to add in a CPU-sized budget: a single pass is already what the model was
-pretrained for, training there turns the connector off and steps 2..R copy step 1.
+Why 6 of SmolLM2's 30 layers: recursion pays when the unique layers are too few for the task,
+which is the regime looped models are for (the same parameters, more compute). Which 6: evenly
+spaced ones (`--pick stepwise`: layers 0, 6, 12, 17, 23, 29, the Stepwise rule of Relaxed Recursive
+Transformers), so the last block, whose features the final norm and head expect, stays. The
+truncated model starts broken all the same (held-out perplexity ~8e6), so every variant first has
+to heal, and they all heal from the same start with the same budget: the comparison is how much
+the loops add at equal parameters. The first 6 layers (`--pick first`, ~4e7 at the start) heal
+worse for every variant, and there the looped model stays 2.2% behind the standard one (kept in
+benchmarks/results/recursion_options/pick_first.*). Looping the intact 30-layer model instead
+(`--layers 0`, benchmarks/results/recursion_full_depth.*) leaves nothing for later loops to add in a
+CPU-sized budget: a single pass is already what the model was pretrained for, training there turns
+the connector off and steps 2..R copy step 1.
 
 Three variants start from the SAME pretrained model and train the SAME decoder weights (plus the
 connector where there is one) on the SAME `austen` calib blocks in the same order, with the same
@@ -54,6 +58,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
 from depthkit.data import DataSpec, token_blocks, token_stream  # noqa: E402
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
@@ -71,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--layers", type=int, default=6, help="keep only the first N blocks (0: all)")
+    p.add_argument("--pick", default="stepwise", choices=["first", "stepwise"],
+                   help="which --layers blocks to keep: the first ones or evenly spaced ones (last block kept)")
+    p.add_argument("--loop-lora", type=int, default=0,
+                   help="rank of a per-loop LoRA (relaxation) on every looped variant, trained with the layers")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model's new weights and the batch order")
     p.add_argument("--loops", type=int, default=4, help="recursion steps R of the recursive variants")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per variant (the shared budget)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -99,22 +109,27 @@ VARIANTS = {
 }
 
 
-def build(args: argparse.Namespace, feedback: str) -> RecursiveModel:
+def build(args: argparse.Namespace, feedback: str, loops: int) -> RecursiveModel:
     base, _ = load_model(args.model, dtype="float32")
     if args.layers:
-        truncate_layers(base, args.layers)
+        truncate_layers(base, args.layers, args.pick)
     options = {"scale_init": args.scale_init, "residual": args.residual} if feedback == "connector" else {}
+    if args.loop_lora and loops > 1:  # at R = 1 a LoRA adds nothing that training the layers cannot
+        options.update(loop_lora_rank=args.loop_lora, relaxed_loops=loops)
     return RecursiveModel.wrap(base, num_loops=args.loops, feedback=feedback, **options)
 
 
 def run_variant(name: str, args, train_ids, eval_ids) -> tuple[RecursiveModel, dict]:
     spec = VARIANTS[name]
     loops = spec.get("loops", args.loops)
-    model = build(args, spec["feedback"])
+    torch.manual_seed(args.seed)  # the connector's and adapters' starting weights
+    model = build(args, spec["feedback"], loops)
     before = step_perplexities(model, eval_ids, loops)
     trainable = ("connector", "layers") if spec["feedback"] == "connector" else ("layers",)
+    if len(model.adapters.relax):
+        trainable += ("loop_lora",)
     settings = TrainSettings(steps=args.steps, loops=loops, batch_size=args.batch_size, lr=args.lr,
-                             connector_lr=args.connector_lr, loss=spec["loss"], trainable=trainable,
+                             connector_lr=args.connector_lr, loss=spec["loss"], trainable=trainable, seed=args.seed,
                              eval_every=max(1, args.steps), warmup_steps=max(1, args.steps // 10))
     result = train(model, train_ids, None, settings)
     # one pass to the deepest step: steps 1..R of a deeper run are the R-step run's own steps
@@ -194,11 +209,33 @@ def plot_steps(ax, variants: list[dict]) -> None:
     ax.legend(fontsize=8)
 
 
+def plot_against_standard(ax, variants: list[dict]) -> None:
+    """Per-step perplexity relative to the standard model, for the looped variants that come within
+    10% of it at some step: the differences that decide the targets, invisible on the full scale."""
+    standard = next((v["ppl_after"][0] for v in variants if v["loops"] == 1), None)
+    for index, v in enumerate(variants):
+        values = v.get("ppl_deeper") or v["ppl_after"]
+        if standard is None or v["loops"] == 1 or min(values) > 1.1 * standard:
+            continue
+        ax.plot(range(1, len(values) + 1), [100 * (p / standard - 1) for p in values], marker="o",
+                color=f"C{index - 1}", label=f"{v['variant']} (R={v['loops']})")
+        if len(values) > v["loops"]:
+            ax.axvline(v["loops"], color="gray", linestyle=":", linewidth=0.8)
+    ax.axhline(0, linestyle="--", color="gray", label="standard (R=1)")
+    ax.set_xlabel("recursion step")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel("held-out perplexity vs standard (%)")
+    ax.set_title("Zoom: against the standard model (below 0: better)")
+    ax.legend(fontsize=8)
+
+
 def plot(variants: list[dict], early: list[dict], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2 if early else 1, figsize=(11 if early else 6, 4), squeeze=False)
+    panels = 3 if early else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     plot_steps(axes[0][0], variants)
+    plot_against_standard(axes[0][1], variants)
     if early:
-        ax = axes[0][1]
+        ax = axes[0][2]
         points = early[1:]
         ax.plot([100 * r["loops_saved"] for r in points], [r["ppl_cost_pct"] for r in points], marker="o")
         for r in points:
@@ -220,7 +257,11 @@ def markdown(result: dict) -> str:
             for v in result["variants"]]
     columns = ["variant", "R", "loss"] + [f"ppl step {i + 1}" for i in range(loops)]
     columns += ["ppl before training (per step)", "s/step"]
-    layers = "all layers" if not settings["layers"] else f"first {settings['layers']} layers"
+    layers = "all layers" if not settings["layers"] else (
+        f"{settings['layers']} evenly spaced layers" if settings.get("pick") == "stepwise"
+        else f"first {settings['layers']} layers")
+    relaxed = (f" Every looped variant also trains a rank-{settings['loop_lora']} LoRA per loop."
+               if settings.get("loop_lora") else "")
     lines = ["# Recursive transformers: standard vs vanilla vs RecursiveVLM", "",
              f"Model: {settings['model']} ({layers}, float32 weights, bf16 autocast); per variant "
              f"{settings['steps']} AdamW steps x {settings['batch_size']} x {settings['seq_len']} tokens of austen "
@@ -228,7 +269,8 @@ def markdown(result: dict) -> str:
              f"(connector {settings['connector_lr']:g}), cosine schedule, embeddings/head frozen. "
              f"Held-out: {settings['eval_blocks']} x {settings['seq_len']} tokens of austen:persuasion (heldout). "
              f"Connector: residual onto the {settings['residual']} input, scale initialised at "
-             f"{settings['scale_init']:g}. The standard model uses 1/R of the recursive models' compute per step.", "",
+             f"{settings['scale_init']:g}. The standard model uses 1/R of the recursive models' compute per step."
+             f"{relaxed}", "",
              format_table(rows, columns), ""]
     for check, ok in result["checks"].items():
         lines.append(f"- {check}: **{'yes' if ok else 'no'}**")
