@@ -21,12 +21,22 @@ The defaults are the recorded run: first 4 of SmolLM2's 30 layers, stage 1 300 s
 31-35 minutes: stage 1 1 min, stage 2 4 min for the standard model and 7-10 min for each R = 3
 variant (a step at R = 3 costs 2-3x a step at R = 1: three passes, three decodes, the connector),
 evaluation about 1 min per variant. `--steps` scales the stage-2 time linearly.
+
+One seed's differences are the size of its noise (the standard model alone moved 0.764 <-> 0.779
+with the projector's random start), so `--seeds 0,1,2` runs the benchmark once per seed (its own
+split, starts and batch order; ~31 min each) and checks the targets on the mean paired
+differences over seeds: recursive_vlm_seeds.{json,md}, recursive_vlm_seeds_accuracy.png. A seed
+whose finished run is already in recursive_vlm_seeds/seed<N>/ with the same settings is reused, so
+seeds can also run as separate jobs (`--seeds 1 --out benchmarks/results/recursive_vlm_seeds/seed1`)
+before one `--seeds 0,1,2` run sums them up.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import math
 import time
 from pathlib import Path
 
@@ -72,9 +82,16 @@ def parse_args() -> argparse.Namespace:
                         help="held-out examples scored per variant (0 = the whole held-out split)")
     parser.add_argument("--stats-examples", type=int, default=32, help="held-out examples for norm/CKA")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated seeds; with several, each seed's run goes to "
+                             "<out>/recursive_vlm_seeds/seed<N>/ (reused when its settings match) and the "
+                             "targets are checked on the means over seeds")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    try:
+        args.seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got '{args.seeds}'")
     unknown = [name for name in args.variants.split(",") if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant '{unknown[0]}'; choose from: {', '.join(VARIANTS)}")
@@ -83,6 +100,39 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if len(args.seeds) == 1:
+        run_seed(args, args.seeds[0], Path(args.out))
+        return
+    runs = {}
+    for seed in args.seeds:
+        folder = Path(args.out) / "recursive_vlm_seeds" / f"seed{seed}"
+        runs[seed] = reusable_run(args, folder) or run_seed(args, seed, folder)
+    write_seed_summary(runs, Path(args.out))
+
+
+def comparable_settings(settings: dict) -> dict:
+    """The settings that decide a run's results (not where it was written or how many threads ran it)."""
+    return {k: v for k, v in settings.items() if k not in ("seed", "seeds", "out", "torch_threads")}
+
+
+def reusable_run(args: argparse.Namespace, folder: Path) -> dict | None:
+    """A finished earlier run of the same settings in `folder` (so seeds can run as separate jobs)."""
+    path = folder / "recursive_vlm.json"
+    if not path.exists():
+        return None
+    results = json.loads(path.read_text())
+    wanted = comparable_settings(vars(args))
+    finished = set(results["variants"]) == set(args.variants.split(","))
+    if not finished or comparable_settings(results["settings"]) != wanted:
+        print(f"{path}: another setting or unfinished; running it again")
+        return None
+    print(f"{path}: reusing the finished run")
+    return results
+
+
+def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
+    """The whole benchmark for one seed (data split, stage-1 start, LoRA start, batch order)."""
+    args = argparse.Namespace(**{**vars(args), "seed": seed})
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     dataset = build_vqa(VQAConfig(seed=args.seed, num_mnist=1200, num_digits=300, num_pairs=600, photo_variants=6))
@@ -123,7 +173,8 @@ def main() -> None:
         print(format_table([_row(name, q) for q in quality]))
         results["targets"] = check_targets(results["variants"])
         results["total_seconds"] = time.perf_counter() - start
-        write_outputs(results, Path(args.out))  # after every variant: a long run leaves usable results
+        write_outputs(results, out)  # after every variant: a long run leaves usable results
+    return results
 
 
 def check_targets(variants: dict) -> list[dict]:
@@ -154,6 +205,97 @@ def check_targets(variants: dict) -> list[dict]:
         for step, (specific, shared) in enumerate(zip(accuracy[SPECIFIC], accuracy[SHARED]), start=1):
             add("(b) specific >= shared", SPECIFIC, step, specific, shared)
     return rows
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error over seeds (0 for one seed)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(variance / len(values))
+
+
+def seed_differences(runs: dict[int, dict]) -> list[dict]:
+    """The targets' comparisons as paired differences per seed (same data, start and batches within a
+    seed), with their mean and standard error over seeds; a target is met when the mean difference is."""
+    rows = []
+    for target in ("(a) above standard R=1", "(a) above vanilla, same step", "(a) not below step r-1",
+                   "(b) specific >= shared"):
+        keys = sorted({(r["variant"], r["step"]) for run in runs.values() for r in run["targets"]
+                       if r["target"] == target})
+        for variant, step in keys:
+            found = [r["difference"] for run in runs.values() for r in run["targets"]
+                     if (r["target"], r["variant"], r["step"]) == (target, variant, step)]
+            mean, se = mean_and_se(found)
+            strict = not (target.startswith("(b)") or "not below" in target)
+            rows.append({"target": target, "variant": variant, "step": step, "mean difference": mean,
+                         "SE": se, "seeds met": sum(d > 0 if strict else d >= 0 for d in found),
+                         "seeds": len(found), "met (mean)": mean > 0 if strict else mean >= 0})
+    return rows
+
+
+def write_seed_summary(runs: dict[int, dict], out: Path) -> None:
+    """Mean accuracy per variant and step over seeds, the paired target differences, and a plot."""
+    names = list(next(iter(runs.values()))["variants"])
+    table = []
+    for name in names:
+        steps = 1 if name == STANDARD else len(next(iter(runs.values()))["variants"][name]["steps"])
+        for step in range(steps):
+            accuracy = [run["variants"][name]["steps"][step]["accuracy"] for run in runs.values()]
+            perplexity = [run["variants"][name]["steps"][step]["perplexity"] for run in runs.values()]
+            mean, se = mean_and_se(accuracy)
+            table.append({"variant": name, "step": step + 1, "mean accuracy": mean, "SE": se,
+                          "per seed": " / ".join(f"{a:.3f}" for a in accuracy),
+                          "mean answer ppl": sum(perplexity) / len(perplexity)})
+    summary = {"seeds": list(runs), "settings": comparable_settings(next(iter(runs.values()))["settings"]),
+               "accuracy": table, "targets": seed_differences(runs),
+               "minutes": sum(run["total_seconds"] for run in runs.values()) / 60}
+    write_json(out / "recursive_vlm_seeds.json", summary)
+    lines = [f"# Recursive VLM over {len(runs)} seeds ({', '.join(map(str, runs))})", "",
+             "Each seed draws its own train/held-out split, stage-1 projector start, LoRA start and batch order; "
+             "within a seed every variant shares them. Settings as in recursive_vlm.md; per-seed results in "
+             f"recursive_vlm_seeds/seed<N>/. Total {summary['minutes']:.0f} min of runs.", "",
+             "## Held-out answer accuracy per recursion step (mean over seeds, standard error)", "",
+             format_table(table), "",
+             "## Targets as paired differences (variant minus reference, per seed)", "",
+             "A target is met when the mean paired difference is (> 0, or >= 0 for 'not below' and (b)); 'seeds "
+             "met' counts the seeds where it holds alone. A mean under two standard errors is within seed noise.",
+             "", format_table(summary["targets"])]
+    (out / "recursive_vlm_seeds.md").write_text("\n".join(lines) + "\n")
+    plot_seed_accuracy(table, summary["targets"], out / "recursive_vlm_seeds_accuracy.png", len(runs))
+
+
+def plot_seed_accuracy(table: list[dict], targets: list[dict], path: Path, seeds: int) -> None:
+    """Mean accuracy per step (left) and the paired difference to the standard model (right), which
+    is what target (a) is decided on and what the per-variant error bars hide."""
+    fig, (ax, diff) = plt.subplots(1, 2, figsize=(11, 4))
+    colours = {name: f"C{index}" for index, name in enumerate(dict.fromkeys(row["variant"] for row in table))}
+    for name in (SHARED, SPECIFIC):
+        rows = [r for r in targets if r["target"] == "(a) above standard R=1" and r["variant"] == name]
+        diff.errorbar([r["step"] for r in rows], [100 * r["mean difference"] for r in rows],
+                      yerr=[100 * r["SE"] for r in rows], marker="o", capsize=3, color=colours.get(name), label=name)
+    diff.axhline(0, color=colours.get(STANDARD), linestyle="--", label=STANDARD)
+    diff.set(xlabel="recursion depth R", ylabel="accuracy minus the standard model's (points)",
+             title="paired difference to the standard model (bars: SE)")
+    diff.xaxis.get_major_locator().set_params(integer=True)
+    diff.grid(alpha=0.3)
+    diff.legend(fontsize=8)
+    for index, name in enumerate(dict.fromkeys(row["variant"] for row in table)):
+        rows = [row for row in table if row["variant"] == name]
+        if name == STANDARD:
+            mean, se = rows[0]["mean accuracy"], rows[0]["SE"]
+            ax.axhline(mean, color=f"C{index}", linestyle="--", label=f"{name}, one pass")
+            ax.axhspan(mean - se, mean + se, color=f"C{index}", alpha=0.15)
+            continue
+        ax.errorbar([r["step"] for r in rows], [r["mean accuracy"] for r in rows], yerr=[r["SE"] for r in rows],
+                    marker="o", capsize=3, color=f"C{index}", label=name)
+    ax.set(xlabel="recursion depth R", ylabel="held-out answer accuracy",
+           title=f"accuracy vs depth, mean over {seeds} seeds (bars: SE)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
 
 
 def _row(name: str, quality) -> dict:
