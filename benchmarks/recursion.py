@@ -37,6 +37,10 @@ optimizer, learning rate schedule and number of optimizer steps (the shared budg
 Embeddings and LM head stay frozen (tied weights: training them would change the input space the
 connector adds onto). Held-out perplexity (`austen:persuasion`, heldout split, never trained on)
 is measured at every step 1..R before and after training.
+`--loop-lora R` adds a per-loop LoRA (Relaxed Recursive Transformers' relaxation, zero start) to
+every looped variant. `--seed N` changes the batch order and the new weights' start; one seed's
+margins here are smaller than the seed-to-seed spread (the standard model alone moves 4%), so
+compare variants within a seed (runs of other seeds: benchmarks/results/recursion_options/).
 
 Early exit (Huginn-style KL between consecutive steps' next-token distributions) is measured on
 the RecursiveVLM model by decoding held-out text token by token with the KV cache (skipped steps
