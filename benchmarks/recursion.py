@@ -67,7 +67,9 @@ import torch  # noqa: E402
 from depthkit.data import DataSpec, token_blocks, token_stream  # noqa: E402
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.recursive import RecursiveModel, truncate_layers  # noqa: E402
+from depthkit.recursive.config import RESIDUALS  # noqa: E402
 from depthkit.recursive.generate import early_exit_nll  # noqa: E402
+from depthkit.recursive.model import LAYER_PICKS  # noqa: E402
 from depthkit.recursive.train import TrainSettings, step_perplexities, train  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
@@ -79,8 +81,8 @@ SAVE_TARGET, COST_TARGET = 0.30, 2.0  # early exit: >= 30% of loops saved at < 2
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--layers", type=int, default=6, help="keep only the first N blocks (0: all)")
-    p.add_argument("--pick", default="stepwise", choices=["first", "stepwise"],
+    p.add_argument("--layers", type=int, default=6, help="keep only N blocks (0: all), chosen by --pick")
+    p.add_argument("--pick", default="stepwise", choices=LAYER_PICKS,
                    help="which --layers blocks to keep: the first ones or evenly spaced ones (last block kept)")
     p.add_argument("--loop-lora", type=int, default=0,
                    help="rank of a per-loop LoRA (relaxation) on every looped variant, trained with the layers")
@@ -93,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connector-lr", type=float, default=1e-3)
     p.add_argument("--scale-init", type=float, default=0.1,
                    help="initial connector residual scale (0 makes steps 2..R exact copies of step 1 at the start)")
-    p.add_argument("--residual", default="previous", choices=["embeddings", "previous"],
+    p.add_argument("--residual", default="previous", choices=RESIDUALS,
                    help="what the connector adds onto: the original embeddings or the previous step's input")
     p.add_argument("--deeper", type=int, default=8,
                    help="after training, also evaluate the recursive variants at 1..N steps (any depth at inference)")
@@ -217,12 +219,13 @@ def plot_against_standard(ax, variants: list[dict]) -> None:
     """Per-step perplexity relative to the standard model, for the looped variants that come within
     10% of it at some step: the differences that decide the targets, invisible on the full scale."""
     standard = next((v["ppl_after"][0] for v in variants if v["loops"] == 1), None)
-    for index, v in enumerate(variants):
+    looped = [v for v in variants if v["loops"] > 1]  # in plot_steps' colour order
+    for index, v in enumerate(looped):
         values = v.get("ppl_deeper") or v["ppl_after"]
-        if standard is None or v["loops"] == 1 or min(values) > 1.1 * standard:
+        if standard is None or min(values) > 1.1 * standard:
             continue
         ax.plot(range(1, len(values) + 1), [100 * (p / standard - 1) for p in values], marker="o",
-                color=f"C{index - 1}", label=f"{v['variant']} (R={v['loops']})")
+                color=f"C{index}", label=f"{v['variant']} (R={v['loops']})")
         if len(values) > v["loops"]:
             ax.axvline(v["loops"], color="gray", linestyle=":", linewidth=0.8)
     ax.axhline(0, linestyle="--", color="gray", label="standard (R=1)")

@@ -46,6 +46,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from depthkit.recursive.config import RESIDUALS  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
 from depthkit.vlm.batches import VQABatches  # noqa: E402
@@ -76,7 +77,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--beta", type=float, default=2.0, help="Monotonic Recursion Loss penalty (1 = plain sum)")
     parser.add_argument("--scale-init", type=float, default=0.3, help="initial residual scale of the connector")
-    parser.add_argument("--residual", default="previous", choices=["embeddings", "previous"],
+    parser.add_argument("--residual", default="previous", choices=RESIDUALS,
                         help="what the connector adds onto: the input embeddings or the previous step's input")
     parser.add_argument("--eval-examples", type=int, default=0,
                         help="held-out examples scored per variant (0 = the whole held-out split)")
@@ -237,10 +238,10 @@ def seed_differences(runs: dict[int, dict]) -> list[dict]:
 
 def write_seed_summary(runs: dict[int, dict], out: Path) -> None:
     """Mean accuracy per variant and step over seeds, the paired target differences, and a plot."""
-    names = list(next(iter(runs.values()))["variants"])
+    first = next(iter(runs.values()))
     table = []
-    for name in names:
-        steps = 1 if name == STANDARD else len(next(iter(runs.values()))["variants"][name]["steps"])
+    for name, variant in first["variants"].items():
+        steps = 1 if name == STANDARD else len(variant["steps"])
         for step in range(steps):
             accuracy = [run["variants"][name]["steps"][step]["accuracy"] for run in runs.values()]
             perplexity = [run["variants"][name]["steps"][step]["perplexity"] for run in runs.values()]
@@ -248,7 +249,7 @@ def write_seed_summary(runs: dict[int, dict], out: Path) -> None:
             table.append({"variant": name, "step": step + 1, "mean accuracy": mean, "SE": se,
                           "per seed": " / ".join(f"{a:.3f}" for a in accuracy),
                           "mean answer ppl": sum(perplexity) / len(perplexity)})
-    summary = {"seeds": list(runs), "settings": comparable_settings(next(iter(runs.values()))["settings"]),
+    summary = {"seeds": list(runs), "settings": comparable_settings(first["settings"]),
                "accuracy": table, "targets": seed_differences(runs),
                "minutes": sum(run["total_seconds"] for run in runs.values()) / 60}
     write_json(out / "recursive_vlm_seeds.json", summary)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -270,12 +271,15 @@ def truncate_layers(base: PreTrainedModel, num_layers: int, pick: str = "first")
     if not 1 <= num_layers <= len(layers):
         raise DepthkitError(f"cannot keep {num_layers} layers of a {len(layers)}-layer model")
     require(pick in LAYER_PICKS, f"unknown layer pick '{pick}'; choose from {', '.join(LAYER_PICKS)}")
-    if pick == "first":
-        kept = list(range(num_layers))
-    else:
-        kept = sorted({round(i * (len(layers) - 1) / max(1, num_layers - 1)) for i in range(num_layers)})
+    kept = list(range(num_layers)) if pick == "first" else stepwise_picks(0, len(layers) - 1, num_layers)
     adapter.set_layers(base, [layers[i] for i in kept])
     return base
+
+
+def stepwise_picks(first: int, last: int, count: int) -> list[int]:
+    """`count` evenly spaced layer indices from `first` to `last`, both kept: `round(linspace(...))`
+    (the Stepwise rule of Relaxed Recursive Transformers)."""
+    return np.round(np.linspace(first, last, count)).astype(int).tolist()
 
 
 def load_base(folder: Path, dtype: str | torch.dtype = "float32") -> PreTrainedModel:

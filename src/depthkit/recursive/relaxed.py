@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -27,7 +26,7 @@ from depthkit.errors import require
 from depthkit.models.adapters import get_adapter
 from depthkit.recursive.config import RecursiveConfig
 from depthkit.recursive.lora import NORMS, PROJECTIONS, lora_key
-from depthkit.recursive.model import RecursiveModel
+from depthkit.recursive.model import RecursiveModel, stepwise_picks
 
 SHARINGS = ("cycle", "sequence", "middle")
 INITS = ("stepwise", "lower", "average", "random")
@@ -77,7 +76,7 @@ def init_sources(plan: SharingPlan, init: str) -> dict[int, list[int]]:
     tied = [i for k in plan.block for i in plan.tied(k)]
     first, last = min(tied), max(tied)
     if init == "stepwise":
-        picks = np.round(np.linspace(first, last, len(plan.block))).astype(int).tolist()
+        picks = stepwise_picks(first, last, len(plan.block))
     else:
         picks = list(range(first, first + len(plan.block)))
     for index, k in enumerate(plan.block):
