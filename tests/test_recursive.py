@@ -237,6 +237,18 @@ def test_bad_loops_are_errors():
 
 
 # -- generation --------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_kept_ends_run_once_around_the_loop(arch):
+    base = tiny_model(arch)
+    model = RecursiveModel.wrap(base, num_loops=3, feedback="vanilla", ends=1)
+    assert (model.config.prelude, model.config.block, model.config.coda) == ([0], [1, 2], [3])
+    torch.testing.assert_close(model(ids(), num_loops=1).logits, base(ids()).logits, atol=ATOL, rtol=0)
+    reference = looped_reference(base, [0, 1, 2, 1, 2, 1, 2, 3])  # the coda once, after the decoded step
+    torch.testing.assert_close(model(ids(), num_loops=3).logits, reference, atol=ATOL, rtol=0)
+    with pytest.raises(DepthkitError, match=r"ends must be an integer in 0..1"):
+        RecursiveModel.wrap(base, ends=2)
+
+
 def connector_model(arch: str) -> RecursiveModel:
     model = RecursiveModel.wrap(tiny_model(arch), num_loops=3)
     with torch.no_grad():
@@ -247,7 +259,9 @@ def connector_model(arch: str) -> RecursiveModel:
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_cached_generation_equals_uncached_greedy(arch):
     prompt = ids(1, 6)
-    for model in (connector_model(arch), relax(tiny_model(arch, num_layers=6), 4, "middle", rank=2)):
+    ends = RecursiveModel.wrap(tiny_model(arch), num_loops=3, ends=1, connector_k=2, scale_init=0.7,
+                               residual="previous")  # a prelude and a coda around a connector loop
+    for model in (connector_model(arch), relax(tiny_model(arch, num_layers=6), 4, "middle", rank=2), ends):
         cached = generate(model, prompt, 8)
         uncached = generate(model, prompt, 8, use_cache=False)
         assert cached.new_tokens == uncached.new_tokens
@@ -336,7 +350,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 
 # -- command line --------------------------------------------------------------------------------
-def test_cli_trains_a_looped_decoder_with_per_loop_lora_and_generates(tmp_path, capsys):
+def test_cli_trains_a_looped_middle_with_per_loop_lora_and_generates(tmp_path, capsys):
     from depthkit.cli.main import main
 
     text = tmp_path / "text.txt"
@@ -344,12 +358,13 @@ def test_cli_trains_a_looped_decoder_with_per_loop_lora_and_generates(tmp_path, 
     data = ["--data", str(text), "--data-split", "all", "--eval-data", str(text), "--eval-data-split", "all"]
     out = tmp_path / "looped"
     assert main(["recursive", "train", "--model", "tiny:llama", "--layers", "3", "--layer-pick", "stepwise",
-                 "--loops", "2", "--connector-k", "3", "--loop-lora-rank", "2", "--train", "connector,layers,loop_lora",
-                 "--steps", "2",
-                 "--train-blocks", "4", "--eval-blocks", "2", "--seq-len", "16", "--batch-size", "2",
+                 "--loops", "2", "--ends", "1", "--connector-k", "1", "--loop-lora-rank", "2",
+                 "--train", "connector,layers,loop_lora", "--steps", "2", "--interleave", "--train-blocks", "4",
+                 "--eval-blocks", "2", "--seq-len", "16", "--batch-size", "2",
                  "--mixed-precision", "no", *data, "--out", str(out)]) == 0
     model = RecursiveModel.from_pretrained(out)
     assert model.config.num_base_layers == 3 and model.config.relaxed_loops == 2
+    assert (model.config.prelude, model.config.block, model.config.coda) == ([0], [1], [2])
     assert sum(p.abs().sum() for n, p in model.adapters.relax.named_parameters() if "lora_B" in n) > 0  # trained
     assert main(["recursive", "generate", str(out), "--prompt", "word1 and", "--max-new-tokens", "3",
                  "--loops", "3", "--json", str(tmp_path / "gen.json")]) == 0

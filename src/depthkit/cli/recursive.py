@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from depthkit.cli.common import add_data_args, add_model_args, data_spec, report
-from depthkit.data import token_blocks, token_stream
+from depthkit.data import interleaved_blocks, token_blocks, token_stream
 from depthkit.errors import DepthkitError
 from depthkit.models.loading import load_model, load_tokenizer
 from depthkit.recursive.config import FEEDBACKS, FUSIONS, PROJECTIONS, RESIDUALS
@@ -45,6 +45,9 @@ def _register_train(p: argparse.ArgumentParser) -> None:
                         "looped decoder without --relax")
     p.add_argument("--feedback", default="connector", choices=FEEDBACKS)
     p.add_argument("--loops", type=int, default=3, help="recursion steps R used in training (and saved default)")
+    p.add_argument("--ends", type=int, default=0,
+                   help="without --relax: run the first and last N layers once (prelude, and coda after every "
+                        "step) and loop only the layers between")
     p.add_argument("--connector-k", type=int, default=4)
     p.add_argument("--connector-layers", help="comma-separated block positions (0-based) the connector reads")
     p.add_argument("--projection", default="linear", choices=PROJECTIONS)
@@ -62,6 +65,9 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--train-blocks", type=int, default=400, help="training blocks of --seq-len tokens")
     p.add_argument("--eval-blocks", type=int, default=8, help="held-out blocks evaluated every --eval-every steps")
+    p.add_argument("--interleave", action="store_true",
+                   help="take the training and held-out blocks in turn from every document of the corpus "
+                        "(default: the first blocks of the documents concatenated)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--connector-lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=50)
@@ -104,7 +110,7 @@ def build_model(args: argparse.Namespace):
         model = relax(base, args.relax, args.sharing, args.init, rank, args.seed)
     else:
         model = RecursiveModel.wrap(
-            base, num_loops=args.loops, feedback=args.feedback, connector_k=args.connector_k,
+            base, num_loops=args.loops, feedback=args.feedback, ends=args.ends, connector_k=args.connector_k,
             connector_layers=_int_list(args.connector_layers), projection=args.projection, fuse=args.fuse,
             residual=args.residual, scale_init=args.scale_init, num_modalities=args.modalities,
             lora_rank=args.lora_rank, loop_lora_rank=rank, relaxed_loops=args.loops if rank else 0)
@@ -121,10 +127,9 @@ def run_train(args: argparse.Namespace) -> None:
                         (t.strip() != "connector" or model.connector is not None)),
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision, seed=args.seed)
     settings.validate()
-    train_ids = None
-    if args.steps:
-        train_ids = token_blocks(tokenizer, data_spec(args, "--data"), args.train_blocks, args.seq_len)
-    eval_ids = token_blocks(tokenizer, data_spec(args, "--eval-data"), args.eval_blocks, args.seq_len)
+    blocks = interleaved_blocks if args.interleave else token_blocks
+    train_ids = blocks(tokenizer, data_spec(args, "--data"), args.train_blocks, args.seq_len) if args.steps else None
+    eval_ids = blocks(tokenizer, data_spec(args, "--eval-data"), args.eval_blocks, args.seq_len)
     result = train(model, train_ids, eval_ids, settings) if args.steps else None
     model.config.num_loops = args.loops
     model.save_pretrained(args.out, tokenizer, args.overwrite)

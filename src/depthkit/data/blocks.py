@@ -58,6 +58,34 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, spec: DataSpec) -> torch.Te
     return torch.tensor(ids[spec.offset :], dtype=torch.long)
 
 
+def interleaved_blocks(
+    tokenizer: PreTrainedTokenizerBase, spec: DataSpec, num_blocks: int, block_len: int
+) -> torch.Tensor:
+    """`num_blocks` blocks of `block_len` tokens shared equally among the corpus' documents, in turn
+    (document 1's first block, document 2's first block, ...), shape (n, len).
+
+    `token_blocks` takes the first tokens of the concatenated split, so a few hundred blocks of a
+    six-novel corpus are all the first novel; training on them and evaluating on another novel
+    measures transfer between books as much as the model. Here every prefix of the result covers
+    every document. `spec.offset` skips tokens at the start of each document.
+    """
+    if num_blocks < 1 or block_len < 2:
+        raise DepthkitError(f"need at least 1 block of 2 tokens, got {num_blocks} x {block_len}")
+    documents = split_documents(spec.corpus, spec.split)
+    shares = [num_blocks // len(documents) + (i < num_blocks % len(documents)) for i in range(len(documents))]
+    per_document = []
+    for doc, share in zip(documents, shares):
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"][spec.offset :]
+        if len(ids) < share * block_len:
+            raise DepthkitError(
+                f"text too short: asked for {share} x {block_len} tokens from '{doc.name}' of {spec.describe()} "
+                f"(an equal share of {num_blocks} blocks), but it has {len(ids)}"
+            )
+        per_document.append(torch.tensor(ids[: share * block_len], dtype=torch.long).view(share, block_len))
+    order = [blocks[i] for i in range(max(shares)) for blocks in per_document if i < len(blocks)]
+    return torch.stack(order)
+
+
 def token_blocks(
     tokenizer: PreTrainedTokenizerBase, spec: DataSpec, num_blocks: int, block_len: int
 ) -> torch.Tensor:
