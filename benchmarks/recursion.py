@@ -1,12 +1,14 @@
 """Recursive transformers on the pretrained SmolLM2: standard vs vanilla recursion vs RecursiveVLM.
 
-One command (the defaults are the setting behind benchmarks/results/recursion.*):
+One command (the defaults are the setting behind benchmarks/results/recursion.*, seed 0; the
+four-seed summary benchmarks/results/recursion_seeds.* adds `--seeds 0,1,2,3`):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/recursion.py
 
-About 35 minutes on one thread of the shared 2-core CPU (AVX-512, bf16 autocast): training takes
-1 s/step for the standard model, 1.5 s/step for vanilla and 3 s/step for RecursiveVLM at R = 4
-(5 + 8 + 15 minutes), held-out evaluation a minute, and the early-exit sweep decodes
-9 x 255 held-out tokens one at a time (a few minutes).
+About 32 minutes a seed on one thread of the shared 2-core CPU (AVX-512, bf16 autocast), two
+seeds at a time: training takes 1.1 s/step for the standard model, 1.6 s/step for vanilla and
+2.9 s/step for RecursiveVLM at R = 4 (5 + 8 + 15 minutes), held-out evaluation a minute, and the
+early-exit sweep decodes 9 x 255 held-out tokens one at a time (a few minutes). `--seeds 0,1,2,3`,
+the recorded setting, is four of these (two jobs of two seeds: about an hour).
 `--steps 2 --eval-blocks 2 --exit-tokens 12` is a two-minute smoke run.
 
 Why 6 of SmolLM2's 30 layers: recursion pays when the unique layers are too few for the task,
@@ -27,7 +29,8 @@ prelude) and layer 29 once after every decoded step (a coda), as in Huginn's pre
 core / coda and the MIDDLE sharing of Relaxed Recursive Transformers: the loop feeds hidden
 states back into mid-stack layers, and the layers that read embeddings or write for the LM head
 keep their one job. At R = 1 this is the same computation as the plain model, so the standard
-variant does not change. `--ends 0` loops all 6 kept layers.
+variant does not change. `--ends 0` loops all 6 kept layers (four seeds of it:
+benchmarks/results/recursion_options/interleaved_whole_loop_seeds.*).
 
 Three variants start from the SAME pretrained model and train the SAME decoder weights (plus the
 connector where there is one) on the SAME `austen` calib blocks in the same order, with the same
@@ -36,7 +39,8 @@ are taken in turn from all six novels (`--data interleaved`), and held-out perpl
 on the six novels' heldout splits (the last 20% of each book, never trained on), so the held-out
 text comes from the distribution trained on. `--data first` is the earlier setting: the first
 calib blocks, which are all from the start of Emma, evaluated on Persuasion's heldout split, which
-also measures how a lead won on one book carries over to another. The variants:
+also measures how a lead won on one book carries over to another (four seeds of it, whole loop:
+benchmarks/results/recursion_options/data_first_seeds.*). The variants:
   - standard:       R = 1, plain next-token loss (so 1/R of the compute of the recursive ones);
   - vanilla:        the (truncated) decoder looped R times, last hidden state fed back, last-step loss;
   - recursivevlm:   Recursive Connector between steps + Monotonic Recursion Loss (beta 2); the
