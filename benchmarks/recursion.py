@@ -95,7 +95,7 @@ from depthkit.utils.io import format_table, write_json  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 SAVE_TARGET, COST_TARGET = 0.30, 2.0  # early exit: >= 30% of loops saved at < 2% perplexity cost
 DATA_CHOICES = ("interleaved", "first")
-EXIT_TEXT = DataSpec("austen:persuasion", "heldout")  # early exit decodes a held-out stream
+PERSUASION_HELDOUT = DataSpec("austen:persuasion", "heldout")  # early-exit text; `--data first` held-out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -359,17 +359,25 @@ def save(result: dict, out: Path) -> None:
 def paired_differences(runs: dict[int, dict]) -> list[dict]:
     """Each looped variant's held-out perplexity at every step against the standard model of the same
     seed (same start, data and batch order), in %: below 0 is better. Mean, SE and seeds below 0."""
-    rows, per_seed = [], [by_variant(run) for run in runs.values()]
+    rows = []
     for name, first in common_variants(runs).items():
         if first["loops"] == 1:
             continue
+        per_seed = [vs_standard(run, name) for run in runs.values()]
         for step in range(len(first["ppl_after"])):
-            found = [100 * (v[name]["ppl_after"][step] / v["standard"]["ppl_after"][0] - 1) for v in per_seed]
+            found = [differences[step] for differences in per_seed]
             mean, se = mean_and_se(found)
             rows.append({"variant": name, "step": step + 1, "vs standard %": mean, "SE": se,
                          "seeds better": sum(d < 0 for d in found), "seeds": len(found),
                          "per seed": " / ".join(f"{d:+.2f}" for d in found)})
     return rows
+
+
+def vs_standard(run: dict, name: str) -> list[float]:
+    """One seed's per-step perplexity of `name` against its standard model, in % (below 0: better)."""
+    variants = by_variant(run)
+    standard = variants["standard"]["ppl_after"][0]
+    return [100 * (p / standard - 1) for p in variants[name]["ppl_after"]]
 
 
 def by_variant(run: dict) -> dict[str, dict]:
@@ -424,9 +432,8 @@ def plot_seeds(runs: dict[int, dict], paired: list[dict], path: Path) -> None:
         if min(r["vs standard %"] for r in rows) > 10:  # far above the standard model: off this scale
             continue
         steps = [r["step"] for r in rows]
-        for seed_index in range(len(runs)):
-            diff.plot(steps, [float(r["per seed"].split(" / ")[seed_index]) for r in rows], color=f"C{index}",
-                      alpha=0.3, linewidth=0.8)
+        for run in runs.values():
+            diff.plot(steps, vs_standard(run, name), color=f"C{index}", alpha=0.3, linewidth=0.8)
         diff.errorbar(steps, [r["vs standard %"] for r in rows], yerr=[r["SE"] for r in rows], marker="o",
                       capsize=3, color=f"C{index}", label=f"{name}: mean (bars: SE), thin: one seed")
     diff.axhline(0, linestyle="--", color="gray", label="standard (R=1)")
@@ -449,7 +456,7 @@ def benchmark_data(tokenizer, args: argparse.Namespace) -> tuple[torch.Tensor, t
     """Training and held-out blocks: in turn from all six novels, or the first calib blocks (Emma's
     start) with Persuasion's heldout split, on which a lead won on Emma has to carry over to a new book."""
     blocks = interleaved_blocks if args.data == "interleaved" else token_blocks
-    heldout = DataSpec("austen", "heldout") if args.data == "interleaved" else EXIT_TEXT
+    heldout = DataSpec("austen", "heldout") if args.data == "interleaved" else PERSUASION_HELDOUT
     return (blocks(tokenizer, DataSpec("austen", "calib"), args.steps * args.batch_size, args.seq_len),
             blocks(tokenizer, heldout, args.eval_blocks, args.seq_len))
 
@@ -484,7 +491,8 @@ def run_benchmark(args: argparse.Namespace, out: Path) -> dict:
         if name != "recursivevlm":
             del models[name]  # only the RecursiveVLM model is needed afterwards
     if "recursivevlm" in models and args.exit_tokens > 0:
-        result["early_exit"] = early_exit_sweep(models["recursivevlm"], token_stream(tokenizer, EXIT_TEXT), args)
+        stream = token_stream(tokenizer, PERSUASION_HELDOUT)
+        result["early_exit"] = early_exit_sweep(models["recursivevlm"], stream, args)
     result["checks"] = checks(result["variants"], result["early_exit"])
     result["seconds"] = time.perf_counter() - began
     save(result, out)

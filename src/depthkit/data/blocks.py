@@ -54,8 +54,17 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, spec: DataSpec) -> torch.Te
     for doc in split_documents(spec.corpus, spec.split):
         if ids:
             ids += separator
-        ids += tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        ids += document_ids(tokenizer, doc)
     return torch.tensor(ids[spec.offset :], dtype=torch.long)
+
+
+def document_ids(tokenizer: PreTrainedTokenizerBase, doc: Document) -> list[int]:
+    return tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+
+
+def check_block_shape(num_blocks: int, block_len: int) -> None:
+    if num_blocks < 1 or block_len < 2:
+        raise DepthkitError(f"need at least 1 block of 2 tokens, got {num_blocks} x {block_len}")
 
 
 def interleaved_blocks(
@@ -69,13 +78,12 @@ def interleaved_blocks(
     measures transfer between books as much as the model. Here every prefix of the result covers
     every document. `spec.offset` skips tokens at the start of each document.
     """
-    if num_blocks < 1 or block_len < 2:
-        raise DepthkitError(f"need at least 1 block of 2 tokens, got {num_blocks} x {block_len}")
+    check_block_shape(num_blocks, block_len)
     documents = split_documents(spec.corpus, spec.split)
     shares = [num_blocks // len(documents) + (i < num_blocks % len(documents)) for i in range(len(documents))]
     per_document = []
     for doc, share in zip(documents, shares):
-        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"][spec.offset :]
+        ids = document_ids(tokenizer, doc)[spec.offset :]
         if len(ids) < share * block_len:
             raise DepthkitError(
                 f"text too short: asked for {share} x {block_len} tokens from '{doc.name}' of {spec.describe()} "
@@ -94,8 +102,7 @@ def token_blocks(
     Too little text is an error naming how much was asked and how much there is, never a silent
     shorter calibration set.
     """
-    if num_blocks < 1 or block_len < 2:
-        raise DepthkitError(f"need at least 1 block of 2 tokens, got {num_blocks} x {block_len}")
+    check_block_shape(num_blocks, block_len)
     stream = token_stream(tokenizer, spec)
     needed = num_blocks * block_len
     if stream.numel() < needed:
