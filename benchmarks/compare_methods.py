@@ -7,7 +7,8 @@
 Calibration: one tensor of `--calib-blocks` x `--calib-len` tokens of Emma (calib split) for every
 method (each method takes the subset it needs for its search). Held-out: 20 x 512 tokens of
 Persuasion (heldout split; the splits never overlap). Prefill throughput: batch 1 x 512 tokens,
-bf16, median of a few runs after a warm-up, logits for the last position only (as in generation).
+in the default dtype (bf16 where native, as recorded; else fp32), median of a few runs after a warm-up,
+logits for the last position only (as in generation).
 Writes benchmarks/results/compare_methods.{json,md,png} (`_quick` suffix for --quick), updated
 after every run so an interrupted benchmark keeps what it measured.
 """
@@ -41,7 +42,9 @@ from depthkit.evaluate.perplexity import perplexity  # noqa: E402
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
+from depthkit.utils.precision import dtype_name  # noqa: E402
 
+SHORT_DTYPES = {torch.bfloat16: "bf16", torch.float32: "fp32"}  # as the recorded throughput notes say
 RESULTS = Path(__file__).parent / "results"
 CALIB = DataSpec("austen:emma", "calib")
 HELDOUT = DataSpec("austen:persuasion", "heldout")
@@ -146,7 +149,7 @@ def previous_rows(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     previous = json.loads(path.read_text())
-    same = all(previous.get(key) == meta[key] for key in ("model", "calibration", "heldout", "throughput"))
+    same = all(previous.get(key) == meta[key] for key in ("model", "dtype", "calibration", "heldout", "throughput"))
     if not same:
         print(f"--resume: {path} was measured with other settings; starting afresh")
         return []
@@ -185,7 +188,7 @@ def plot(rows: list[dict[str, Any]], path: Path, model: str) -> None:
 def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
-    base, tokenizer = load_model(args.model, "bfloat16")
+    base, tokenizer = load_model(args.model)  # "auto": bf16 where the CPU multiplies it natively, else fp32
     registered = [m["method"] for m in list_methods()]
     methods = args.methods or [m for m in ORDER[1:] if m in registered] + sorted(set(registered) - set(ORDER))
     unknown = sorted(set(methods) - set(registered))
@@ -194,11 +197,12 @@ def main() -> None:
     calib = token_blocks(tokenizer, CALIB, args.calib_blocks, args.calib_len)
     heldout = token_stream(tokenizer, HELDOUT)
     meta = {
-        "model": args.model, "dtype": "bfloat16", "depthkit_version": depthkit.__version__,
+        "model": args.model, "dtype": dtype_name(base.dtype), "depthkit_version": depthkit.__version__,
         "calibration": f"{CALIB.describe()}, {args.calib_blocks} x {args.calib_len} tokens "
                        "(the same tensor for every method)",
         "heldout": f"{HELDOUT.describe()}, {args.eval_windows} x {args.eval_window} tokens",
-        "throughput": f"prefill 1 x {args.eval_window} tokens, bf16, median of {args.throughput_runs} runs",
+        "throughput": f"prefill 1 x {args.eval_window} tokens, {SHORT_DTYPES.get(base.dtype, base.dtype)}, "
+                      f"median of {args.throughput_runs} runs",
         "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
         "ratios": args.ratios, "methods": methods,
     }

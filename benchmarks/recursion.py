@@ -91,6 +91,7 @@ from depthkit.recursive.model import LAYER_PICKS  # noqa: E402
 from depthkit.recursive.train import TrainSettings, step_perplexities, train  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
+from depthkit.utils.precision import MIXED_PRECISIONS, resolve_mixed_precision  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SAVE_TARGET, COST_TARGET = 0.30, 2.0  # early exit: >= 30% of loops saved at < 2% perplexity cost
@@ -131,12 +132,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "on their heldout splits; first: the first calib blocks (the start of Emma), evaluated on "
                         "Persuasion's heldout split (the setting before)")
     p.add_argument("--eval-blocks", type=int, default=48, help="held-out blocks of --seq-len tokens")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="also measure held-out perplexity every N optimizer steps (a learning curve; 0: at the end)")
     p.add_argument("--exit-tokens", type=int, default=256, help="held-out tokens decoded per early-exit threshold")
     p.add_argument("--thresholds", default="1e-4,1e-3,3e-3,1e-2,3e-2,0.1,0.3,1", help="comma-separated KL thresholds")
     p.add_argument("--variants", default="standard,vanilla,recursivevlm")
+    p.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISIONS,
+                   help="autocast of training (auto: bf16 where the CPU multiplies it natively, else none)")
     p.add_argument("--out", default=str(RESULTS / "recursion"), help="path prefix of the .json/.md/.png results")
     args = p.parse_args(argv)
     args.seeds = parse_seeds(p, args.seeds) if args.seeds else []
+    args.mixed_precision = resolve_mixed_precision(args.mixed_precision)  # recorded as what ran
     return args
 
 
@@ -169,8 +175,9 @@ def run_variant(name: str, args, train_ids, eval_ids) -> tuple[RecursiveModel, d
         trainable += ("loop_lora",)
     settings = TrainSettings(steps=args.steps, loops=loops, batch_size=args.batch_size, lr=args.lr,
                              connector_lr=args.connector_lr, loss=spec["loss"], trainable=trainable, seed=args.seed,
-                             eval_every=max(1, args.steps), warmup_steps=max(1, args.steps // 10))
-    result = train(model, train_ids, None, settings)
+                             eval_every=args.eval_every or max(1, args.steps), warmup_steps=max(1, args.steps // 10),
+                             mixed_precision=args.mixed_precision)
+    result = train(model, train_ids, eval_ids if args.eval_every else None, settings)
     # one pass to the deepest step: steps 1..R of a deeper run are the R-step run's own steps
     evaluated = step_perplexities(model, eval_ids, max(loops, args.deeper) if loops > 1 else 1)
     after, deeper = evaluated[:loops], evaluated if len(evaluated) > loops else None
@@ -181,7 +188,7 @@ def run_variant(name: str, args, train_ids, eval_ids) -> tuple[RecursiveModel, d
                    "trainable_parameters": result.trainable_parameters,
                    "final_train_loss": result.history[-1]["loss"] if result.history else None,
                    "connector_scale": model.connector.scale.tolist() if model.connector is not None else None,
-                   "train_step_ce": [h["step_ce"] for h in result.history]}
+                   "train_step_ce": [h["step_ce"] for h in result.history], "curve": result.evaluations}
 
 
 def fmt(values: list[float]) -> str:
@@ -269,22 +276,50 @@ def plot_against_standard(ax, variants: list[dict]) -> None:
     ax.legend(fontsize=8)
 
 
+def last_step_curve(variants: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
+    """Held-out perplexity of every variant's last step at each evaluation during training."""
+    curves = {v["variant"]: v["curve"] for v in variants if v.get("curve")}
+    if not curves:
+        return [], {}
+    steps = [point["step"] for point in next(iter(curves.values()))]
+    return steps, {name: [point["perplexity"][-1] for point in curve] for name, curve in curves.items()}
+
+
+def plot_curve(ax, variants: list[dict]) -> None:
+    """The last step against the standard model while training: is a gap closing or opening with budget?"""
+    steps, curves = last_step_curve(variants)
+    standard = curves.get("standard")
+    for index, v in enumerate(v for v in variants if v["loops"] > 1):
+        if standard and v["variant"] in curves:
+            ax.plot(steps[1:], [100 * (p / s - 1) for p, s in zip(curves[v["variant"]][1:], standard[1:])],
+                    marker="o", color=f"C{index}", label=f"{v['variant']}, step {v['loops']}")
+    ax.axhline(0, linestyle="--", color="gray", label="standard (R=1)")
+    ax.set(xlabel="optimizer step", ylabel="held-out perplexity vs standard (%)",
+           title="During training: last step vs standard")
+    ax.legend(fontsize=8)
+
+
+def plot_early_exit(ax, early: list[dict]) -> None:
+    points = early[1:]
+    ax.plot([100 * r["loops_saved"] for r in points], [r["ppl_cost_pct"] for r in points], marker="o")
+    for r in points:
+        ax.annotate(f"{r['threshold']:g}", (100 * r["loops_saved"], r["ppl_cost_pct"]), fontsize=8)
+    ax.axvline(100 * SAVE_TARGET, color="gray", linestyle=":")
+    ax.axhline(COST_TARGET, color="gray", linestyle=":")
+    ax.set_xlabel("loops saved (%)")
+    ax.set_ylabel("perplexity cost vs all R steps (%)")
+    ax.set_title("Early exit (KL threshold annotated)")
+
+
 def plot(variants: list[dict], early: list[dict], path: Path) -> None:
-    panels = 3 if early else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
-    plot_steps(axes[0][0], variants)
-    plot_against_standard(axes[0][1], variants)
+    drawers = [lambda ax: plot_steps(ax, variants), lambda ax: plot_against_standard(ax, variants)]
+    if last_step_curve(variants)[0]:
+        drawers.append(lambda ax: plot_curve(ax, variants))
     if early:
-        ax = axes[0][2]
-        points = early[1:]
-        ax.plot([100 * r["loops_saved"] for r in points], [r["ppl_cost_pct"] for r in points], marker="o")
-        for r in points:
-            ax.annotate(f"{r['threshold']:g}", (100 * r["loops_saved"], r["ppl_cost_pct"]), fontsize=8)
-        ax.axvline(100 * SAVE_TARGET, color="gray", linestyle=":")
-        ax.axhline(COST_TARGET, color="gray", linestyle=":")
-        ax.set_xlabel("loops saved (%)")
-        ax.set_ylabel("perplexity cost vs all R steps (%)")
-        ax.set_title("Early exit (KL threshold annotated)")
+        drawers.append(lambda ax: plot_early_exit(ax, early))
+    fig, axes = plt.subplots(1, len(drawers), figsize=(5.5 * len(drawers), 4), squeeze=False)
+    for ax, draw in zip(axes[0], drawers):
+        draw(ax)
     save_figure(fig, path)
 
 
@@ -305,10 +340,11 @@ def markdown(result: dict) -> str:
                                 ("the first calib blocks: the start of Emma", "austen:persuasion (heldout)"))
     if settings.get("ends"):
         layers += f"; the first and last {settings['ends']} run once, around the loop"
+    autocast = "bf16 autocast" if settings.get("mixed_precision", "bf16") == "bf16" else "no autocast"
     relaxed = (f" Every looped variant also trains a rank-{settings['loop_lora']} LoRA per loop."
                if settings.get("loop_lora") else "")
     lines = ["# Recursive transformers: standard vs vanilla vs RecursiveVLM", "",
-             f"Model: {settings['model']} ({layers}, float32 weights, bf16 autocast); per variant "
+             f"Model: {settings['model']} ({layers}, float32 weights, {autocast}); per variant "
              f"{settings['steps']} AdamW steps x {settings['batch_size']} x {settings['seq_len']} tokens of austen "
              f"({train_text}, same blocks in the same order), lr {settings['lr']:g} "
              f"(connector {settings['connector_lr']:g}), cosine schedule, embeddings/head frozen. "
@@ -322,6 +358,7 @@ def markdown(result: dict) -> str:
     if result.get("note"):
         lines += ["", result["note"]]
     lines += deeper_markdown(result["variants"])
+    lines += curve_markdown(result["variants"])
     if result.get("early_exit"):
         lines += ["", *early_exit_markdown(result)]
     return "\n".join(lines) + "\n"
@@ -335,6 +372,21 @@ def deeper_markdown(variants: list[dict]) -> list[str]:
     if not rows:
         return []
     return ["", "## Deeper than trained (held-out perplexity at every step, same models)", "", format_table(rows)]
+
+
+def curve_markdown(variants: list[dict]) -> list[str]:
+    """Each variant's last-step held-out perplexity at every evaluation while training (`--eval-every`)."""
+    steps, curves = last_step_curve(variants)
+    if not steps:
+        return []
+    rows = []
+    for index, step in enumerate(steps):
+        row = {"optimizer step": step, **{name: values[index] for name, values in curves.items()}}
+        if "standard" in curves and "recursivevlm" in curves:
+            row["recursivevlm vs standard %"] = 100 * (curves["recursivevlm"][index] / curves["standard"][index] - 1)
+        rows.append(row)
+    return ["", "## During training (held-out perplexity of each variant's last step; cosine schedule over the "
+            "whole budget)", "", format_table(rows)]
 
 
 def early_exit_markdown(result: dict) -> list[str]:

@@ -16,7 +16,7 @@ def tiny(request):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real SmolLM2-135M-Instruct in bf16 (converted once into the cache by `depthkit fetch`)."""
+    """The real SmolLM2-135M-Instruct in the fastest dtype here (converted once into the cache by `depthkit fetch`)."""
     from depthkit.models.loading import load_model
 
     return load_model()

@@ -53,6 +53,6 @@ def test_flatten_beats_dropping_the_same_blocks_and_reloads(truncated, tmp_path)
     flat_error = _relative_error(_final_state(model, list(get_adapter(model).layers(model)), heldout), reference)
     assert flat_error < drop_error
     model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=model.dtype).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(heldout[:1]).logits, model(heldout[:1]).logits)

@@ -7,6 +7,7 @@ import pytest
 from depthkit.cli.main import main
 from depthkit.errors import DepthkitError
 from depthkit.evaluate.speed import Spread, measure_speed
+from depthkit.utils.precision import dtype_name, fast_dtype
 
 SMALL = dict(batch_sizes=(1, 2), seq_lens=(8, 16), decode_batch_sizes=(1, 2), prompt_len=8, new_tokens=4,
              repeats=2, warmup=1, progress=False)
@@ -50,7 +51,7 @@ def test_cli_speed_writes_json(tmp_path, capsys):
     assert main(["eval", "speed", "--model", "tiny:qwen3", "--batch-sizes", "1", "--seq-lens", "16",
                  "--prompt-len", "8", "--new-tokens", "4", "--repeats", "2", "--json", str(path)]) == 0
     data = json.loads(path.read_text())
-    assert data["kind"] == "speed" and data["dtype"] == "bfloat16" and data["layers"] == 4
+    assert data["kind"] == "speed" and data["dtype"] == dtype_name(fast_dtype()) and data["layers"] == 4
     assert data["prefill"][0]["tokens_per_s"]["median"] > 0 and data["decode"][0]["tokens_per_s"]["median"] > 0
     assert "prefill" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse's usage error, before any model is loaded

@@ -137,8 +137,8 @@ def test_streaming_smollm2_equals_loaded_model(smollm2):
 
     model, _ = smollm2
     ids = random_ids(model, batch=1, length=32)
-    stream = StreamingModel.open(default_model_dir(), dtype="bfloat16")
-    assert stream.num_layers == 30
+    stream = StreamingModel.open(default_model_dir())  # the same "auto" dtype as the loaded model
+    assert stream.num_layers == 30 and stream.dtype == model.dtype
     torch.testing.assert_close(streamed_logits(stream, ids), model(ids).logits, atol=0, rtol=0)
 
 

@@ -10,13 +10,15 @@ from depthkit.data.blocks import SPLITS, DataSpec
 from depthkit.models.loading import DEFAULT_MODEL
 from depthkit.utils.io import format_table, write_json
 
+DTYPE_HELP = "auto (default: bfloat16 where the device multiplies it natively, else float32), bfloat16 or float32"
+
 
 def add_model_args(parser: argparse.ArgumentParser, flag: str = "--model") -> None:
     parser.add_argument(
         flag, default=DEFAULT_MODEL,
         help=f"hub id, local folder, tiny:<model_type>, or the offline default ({DEFAULT_MODEL})",
     )
-    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default, fast on CPU) or float32")
+    parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 

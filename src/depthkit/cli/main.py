@@ -8,7 +8,10 @@ import importlib
 import pkgutil
 import sys
 
+import torch
+
 from depthkit.errors import DepthkitError
+from depthkit.utils.precision import dtype_name, fast_dtype, resolve_mixed_precision
 
 _NOT_COMMANDS = {"main", "common"}
 
@@ -26,9 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_auto_precision(args: argparse.Namespace) -> None:
+    """Turn `--dtype auto` / `--mixed-precision auto` into what they mean on this run's device, so
+    that every command computes in, and records, the dtype it really used."""
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() and not getattr(args, "cpu", False)
+                                               else "cpu")
+    if getattr(args, "dtype", None) == "auto":
+        args.dtype = dtype_name(fast_dtype(device))
+    if getattr(args, "mixed_precision", None) == "auto":
+        args.mixed_precision = resolve_mixed_precision("auto", device)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        resolve_auto_precision(args)
         args.func(args)
     except DepthkitError as err:
         print(f"depthkit: error: {err}", file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from depthkit.cli.common import add_data_args, data_spec
+from depthkit.cli.common import DTYPE_HELP, add_data_args, data_spec
 from depthkit.data.blocks import DataSpec, token_stream
 from depthkit.errors import require
 from depthkit.models.loading import load_model
@@ -23,7 +23,8 @@ DEFAULTS = RecoverySettings()
 def register(subparsers) -> None:
     parser = subparsers.add_parser("recover", help="LoRA recovery fine-tuning of a compressed model")
     parser.add_argument("--model", required=True, help="the compressed model (folder or hub id)")
-    parser.add_argument("--dtype", default="bfloat16", help="dtype of the frozen base (adapters are float32)")
+    parser.add_argument("--dtype", default="auto",
+                        help="dtype of the frozen base (adapters are float32): " + DTYPE_HELP)
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is available")
     add_data_args(parser, "--data", split="calib", default="austen:emma")
     parser.add_argument("--eval-data", default=None,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from depthkit.cli.common import add_data_args, add_model_args, data_spec, report
+from depthkit.cli.common import DTYPE_HELP, add_data_args, add_model_args, data_spec, report
 from depthkit.data import interleaved_blocks, token_blocks, token_stream
 from depthkit.errors import DepthkitError
 from depthkit.models.loading import load_model, load_tokenizer
@@ -19,6 +19,7 @@ from depthkit.recursive.model import BASE_DIR, LAYER_PICKS, RecursiveModel, trun
 from depthkit.recursive.relaxed import INITS, SHARINGS, relax
 from depthkit.recursive.train import PARTS, TrainSettings, step_perplexities, train
 from depthkit.utils.io import check_output_dir, format_table, write_json
+from depthkit.utils.precision import MIXED_PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,7 +73,8 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connector-lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--mixed-precision", default="bf16", choices=("no", "bf16", "fp16"))
+    p.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISIONS,
+                   help="autocast of training; auto: bf16 where the device multiplies it natively, else none")
     p.add_argument("--seed", type=int, default=0)
     add_data_args(p, "--data", split="calib", default="austen")
     add_data_args(p, "--eval-data", split="heldout", default="austen:persuasion")
@@ -151,7 +153,7 @@ def load_recursive(folder: str, dtype: str, device: str):
 
 def _register_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="folder written by `depthkit recursive train`")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--loops", type=int, help="recursion steps R (default: the saved one)")
     p.add_argument("--blocks", type=int, default=8)
@@ -191,7 +193,7 @@ def run_eval(args: argparse.Namespace) -> None:
 def _register_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="folder written by `depthkit recursive train`")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--loops", type=int, help="recursion steps R (default: the saved one)")
     p.add_argument("--max-new-tokens", type=int, default=40)

@@ -112,7 +112,7 @@ def compress_checkpoint(
     num_calib_blocks: int = 64,
     calib_block_len: int = 256,
     device: str = "cpu",
-    dtype: str | torch.dtype = "bfloat16",
+    dtype: str | torch.dtype = "auto",
     overwrite: bool = False,
     **method_options: Any,
 ) -> CompressionReport:

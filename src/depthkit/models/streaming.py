@@ -11,7 +11,7 @@ in memory either.
 
 API (what `depthkit compress --offload disk` builds on)::
 
-    source = StreamingModel.open(folder, device="cpu", dtype="bfloat16")
+    source = StreamingModel.open(folder, device="cpu")   # dtype "auto": bf16 where native, else fp32
     source.num_layers                      # blocks in the checkpoint
     hidden = source.embed(ids)             # block 0's input
     context = source.context(hidden[:8])   # rotary embeddings + causal masks for run_block
@@ -103,12 +103,12 @@ class StreamingModel:
         self.layers_prefix = module_prefix(skeleton, self.adapter.layers(skeleton))
 
     @classmethod
-    def open(cls, folder: str | Path, device: str = "cpu", dtype: str | torch.dtype = "bfloat16") -> StreamingModel:
+    def open(cls, folder: str | Path, device: str = "cpu", dtype: str | torch.dtype = "auto") -> StreamingModel:
         """Read the config, build the meta skeleton and load only the non-block weights."""
         folder = Path(folder)
         require((folder / "config.json").exists(), f"{folder} is not a Hugging Face model folder (no config.json)")
         skeleton = meta_skeleton(AutoConfig.from_pretrained(folder))
-        stream = cls(folder, skeleton, torch.device(device), resolve_dtype(dtype))
+        stream = cls(folder, skeleton, torch.device(device), resolve_dtype(dtype, device))
         stream._materialise_non_layer()
         return stream
 

@@ -2,11 +2,13 @@
 
 The loop is plain PyTorch wrapped by `Accelerator`, so the same code runs on one CPU, one GPU or
 several (DDP/FSDP) depending on how it is launched (`accelerate launch` + its config).
-Weights stay float32 and `mixed_precision="bf16"` autocasts the matmuls: bf16 weights cannot
-hold small Adam updates. Held-out perplexity of EVERY step 1..R is measured every `eval_every`
-optimizer steps, because a recursive model is only useful if all depths are good. With
-`checkpoint_every`, the model is saved every so many steps (and at the end) as a reloadable
-`RecursiveModel.save_pretrained` folder (safetensors), so a long run is never lost to a crash.
+Weights stay float32 and `mixed_precision="bf16"` autocasts the matmuls (bf16 weights cannot
+hold small Adam updates); the default "auto" does so only where bf16 is native to the device
+(`depthkit.utils.precision`), since emulated bf16 is slower than float32. Held-out perplexity of
+EVERY step 1..R is measured every `eval_every` optimizer steps, because a recursive model is only
+useful if all depths are good. With `checkpoint_every`, the model is saved every so many steps (and
+at the end) as a reloadable `RecursiveModel.save_pretrained` folder (safetensors), so a long run is
+never lost to a crash.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from depthkit.errors import require
 from depthkit.recursive.config import check_loops
 from depthkit.recursive.loss import LOSSES, step_losses, token_losses
 from depthkit.recursive.model import RecursiveModel
+from depthkit.utils.precision import MIXED_PRECISIONS, resolve_mixed_precision
 
 PARTS = ("connector", "layers", "lora", "loop_lora")
 
@@ -53,7 +56,7 @@ class TrainSettings:
     eval_every: int = 50
     eval_batch_size: int = 4
     gradient_checkpointing: bool = False
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "auto"  # resolved when training starts; the history records the result
     seed: int = 0
     checkpoint_every: int = 0  # save every N optimizer steps and at the end (0 = never)
     checkpoint_dir: str | None = None  # checkpoints go to <checkpoint_dir>/step-<N>
@@ -67,7 +70,8 @@ class TrainSettings:
         unknown = [p for p in self.trainable if p not in PARTS]
         require(not unknown, f"unknown trainable part {unknown}; choose from {', '.join(PARTS)}")
         require(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
-        require(self.mixed_precision in ("no", "bf16", "fp16"), "mixed precision must be no, bf16 or fp16")
+        require(self.mixed_precision in MIXED_PRECISIONS,
+                f"mixed precision must be one of {', '.join(MIXED_PRECISIONS)}, got '{self.mixed_precision}'")
         check_checkpointing(self.checkpoint_every, self.checkpoint_dir)
 
 
@@ -147,6 +151,7 @@ def train(model: RecursiveModel, train_blocks: torch.Tensor, eval_blocks: torch.
     """Train `model` in place on `train_blocks` (n x len token ids) and return the history."""
     settings.validate()
     set_seed(settings.seed)
+    settings = replace(settings, mixed_precision=resolve_mixed_precision(settings.mixed_precision))
     accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision)
     params = select_trainable(model, settings.trainable)
     result = TrainResult(asdict(settings), trainable_parameters=sum(p.numel() for p in params))

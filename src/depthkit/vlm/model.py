@@ -34,6 +34,7 @@ from depthkit.models.loading import DEFAULT_MODEL, load_model, resolve_dtype
 from depthkit.recursive import RecursiveConfig, RecursiveModel, truncate_layers
 from depthkit.recursive.model import WEIGHTS_FILE, StepOutput
 from depthkit.utils.io import atomic_output_dir
+from depthkit.utils.precision import dtype_name
 from depthkit.vlm.projector import Projector
 from depthkit.vlm.vision import FEATURE_DIM, NUM_VISUAL_TOKENS, ImageLike, VisionEncoder, preprocess
 
@@ -286,9 +287,9 @@ def load_vlm(folder: str | Path, device: str = "cpu", with_encoder: bool = True)
     meta = json.loads((folder / VLM_FILE).read_text())
     if meta.get("kind") == "llava":
         require(meta.get("model") is not None, f"{folder}: the LLaVA source of this checkpoint is unknown")
-        vlm = from_llava(meta["model"], dtype=meta.get("dtype", "bfloat16"), system=meta.get("system"), device=device)
+        vlm = from_llava(meta["model"], dtype=meta.get("dtype", "auto"), system=meta.get("system"), device=device)
     else:
-        vlm = build_vlm(meta["model"], meta.get("num_layers"), meta.get("dtype", "bfloat16"), device,
+        vlm = build_vlm(meta["model"], meta.get("num_layers"), meta.get("dtype", "auto"), device,
                         with_encoder, meta.get("system"))
     vlm.projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
     recursive = vlm.set_recursive_config(RecursiveConfig.load(folder))
@@ -311,7 +312,7 @@ def embedding_norm(model: PreTrainedModel) -> float:
 def build_vlm(
     model_name: str = DEFAULT_MODEL,
     num_layers: int | None = None,
-    dtype: str | torch.dtype = "bfloat16",
+    dtype: str | torch.dtype = "auto",
     device: str = "cpu",
     with_encoder: bool = True,
     system: str | None = DEFAULT_SYSTEM,
@@ -324,7 +325,8 @@ def build_vlm(
     # float32 even on a bfloat16 LLM: bf16 weights cannot hold small Adam updates
     projector = Projector(FEATURE_DIM, language_model.config.hidden_size).to(device)
     encoder = VisionEncoder().to(device) if with_encoder else None
-    spec = {"kind": "efficientnet-lite0", "model": model_name, "num_layers": num_layers, "dtype": str(dtype)}
+    spec = {"kind": "efficientnet-lite0", "model": model_name, "num_layers": num_layers,
+            "dtype": dtype_name(language_model.dtype)}
     return VisionLanguageModel(language_model, tokenizer, projector, encoder, NUM_VISUAL_TOKENS, system, spec)
 
 
@@ -374,7 +376,7 @@ def llava_language_model(llava: nn.Module) -> PreTrainedModel:
 
 
 def from_llava(llava_or_path: nn.Module | str, tokenizer: PreTrainedTokenizerBase | None = None,
-               dtype: str | torch.dtype = "bfloat16", system: str | None = DEFAULT_SYSTEM,
+               dtype: str | torch.dtype = "auto", system: str | None = DEFAULT_SYSTEM,
                device: str = "cpu") -> VisionLanguageModel:
     """Wrap a `LlavaForConditionalGeneration` (object or checkpoint folder/hub id) as a depthkit VLM."""
     llava = llava_or_path
@@ -382,7 +384,8 @@ def from_llava(llava_or_path: nn.Module | str, tokenizer: PreTrainedTokenizerBas
         from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
         try:
-            llava = LlavaForConditionalGeneration.from_pretrained(str(llava_or_path), dtype=resolve_dtype(dtype))
+            llava = LlavaForConditionalGeneration.from_pretrained(str(llava_or_path),
+                                                                  dtype=resolve_dtype(dtype, device))
             llava.to(device).eval()
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(llava_or_path))
         except (OSError, ValueError) as err:
@@ -395,6 +398,6 @@ def from_llava(llava_or_path: nn.Module | str, tokenizer: PreTrainedTokenizerBas
     language_model.requires_grad_(False)
     encoder.requires_grad_(False)
     spec = {"kind": "llava", "model": str(llava_or_path) if isinstance(llava_or_path, (str, Path)) else None,
-            "dtype": str(dtype)}
+            "dtype": dtype_name(language_model.dtype)}
     return VisionLanguageModel(language_model, tokenizer, llava.model.multi_modal_projector, encoder,
                                encoder.num_tokens(), system, spec)

@@ -7,7 +7,8 @@ Monotonic Recursion Loss for RecursiveVLM, the last step only for vanilla recurs
 
 The loop is plain PyTorch driven by `accelerate`, like `depthkit.recursive.train`: one CPU, one
 GPU or several processes (`accelerate launch`), each process taking its share of the batches.
-No autocast: the LLM is already bf16 and every trainable module is float32.
+No autocast: the frozen LLM is already in the fast dtype of the device (bf16 where native, else
+float32; `depthkit.utils.precision`) and every trainable module is float32.
 """
 
 from __future__ import annotations
