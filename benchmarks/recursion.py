@@ -4,16 +4,17 @@ One command (the defaults are the setting behind benchmarks/results/recursion.*,
 four-seed summary benchmarks/results/recursion_seeds.* adds `--seeds 0,1,2,3`):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/recursion.py
 
-About 32 minutes a seed on one thread of the shared 2-core CPU (AVX-512, bf16 autocast), two
-seeds at a time: training takes 1.1 s/step for the standard model, 1.6 s/step for vanilla and
-2.9 s/step for RecursiveVLM at R = 4 (5 + 8 + 15 minutes), held-out evaluation a minute, and the
+About 55 minutes a seed on one thread of the shared 2-core CPU (AVX-512 with bf16, bf16 autocast),
+two seeds at a time (measured 2026-12-02): training takes 1.4-1.6 s/step for the standard model,
+2.6-2.8 s/step for vanilla and 4.9-5.5 s/step for RecursiveVLM at R = 4 (8 + 13 + 26 minutes; every
+step's logits pay the 49k-word LM head and cross-entropy), held-out evaluation a minute, and the
 early-exit sweep decodes 9 x 255 held-out tokens one at a time (a few minutes). `--seeds 0,1,2,3`,
-the recorded setting, is four of these (two jobs of two seeds: about an hour). On a CPU without
-native bf16 (AVX2 only) `--mixed-precision auto` trains in float32, and a step takes 2.95 s for the
-standard model and 12.3 s for RecursiveVLM (one thread each, two jobs at once): about 80 minutes a
-seed. `--steps 2 --eval-blocks 2 --exit-tokens 12` is a two-minute smoke run. `--eval-every N`
-adds a learning curve: held-out perplexity of every step every N optimizer steps
-(benchmarks/results/recursion_options/learning_curve_seed0.*).
+the recorded setting, is four of these (two jobs of two seeds: about two hours). On a CPU without
+native bf16 (AVX2 only) `--mixed-precision auto` trains in float32, about 4x slower a step (measured
+before 2026-12-02: 2.95 s standard, 12.3 s RecursiveVLM), so a few hours a seed.
+`--steps 2 --eval-blocks 2 --exit-tokens 12` is a two-minute smoke run. `--eval-every N` adds a
+learning curve: held-out perplexity of every step every N optimizer steps
+(benchmarks/results/recursion_options/learning_curve_seed0.*, an earlier setting).
 
 Why 6 of SmolLM2's 30 layers: recursion pays when the unique layers are too few for the task,
 which is the regime looped models are for (the same parameters, more compute). Which 6: evenly
@@ -22,19 +23,19 @@ Transformers), so the last block, whose features the final norm and head expect,
 truncated model starts broken all the same (held-out perplexity ~8e6), so every variant first has
 to heal, and they all heal from the same start with the same budget: the comparison is how much
 the loops add at equal parameters. The first 6 layers (`--pick first`, ~4e7 at the start) heal
-worse for every variant, and there the looped model stays 2.2% behind the standard one (kept in
-benchmarks/results/recursion_options/pick_first.*). Looping the intact 30-layer model instead
-(`--layers 0`, benchmarks/results/recursion_full_depth.*) leaves nothing for later loops to add in a
-CPU-sized budget: a single pass is already what the model was pretrained for, training there turns
-the connector off and steps 2..R copy step 1.
+worse for every variant, and there the looped model stayed 2.2% behind the standard one (kept in
+benchmarks/results/recursion_options/pick_first.*, measured with the embedding-sized connector).
+Looping the intact 30-layer model instead (`--layers 0`, benchmarks/results/recursion_full_depth.*)
+left nothing for later loops to add in a CPU-sized budget: a single pass is already what the model
+was pretrained for, training there turned the connector off and steps 2..R copied step 1.
 
 What loops: the middle 4 of the 6 kept layers (`--ends 1`). Layer 0 runs once before the loop (a
 prelude) and layer 29 once after every decoded step (a coda), as in Huginn's prelude / recurrent
 core / coda and the MIDDLE sharing of Relaxed Recursive Transformers: the loop feeds hidden
 states back into mid-stack layers, and the layers that read embeddings or write for the LM head
 keep their one job. At R = 1 this is the same computation as the plain model, so the standard
-variant does not change. `--ends 0` loops all 6 kept layers (four seeds of it:
-benchmarks/results/recursion_options/interleaved_whole_loop_seeds.*).
+variant does not change. `--ends 0` loops all 6 kept layers (four seeds of it, embedding-sized
+connector: benchmarks/results/recursion_options/interleaved_whole_loop_seeds.*).
 
 Three variants start from the SAME pretrained model and train the SAME decoder weights (plus the
 connector where there is one) on the SAME `austen` calib blocks in the same order, with the same
@@ -52,7 +53,13 @@ benchmarks/results/recursion_options/data_first_seeds.*). The variants:
                     scale starting at 0.1 (`--scale-init`). Onto the embeddings (the library
                     default), every step restarts from the embeddings plus a hint, and the loop
                     settles after one feedback (measured: steps 2-4 within 0.2% of each other);
-                    onto the previous input, each step refines the last one;
+                    onto the previous input, each step refines the last one. The update is sized
+                    by the RMS of that input, token by token (`--connector-norm residual`), so scale
+                    0.1 moves it by about 10%. Sized by the embeddings' RMS instead (the runs before
+                    2026-12-02, benchmarks/results/recursion_options/embedding_gain_seeds.*), it was
+                    14x smaller than meant behind the prelude (hidden RMS ~1.9 after layer 0 against
+                    0.14 for the embeddings): the loop added 0.1% from step 1 to step 4 and the last
+                    step only tied the standard model;
   - vanilla_monotonic (not in the default set): vanilla feedback with the monotonic loss.
 Embeddings and LM head stay frozen (tied weights: training them would change the input space the
 connector adds onto). Held-out perplexity is measured at every step 1..R before and after training.
@@ -89,7 +96,7 @@ from seed_runs import comparable_settings, mean_and_se, parse_seeds, reusable_ru
 from depthkit.data import DataSpec, interleaved_blocks, token_blocks, token_stream  # noqa: E402
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.recursive import RecursiveModel, truncate_layers  # noqa: E402
-from depthkit.recursive.config import RESIDUALS  # noqa: E402
+from depthkit.recursive.config import CONNECTOR_NORMS, RESIDUALS  # noqa: E402
 from depthkit.recursive.generate import early_exit_nll  # noqa: E402
 from depthkit.recursive.model import LAYER_PICKS  # noqa: E402
 from depthkit.recursive.train import TrainSettings, step_perplexities, train  # noqa: E402
@@ -127,6 +134,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connector-lr", type=float, default=1e-3)
     p.add_argument("--scale-init", type=float, default=0.1,
                    help="initial connector residual scale (0 makes steps 2..R exact copies of step 1 at the start)")
+    p.add_argument("--connector-norm", default="residual", choices=CONNECTOR_NORMS,
+                   help="what sizes the connector's update: the RMS of the residual it is added onto, token by token, "
+                        "or the input embeddings' RMS (the setting of the runs before 2026-12-02)")
+    p.add_argument("--connector-gain", type=float, default=None,
+                   help="initial RMSNorm gain of every connector tap (default: 1 / k, times the embeddings' RMS with "
+                        "--connector-norm embeddings)")
     p.add_argument("--residual", default="previous", choices=RESIDUALS,
                    help="what the connector adds onto: the original embeddings or the previous step's input")
     p.add_argument("--deeper", type=int, default=8,
@@ -162,7 +175,8 @@ def build(args: argparse.Namespace, feedback: str, loops: int) -> RecursiveModel
     base, _ = load_model(args.model, dtype="float32")
     if args.layers:
         truncate_layers(base, args.layers, args.pick)
-    options = {"scale_init": args.scale_init, "residual": args.residual} if feedback == "connector" else {}
+    options = ({"scale_init": args.scale_init, "residual": args.residual, "connector_norm": args.connector_norm,
+                "connector_gain": args.connector_gain} if feedback == "connector" else {})
     if args.loop_lora and loops > 1:  # at R = 1 a LoRA adds nothing that training the layers cannot
         options.update(loop_lora_rank=args.loop_lora, relaxed_loops=loops)
     return RecursiveModel.wrap(base, num_loops=args.loops, feedback=feedback, ends=args.ends, **options)
@@ -354,7 +368,8 @@ def markdown(result: dict) -> str:
              f"(connector {settings['connector_lr']:g}), cosine schedule, embeddings/head frozen. "
              f"Held-out: {settings['eval_blocks']} x {settings['seq_len']} tokens of {heldout_text}. "
              f"Connector: residual onto the {settings['residual']} input, scale initialised at "
-             f"{settings['scale_init']:g}. The standard model uses 1/R of the recursive models' compute per step."
+             f"{settings['scale_init']:g}, update sized by the {connector_size(settings)}. "
+             "The standard model uses 1/R of the recursive models' compute per step."
              f"{relaxed}", "",
              format_table(rows, columns), ""]
     for check, ok in result["checks"].items():
@@ -366,6 +381,16 @@ def markdown(result: dict) -> str:
     if result.get("early_exit"):
         lines += ["", *early_exit_markdown(result)]
     return "\n".join(lines) + "\n"
+
+
+def connector_size(settings: dict) -> str:
+    """What sizes the connector's update, in words (runs recorded before the option: the embeddings)."""
+    gain = settings.get("connector_gain")
+    if settings.get("connector_norm", "embeddings") == "residual":
+        size = "RMS of the residual it is added onto, token by token"
+    else:
+        size = "input embeddings' RMS" if gain is None else "tap gains alone"
+    return size + (f" (tap gains start at {gain:g})" if gain else "")
 
 
 def deeper_markdown(variants: list[dict]) -> list[str]:

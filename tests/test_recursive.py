@@ -16,6 +16,7 @@ from depthkit.models.adapters import get_adapter
 from depthkit.models.blockwise import block_context
 from depthkit.models.tiny import TINY_ARCHITECTURES, tiny_model
 from depthkit.recursive import RecursiveModel, truncate_layers
+from depthkit.recursive.config import RecursiveConfig
 from depthkit.recursive.generate import generate
 from depthkit.recursive.loss import recursion_loss, step_losses, token_losses
 from depthkit.recursive.relaxed import init_sources, relax, sharing_plan
@@ -95,7 +96,7 @@ def test_connector_norm_gains_start_at_the_embedding_scale():
     """Default gains: embedding RMS / k, so each normalised tap has RMS(embeddings) / k per dimension."""
     base = tiny_model("llama", num_layers=4)
     model = RecursiveModel.wrap(base, connector_k=2)
-    rms = float(base.get_input_embeddings().weight.float().pow(2).mean().sqrt())
+    rms = float(base.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
     feature = torch.randn(2, 5, base.config.hidden_size) * 7
     normalised = model.connector.norms[0](feature)
     torch.testing.assert_close(normalised.pow(2).mean(-1).sqrt(), torch.full((2, 5), rms / 2), rtol=1e-4, atol=0)
@@ -103,6 +104,46 @@ def test_connector_norm_gains_start_at_the_embedding_scale():
     assert all(torch.equal(norm.weight, torch.full_like(norm.weight, 0.5)) for norm in explicit.connector.norms)
     with pytest.raises(DepthkitError, match="connector_gain"):
         RecursiveModel.wrap(base, connector_gain=-1.0)
+
+
+def test_connector_sized_by_the_residual_scales_with_it():
+    """connector_norm="residual": the update is scale x the residual's RMS, token by token, with each
+    tap's normalised feature at RMS 1/k, so it follows the residual's size (not the embeddings')."""
+    base = tiny_model("llama", num_layers=4)
+    model = RecursiveModel.wrap(base, connector_k=2, connector_norm="residual", scale_init=0.3)
+    taps = [torch.randn(2, 5, base.config.hidden_size) for _ in range(2)]
+    residual = torch.randn(2, 5, base.config.hidden_size) * torch.tensor([1.0, 10.0, 100.0, 0.1, 3.0])[:, None]
+    with torch.no_grad():
+        update = model.connector(taps, residual) - residual
+        fused = sum(norm(tap) for norm, tap in zip(model.connector.norms, taps))
+    rms = residual.pow(2).mean(-1, keepdim=True).sqrt()
+    torch.testing.assert_close(update, 0.3 * rms * fused, rtol=1e-5, atol=1e-6)
+    single = model.connector.norms[0](taps[0]).pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(single, torch.full((2, 5), 0.5), rtol=1e-4, atol=0)  # gain 1 / k
+    with torch.no_grad():
+        doubled = model.connector(taps, 2 * residual) - 2 * residual
+    torch.testing.assert_close(doubled, 2 * update, rtol=1e-5, atol=1e-6)
+    with pytest.raises(DepthkitError, match="connector_norm"):
+        RecursiveModel.wrap(base, connector_norm="tokens")
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_connector_onto_the_output_at_scale_zero_is_vanilla_recursion(arch):
+    """residual="output": the next input is this step's output plus the connector's correction, so at
+    scale 0 every step equals vanilla recursion (the last hidden state fed straight back)."""
+    base = tiny_model(arch, num_layers=4)
+    onto_output = RecursiveModel.wrap(base, num_loops=3, ends=1, residual="output", connector_k=2,
+                                      connector_norm="residual")
+    vanilla = RecursiveModel.wrap(base, num_loops=3, ends=1, feedback="vanilla")
+    with torch.no_grad():
+        got, expected = onto_output(ids(), return_all_steps=True), vanilla(ids(), return_all_steps=True)
+    for a, b in zip(got.step_logits, expected.step_logits):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    with torch.no_grad():
+        onto_output.connector.scale.fill_(0.5)
+        moved = onto_output(ids(), return_all_steps=True)
+    assert (moved.step_logits[1] - expected.step_logits[1]).abs().max() > 1e-4
+    torch.testing.assert_close(moved.step_logits[0], expected.step_logits[0], atol=ATOL, rtol=0)
 
 
 def test_connector_modalities_are_selected_by_the_token_type_mask():
@@ -123,7 +164,7 @@ def test_connector_modalities_are_selected_by_the_token_type_mask():
         if index in model.connector.positions:
             taps.append(hidden)
     torch.testing.assert_close(outputs[0].hidden, hidden, atol=ATOL, rtol=0)
-    nxt = model.connector(taps, embeddings, embeddings, modality)
+    nxt = model.connector(taps, embeddings, modality)
     torch.testing.assert_close(nxt[:, 5:], embeddings[:, 5:])  # modality 1: nothing added
     assert (nxt[:, :5] - embeddings[:, :5]).abs().max() > 1e-3
     with pytest.raises(DepthkitError, match="modality_ids"):
@@ -339,6 +380,18 @@ def test_save_and_reload_round_trip(tmp_path, arch):
     torch.testing.assert_close(again(ids(), 3).logits, wrapped(ids(), 3).logits, atol=0, rtol=0)
     with pytest.raises(DepthkitError, match="already exists"):
         wrapped.save_pretrained(tmp_path / "wrapped")
+
+
+def test_residual_sized_connector_reloads_and_older_configs_keep_the_embedding_size(tmp_path):
+    model = RecursiveModel.wrap(tiny_model("mistral", num_layers=4), num_loops=3, ends=1, connector_k=2,
+                                residual="previous", connector_norm="residual", scale_init=0.4)
+    model.save_pretrained(tmp_path / "sized")
+    reloaded = RecursiveModel.from_pretrained(tmp_path / "sized")
+    assert reloaded.config.connector_norm == "residual" and reloaded.connector.relative
+    torch.testing.assert_close(reloaded(ids()).logits, model(ids()).logits, atol=0, rtol=0)
+    saved = json.loads((tmp_path / "sized" / "recursive_config.json").read_text())
+    del saved["connector_norm"]  # a config written before the option existed
+    assert RecursiveConfig.from_dict(saved).connector_norm == "embeddings"
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):

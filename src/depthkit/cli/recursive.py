@@ -12,7 +12,7 @@ from depthkit.cli.common import DTYPE_HELP, add_data_args, add_model_args, data_
 from depthkit.data import interleaved_blocks, token_blocks, token_stream
 from depthkit.errors import DepthkitError
 from depthkit.models.loading import load_model, load_tokenizer
-from depthkit.recursive.config import FEEDBACKS, FUSIONS, PROJECTIONS, RESIDUALS
+from depthkit.recursive.config import CONNECTOR_NORMS, FEEDBACKS, FUSIONS, PROJECTIONS, RESIDUALS
 from depthkit.recursive.generate import DEFAULT_THRESHOLD, early_exit_nll, generate
 from depthkit.recursive.loss import LOSSES
 from depthkit.recursive.model import BASE_DIR, LAYER_PICKS, RecursiveModel, truncate_layers
@@ -55,6 +55,9 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse", default="sum", choices=FUSIONS)
     p.add_argument("--residual", default="embeddings", choices=RESIDUALS)
     p.add_argument("--scale-init", type=float, default=0.0)
+    p.add_argument("--connector-norm", default="residual", choices=CONNECTOR_NORMS,
+                   help="size the connector's update by the RMS of the residual it is added onto (token by token) "
+                        "or by the input embeddings' RMS")
     p.add_argument("--modalities", type=int, default=1)
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA shared by every loop (0 = none)")
     p.add_argument("--train", default="connector,layers", help=f"comma-separated parts to train: {', '.join(PARTS)}")
@@ -114,7 +117,8 @@ def build_model(args: argparse.Namespace):
         model = RecursiveModel.wrap(
             base, num_loops=args.loops, feedback=args.feedback, ends=args.ends, connector_k=args.connector_k,
             connector_layers=_int_list(args.connector_layers), projection=args.projection, fuse=args.fuse,
-            residual=args.residual, scale_init=args.scale_init, num_modalities=args.modalities,
+            residual=args.residual, scale_init=args.scale_init, connector_norm=args.connector_norm,
+            num_modalities=args.modalities,
             lora_rank=args.lora_rank, loop_lora_rank=rank, relaxed_loops=args.loops if rank else 0)
     return model.to(args.device), tokenizer
 

@@ -19,7 +19,8 @@ FEEDBACKS = ("connector", "vanilla")
 ORDERS = ("cycle", "sequence")
 PROJECTIONS = ("linear", "mlp")
 FUSIONS = ("sum", "weighted")
-RESIDUALS = ("embeddings", "previous")
+RESIDUALS = ("embeddings", "previous", "output")
+CONNECTOR_NORMS = ("embeddings", "residual")
 CONFIG_FILE = "recursive_config.json"
 
 
@@ -47,7 +48,12 @@ class RecursiveConfig:
     fuse: str = "sum"
     residual: str = "embeddings"
     scale_init: float = 0.0
-    # Initial RMSNorm gain of every tap; None = input-embedding RMS / number of taps (see connector.py).
+    # What sizes the connector's update (see connector.py): the input embeddings' RMS (a fixed size) or,
+    # token by token, the RMS of the residual it is added onto. The first keeps configs saved before
+    # the choice existed as they were.
+    connector_norm: str = "embeddings"
+    # Initial RMSNorm gain of every tap; None = 1 / number of taps, times the embeddings' RMS unless the
+    # update is sized by the residual.
     connector_gain: float | None = None
     num_modalities: int = 1
     # Relaxation: a LoRA per (shared layer, loop) on the native loops; rank 0 = strict sharing.
@@ -71,7 +77,9 @@ class RecursiveConfig:
         require(self.feedback in FEEDBACKS, f"unknown feedback '{self.feedback}'; choose from {', '.join(FEEDBACKS)}")
         require(self.projection in PROJECTIONS, f"unknown projection '{self.projection}'; choose from linear, mlp")
         require(self.fuse in FUSIONS, f"unknown fusion '{self.fuse}'; choose from sum, weighted")
-        require(self.residual in RESIDUALS, f"unknown residual '{self.residual}'; choose from embeddings, previous")
+        require(self.residual in RESIDUALS, f"unknown residual '{self.residual}'; choose from {', '.join(RESIDUALS)}")
+        require(self.connector_norm in CONNECTOR_NORMS, f"unknown connector_norm '{self.connector_norm}'; "
+                                                        f"choose from {', '.join(CONNECTOR_NORMS)}")
         require(self.connector_gain is None or self.connector_gain > 0,
                 f"connector_gain must be positive, got {self.connector_gain}")
         require(self.num_modalities >= 1, f"num_modalities must be >= 1, got {self.num_modalities}")

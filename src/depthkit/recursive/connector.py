@@ -8,11 +8,19 @@ modality, a vision-language model adds more), fuses the k results and adds them,
 learnable per-modality scale, onto the original embeddings (or the previous step's input).
 The scale starts at 0, so step 2 starts exactly as a second pretrained single pass.
 
-The norms' gains start at the embeddings' RMS divided by the number of taps (unless
-`connector_gain` says otherwise): with unit gains, each normalised tap has RMS 1 per dimension,
-20-30x a typical input embedding, so any non-zero scale swamps the embeddings, the scale takes
-almost all of the gradient and training switches the connector off (measured: scale 0.01 -> 0.0002
-on SmolLM2). Matched gains make scale 1 mean "an update the size of an embedding".
+The size of the update must match what it is added onto. With unit gains each normalised tap has
+RMS 1 per dimension, 20-30x a typical input embedding, so any non-zero scale swamps the embeddings,
+the scale takes almost all of the gradient and training switches the connector off (measured: scale
+0.01 -> 0.0002 on SmolLM2). Two ways to size it (`connector_norm`):
+- "embeddings" (the first default, kept for saved configs): the norms' gains start at the input
+  embeddings' RMS / k, so scale 1 means "an update the size of an embedding". Right when the residual
+  IS the embeddings; wrong when the loop starts after a prelude: SmolLM2's hidden states after its
+  first layer have RMS ~1.9 against 0.14 for the embeddings, so the update was 14x smaller than
+  meant, scale 0.1 moved the next step's input by under 1%, and the loop added nothing (steps 1 -> 4
+  gained 0.1% of held-out perplexity; measured in benchmarks/recursion.py).
+- "residual": every token's update is multiplied by the RMS of the residual it is added onto (not a
+  trained path: the RMS is detached), with gains starting at 1 / k, so scale s means "an update s
+  times the residual" whatever layer the residual comes from and however much it grows over steps.
 """
 
 from __future__ import annotations
@@ -53,10 +61,10 @@ class RecursiveConnector(nn.Module):
         super().__init__()
         self.positions = config.connector_positions()
         self.num_modalities = config.num_modalities
-        self.residual = config.residual
         self.fuse = config.fuse
         count = len(self.positions) * config.num_modalities
-        gain = config.connector_gain or embedding_rms / len(self.positions)
+        self.relative = config.connector_norm == "residual"
+        gain = config.connector_gain or (1.0 if self.relative else embedding_rms) / len(self.positions)
         self.norms = nn.ModuleList(ConnectorRMSNorm(hidden, eps, gain) for _ in range(count))
         self.projections = nn.ModuleList(make_projection(config.projection, hidden) for _ in range(count))
         self.fuse_logits = nn.Parameter(torch.zeros(len(self.positions))) if config.fuse == "weighted" else None
@@ -89,15 +97,17 @@ class RecursiveConnector(nn.Module):
             out = torch.where(mask, self.projections[index](self.norms[index](feature)).to(out.dtype), out)
         return out
 
-    def forward(self, taps: list[torch.Tensor], embeddings: torch.Tensor, previous_input: torch.Tensor,
+    def forward(self, taps: list[torch.Tensor], residual: torch.Tensor,
                 modality_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Next step's input: residual (embeddings or previous input) + scale[modality] * fused."""
+        """Next step's input: `residual` (the tensor `config.residual` names, chosen by the model)
+        + scale[modality] * fused."""
         if self.num_modalities > 1:
             require(modality_ids is not None, "this recursive model has several modalities: pass modality_ids "
                                               "(the token-type mask) with the input")
             require(int(modality_ids.min()) >= 0 and int(modality_ids.max()) < self.num_modalities,
                     f"modality_ids must lie in 0..{self.num_modalities - 1}")
-        residual = embeddings if self.residual == "embeddings" else previous_input
         fused = self.fused(taps, modality_ids)
+        if self.relative:
+            fused = fused * residual.detach().float().pow(2).mean(-1, keepdim=True).sqrt()
         scale = self.scale[0] if self.num_modalities == 1 else self.scale[modality_ids].unsqueeze(-1)
         return residual + (scale * fused).to(residual.dtype)

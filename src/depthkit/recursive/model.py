@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, Cache, PreTrainedModel, PreTraine
 
 from depthkit.errors import DepthkitError, require
 from depthkit.models.adapters import get_adapter
-from depthkit.models.blockwise import BlockContext, block_context
+from depthkit.models.blockwise import BlockContext, block_context, cache_kwargs
 from depthkit.models.loading import resolve_dtype
 from depthkit.recursive.config import RecursiveConfig, check_loops
 from depthkit.recursive.connector import RecursiveConnector
@@ -147,7 +147,7 @@ class RecursiveModel(nn.Module):
         def run(h: torch.Tensor) -> torch.Tensor:
             with self.adapters.activate(layer, loop):
                 module.self_attn.layer_idx = slot
-                return module(h, past_key_values=cache, use_cache=cache is not None, **context.layer_kwargs(module))
+                return module(h, **cache_kwargs(module, cache), **context.layer_kwargs(module))
 
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(run, hidden, use_reentrant=False)
@@ -212,10 +212,13 @@ class RecursiveModel(nn.Module):
 
     def next_input(self, hidden: torch.Tensor, taps: list[torch.Tensor], origin: torch.Tensor,
                    step_input: torch.Tensor, modality_ids: torch.Tensor | None) -> torch.Tensor:
-        """Vanilla recursion feeds the last hidden state back; the connector builds a new input."""
+        """Vanilla recursion feeds the last hidden state back; the connector builds a new input
+        on the residual its config names: the prelude's output (the original embeddings when there
+        is no prelude), this step's input, or this step's output (vanilla plus a correction)."""
         if self.connector is None:
             return hidden
-        return self.connector(taps, origin, step_input, modality_ids)
+        residual = {"embeddings": origin, "previous": step_input, "output": hidden}[self.config.residual]
+        return self.connector(taps, residual, modality_ids)
 
     def forward(
         self,
