@@ -45,7 +45,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from seed_runs import comparable_settings, mean_and_se, parse_seeds, reusable_run  # noqa: E402
 
-from depthkit.recursive.config import RESIDUALS  # noqa: E402
+from depthkit.recursive.config import CONNECTOR_NORMS, RESIDUALS  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
 from depthkit.vlm.batches import VQABatches  # noqa: E402
@@ -78,6 +78,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scale-init", type=float, default=0.3, help="initial residual scale of the connector")
     parser.add_argument("--residual", default="previous", choices=RESIDUALS,
                         help="what the connector adds onto: the input embeddings or the previous step's input")
+    parser.add_argument("--connector-norm", default="embeddings", choices=CONNECTOR_NORMS,
+                        help="size the connector's update by the embeddings' RMS (the recorded runs) or, token "
+                             "by token, by the RMS of the residual it is added onto")
     parser.add_argument("--eval-examples", type=int, default=0,
                         help="held-out examples scored per variant (0 = the whole held-out split)")
     parser.add_argument("--stats-examples", type=int, default=32, help="held-out examples for norm/CKA")
@@ -137,7 +140,7 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     for name in args.variants.split(","):
         spec = {"num_loops": args.loops, **VARIANTS[name]}
         if spec["feedback"] == "connector":
-            spec["scale_init"], spec["residual"] = args.scale_init, args.residual
+            spec.update(scale_init=args.scale_init, residual=args.residual, connector_norm=args.connector_norm)
         vlm.projector.load_state_dict(aligned)
         settings = TrainSettings(args.steps, args.batch_size, args.lr, loss=spec.pop("loss"), beta=args.beta,
                                  seed=args.seed + 1)  # the same batches, in the same order, for every variant
@@ -297,7 +300,8 @@ def write_outputs(results: dict, out: Path) -> None:
         "",
         f"Stage 2: {s['steps']} steps x batch {s['batch_size']} per variant, the same batches in the same order "
         f"and the same LoRA start (rank {s['lora_rank']}) for every variant, lr {s['lr']}, beta {s['beta']}, "
-        f"connector scale init {s.get('scale_init', 0.0)}, residual onto the {s.get('residual', 'embeddings')} input. "
+        f"connector scale init {s.get('scale_init', 0.0)}, residual onto the {s.get('residual', 'embeddings')} input, "
+        f"update sized by the {s.get('connector_norm', 'embeddings')} RMS. "
         f"{s['torch_threads']} CPU thread(s); total {results['total_seconds'] / 60:.1f} min.",
         *(["", results["note"]] if results.get("note") else []),
         "",

@@ -403,18 +403,46 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 
 # -- command line --------------------------------------------------------------------------------
+def _cli_text_args(tmp_path) -> list[str]:
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97} and then some more text" for i in range(400)))
+    return ["--data", str(text), "--data-split", "all", "--eval-data", str(text), "--eval-data-split", "all",
+            "--interleave", "--train-blocks", "4", "--eval-blocks", "2", "--seq-len", "16", "--batch-size", "2",
+            "--mixed-precision", "no"]
+
+
+def test_cli_relaxes_trains_and_saves_the_plans_loops(tmp_path):
+    from depthkit.cli.main import main
+
+    out = tmp_path / "relaxed"
+    assert main(["recursive", "train", "--model", "tiny:llama", "--relax", "2", "--loop-lora-rank", "2",
+                 "--train", "layers,loop_lora", "--steps", "2", *_cli_text_args(tmp_path), "--out", str(out)]) == 0
+    model = RecursiveModel.from_pretrained(out)
+    assert (model.config.num_loops, model.config.relaxed_loops, model.config.feedback) == (2, 2, "vanilla")
+    assert model.config.source["sharing"] == "cycle" and len(model.layers) == 2
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--loops", "3"], "loops the shared layers 2 times"),
+    (["--ends", "1"], "--sharing middle"),
+    (["--feedback", "connector"], "feeds each loop's hidden state on"),
+])
+def test_cli_refuses_looped_decoder_options_with_relax(tmp_path, capsys, options, message):
+    from depthkit.cli.main import main
+
+    assert main(["recursive", "train", "--model", "tiny:llama", "--relax", "2", *options, "--steps", "0",
+                 *_cli_text_args(tmp_path), "--out", str(tmp_path / "out")]) != 0
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_cli_trains_a_looped_middle_with_per_loop_lora_and_generates(tmp_path, capsys):
     from depthkit.cli.main import main
 
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"word{i % 97} and then some more text" for i in range(400)))
-    data = ["--data", str(text), "--data-split", "all", "--eval-data", str(text), "--eval-data-split", "all"]
     out = tmp_path / "looped"
     assert main(["recursive", "train", "--model", "tiny:llama", "--layers", "3", "--layer-pick", "stepwise",
                  "--loops", "2", "--ends", "1", "--connector-k", "1", "--loop-lora-rank", "2",
-                 "--train", "connector,layers,loop_lora", "--steps", "2", "--interleave", "--train-blocks", "4",
-                 "--eval-blocks", "2", "--seq-len", "16", "--batch-size", "2",
-                 "--mixed-precision", "no", *data, "--out", str(out)]) == 0
+                 "--train", "connector,layers,loop_lora", "--steps", "2", *_cli_text_args(tmp_path),
+                 "--out", str(out)]) == 0
     model = RecursiveModel.from_pretrained(out)
     assert model.config.num_base_layers == 3 and model.config.relaxed_loops == 2
     assert (model.config.prelude, model.config.block, model.config.coda) == ([0], [1], [2])

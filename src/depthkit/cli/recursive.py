@@ -21,6 +21,8 @@ from depthkit.recursive.train import PARTS, TrainSettings, step_perplexities, tr
 from depthkit.utils.io import check_output_dir, format_table, write_json
 from depthkit.utils.precision import MIXED_PRECISIONS
 
+DEFAULT_LOOPS = 3
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("recursive", help="recursive (looped) transformers: train, eval, generate")
@@ -44,11 +46,14 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loop-lora-rank", default="0",
                    help="per-loop LoRA rank (int or 'full'): the relaxation's, or one LoRA per loop of the "
                         "looped decoder without --relax")
-    p.add_argument("--feedback", default="connector", choices=FEEDBACKS)
-    p.add_argument("--loops", type=int, default=3, help="recursion steps R used in training (and saved default)")
-    p.add_argument("--ends", type=int, default=0,
+    p.add_argument("--feedback", choices=FEEDBACKS,
+                   help="what the next step reads: the connector's new input (the default) or the last hidden "
+                        "state; --relax feeds the hidden state on, as the converted model did")
+    p.add_argument("--loops", type=int, help=f"recursion steps R used in training (and saved default; "
+                                             f"{DEFAULT_LOOPS} unless --relax, which loops N/K times)")
+    p.add_argument("--ends", type=int,
                    help="without --relax: run the first and last N layers once (prelude, and coda after every "
-                        "step) and loop only the layers between")
+                        "step) and loop only the layers between (default 0; with --relax, --sharing middle)")
     p.add_argument("--connector-k", type=int, default=4)
     p.add_argument("--connector-layers", help="comma-separated block positions (0-based) the connector reads")
     p.add_argument("--projection", default="linear", choices=PROJECTIONS)
@@ -113,14 +118,35 @@ def build_model(args: argparse.Namespace):
     rank = _rank(args.loop_lora_rank)
     if args.relax:
         model = relax(base, args.relax, args.sharing, args.init, rank, args.seed)
+        check_relaxed_depth(args, model.config.num_loops)
     else:
+        args.loops = DEFAULT_LOOPS if args.loops is None else args.loops
         model = RecursiveModel.wrap(
-            base, num_loops=args.loops, feedback=args.feedback, ends=args.ends, connector_k=args.connector_k,
-            connector_layers=_int_list(args.connector_layers), projection=args.projection, fuse=args.fuse,
-            residual=args.residual, scale_init=args.scale_init, connector_norm=args.connector_norm,
-            num_modalities=args.modalities,
-            lora_rank=args.lora_rank, loop_lora_rank=rank, relaxed_loops=args.loops if rank else 0)
+            base, num_loops=args.loops, feedback=args.feedback or "connector", ends=args.ends or 0,
+            connector_k=args.connector_k, connector_layers=_int_list(args.connector_layers),
+            projection=args.projection, fuse=args.fuse, residual=args.residual, scale_init=args.scale_init,
+            connector_norm=args.connector_norm, num_modalities=args.modalities, lora_rank=args.lora_rank,
+            loop_lora_rank=rank, relaxed_loops=args.loops if rank else 0)
     return model.to(args.device), tokenizer
+
+
+def check_relaxed_depth(args: argparse.Namespace, plan_loops: int) -> None:
+    """Refuse the looped-decoder options that a relaxation decides itself, rather than ignore them.
+
+    The sharing plan fixes the loops (N/K) and which layers stay unshared, and the converted model
+    feeds its hidden state on; training or saving another R would run loops without their LoRA.
+    """
+    if args.loops is not None and args.loops != plan_loops:
+        raise DepthkitError(f"--relax {args.relax} with --sharing {args.sharing} loops the shared layers "
+                            f"{plan_loops} times; drop --loops {args.loops} (any R can still be asked at "
+                            "eval and generate time)")
+    if args.ends is not None:
+        raise DepthkitError("--ends applies to a looped decoder; with --relax use --sharing middle to keep the "
+                            "first and last layers unshared")
+    if args.feedback == "connector":
+        raise DepthkitError("--feedback connector applies to a looped decoder; a relaxed model feeds each loop's "
+                            "hidden state on, as the original layers did")
+    args.loops = plan_loops
 
 
 def run_train(args: argparse.Namespace) -> None:
