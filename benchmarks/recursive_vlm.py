@@ -29,6 +29,10 @@ differences over seeds: recursive_vlm_seeds.{json,md}, recursive_vlm_seeds_accur
 whose finished run is already in recursive_vlm_seeds/seed<N>/ with the same settings is reused, so
 seeds can also run as separate jobs (`--seeds 1 --out benchmarks/results/recursive_vlm_seeds/seed1`)
 before one `--seeds 0,1,2` run sums them up.
+
+The connector's update is sized by the input embeddings' RMS here. `--connector-norm residual`, which
+made the language-model loop of benchmarks/recursion.py win, lowered both connectors' accuracy at
+seed 0 (below the standard model; recursive_vlm_options/connector_norm_residual/).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ plan, connector, relaxed conversion, KV-cached generation, early exit, losses an
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -240,6 +241,24 @@ def test_rank_zero_is_strict_recursion(arch):
     low = relax(tiny_model(arch, num_layers=6), 3, "cycle", "lower", rank=2)
     assert (low(ids()).logits - reference).abs().max() > 1e-4  # a partial relaxation is neither
     assert (low(ids()).logits - strict(ids()).logits).abs().max() > 1e-4
+
+
+def test_partial_rank_relaxation_is_the_best_rank_r_approximation_of_every_original_layer():
+    """Eckart-Young: each loop's shared weight + B A misses its original layer by exactly the
+    singular values the truncation dropped (a transposed or mis-scaled SVD would miss by more)."""
+    base = tiny_model("llama", num_layers=4)
+    originals = [copy.deepcopy(layer) for layer in get_adapter(base).layers(base)]
+    model = relax(base, 2, "cycle", "stepwise", rank=3)
+    plan = sharing_plan("cycle", 4, 2)
+    for index, (k, loop) in enumerate(plan.assignment):
+        for name in ("q_proj", "down_proj"):
+            original = getattr(model.adapter.block(originals[index]), name).weight.double()
+            shared = getattr(model.adapter.block(model.layers[k]), name).weight.double()
+            lora = model.adapters.relax[f"{k}_{name}_loop{loop}"]
+            effective = shared + lora.scaling * lora.lora_B.double() @ lora.lora_A.double()
+            dropped = torch.linalg.svdvals(original - shared)[3:]
+            torch.testing.assert_close(torch.linalg.matrix_norm(original - effective), dropped.norm(),
+                                       rtol=1e-5, atol=1e-6)
 
 
 def test_per_loop_lora_on_a_looped_decoder_starts_exact_and_learns_per_loop():

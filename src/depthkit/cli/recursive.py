@@ -58,8 +58,12 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connector-layers", help="comma-separated block positions (0-based) the connector reads")
     p.add_argument("--projection", default="linear", choices=PROJECTIONS)
     p.add_argument("--fuse", default="sum", choices=FUSIONS)
-    p.add_argument("--residual", default="embeddings", choices=RESIDUALS)
-    p.add_argument("--scale-init", type=float, default=0.0)
+    p.add_argument("--residual", default="previous", choices=RESIDUALS,
+                   help="what the connector adds onto: the prelude's output (the embeddings without --ends), this "
+                        "step's input, or its output")
+    p.add_argument("--scale-init", type=float, default=0.1,
+                   help="initial connector scale (0: steps 2..R start as copies of step 1); the connector "
+                        "defaults are benchmarks/recursion.py's measured recipe")
     p.add_argument("--connector-norm", default="residual", choices=CONNECTOR_NORMS,
                    help="size the connector's update by the RMS of the residual it is added onto (token by token) "
                         "or by the input embeddings' RMS")
