@@ -11,8 +11,10 @@ optimizer steps on the same batches, in the same order, as the original model (R
 with the same budget. Only the last step is scored: intermediate steps of a converted model are
 halfway through the original stack, not predictions. Writes benchmarks/results/relaxed.{json,md,png}.
 
-The recorded run (150 steps x 4 x 128 tokens, bf16 autocast, 2-core CPU shared with another
-benchmark) took about an hour: 4-6 s per step for every variant, since each runs 30 layers.
+The recorded run (the defaults: 300 steps x 4 x 128 tokens, ranks 0, 64, 192, bf16 autocast, 2-core
+AVX512-BF16 CPU) took 67 min: 2.3-2.5 s per step for the original and strict sharing (30 layer
+applications each), 2.9-3.4 s with per-loop LoRA; the rank-64 variant's recorded 4.8 s/step
+shared the CPU with the test suite for part of its run.
 """
 
 from __future__ import annotations
