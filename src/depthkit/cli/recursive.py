@@ -11,12 +11,13 @@ import torch
 from depthkit.cli.common import DTYPE_HELP, add_data_args, add_model_args, data_spec, report
 from depthkit.data import interleaved_blocks, token_blocks, token_stream
 from depthkit.errors import DepthkitError
+from depthkit.models.adapters import get_adapter
 from depthkit.models.loading import load_model, load_tokenizer
 from depthkit.recursive.config import CONNECTOR_NORMS, FEEDBACKS, FUSIONS, PROJECTIONS, RESIDUALS
 from depthkit.recursive.generate import DEFAULT_THRESHOLD, early_exit_nll, generate
 from depthkit.recursive.loss import LOSSES
 from depthkit.recursive.model import BASE_DIR, LAYER_PICKS, RecursiveModel, truncate_layers
-from depthkit.recursive.relaxed import INITS, SHARINGS, relax
+from depthkit.recursive.relaxed import INITS, SHARINGS, relax, sharing_plan
 from depthkit.recursive.train import PARTS, TrainSettings, step_perplexities, train
 from depthkit.utils.io import check_output_dir, format_table, write_json
 from depthkit.utils.precision import MIXED_PRECISIONS
@@ -121,25 +122,26 @@ def build_model(args: argparse.Namespace):
         truncate_layers(base, args.layers, args.layer_pick)
     rank = _rank(args.loop_lora_rank)
     if args.relax:
+        check_relax_options(args, len(get_adapter(base).layers(base)))  # before the conversion's SVDs
         model = relax(base, args.relax, args.sharing, args.init, rank, args.seed)
-        check_relaxed_depth(args, model.config.num_loops)
     else:
-        args.loops = DEFAULT_LOOPS if args.loops is None else args.loops
+        loops = DEFAULT_LOOPS if args.loops is None else args.loops
         model = RecursiveModel.wrap(
-            base, num_loops=args.loops, feedback=args.feedback or "connector", ends=args.ends or 0,
+            base, num_loops=loops, feedback=args.feedback or "connector", ends=args.ends or 0,
             connector_k=args.connector_k, connector_layers=_int_list(args.connector_layers),
             projection=args.projection, fuse=args.fuse, residual=args.residual, scale_init=args.scale_init,
             connector_norm=args.connector_norm, num_modalities=args.modalities, lora_rank=args.lora_rank,
-            loop_lora_rank=rank, relaxed_loops=args.loops if rank else 0)
+            loop_lora_rank=rank, relaxed_loops=loops if rank else 0)
     return model.to(args.device), tokenizer
 
 
-def check_relaxed_depth(args: argparse.Namespace, plan_loops: int) -> None:
+def check_relax_options(args: argparse.Namespace, num_layers: int) -> None:
     """Refuse the looped-decoder options that a relaxation decides itself, rather than ignore them.
 
     The sharing plan fixes the loops (N/K) and which layers stay unshared, and the converted model
     feeds its hidden state on; training or saving another R would run loops without their LoRA.
     """
+    plan_loops = sharing_plan(args.sharing, num_layers, args.relax).loops
     if args.loops is not None and args.loops != plan_loops:
         raise DepthkitError(f"--relax {args.relax} with --sharing {args.sharing} loops the shared layers "
                             f"{plan_loops} times; drop --loops {args.loops} (any R can still be asked at "
@@ -150,15 +152,15 @@ def check_relaxed_depth(args: argparse.Namespace, plan_loops: int) -> None:
     if args.feedback == "connector":
         raise DepthkitError("--feedback connector applies to a looped decoder; a relaxed model feeds each loop's "
                             "hidden state on, as the original layers did")
-    args.loops = plan_loops
 
 
 def run_train(args: argparse.Namespace) -> None:
     check_output_dir(args.out, args.overwrite)
     model, tokenizer = build_model(args)
     settings = TrainSettings(
-        steps=args.steps, loops=args.loops, batch_size=args.batch_size, lr=args.lr, connector_lr=args.connector_lr,
-        loss=args.loss, beta=args.beta, detach=not args.no_detach, eval_every=args.eval_every,
+        steps=args.steps, loops=model.config.num_loops, batch_size=args.batch_size, lr=args.lr,
+        connector_lr=args.connector_lr, loss=args.loss, beta=args.beta, detach=not args.no_detach,
+        eval_every=args.eval_every,
         trainable=tuple(t.strip() for t in args.train.split(",") if t.strip() and
                         (t.strip() != "connector" or model.connector is not None)),
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision, seed=args.seed)
@@ -167,7 +169,6 @@ def run_train(args: argparse.Namespace) -> None:
     train_ids = blocks(tokenizer, data_spec(args, "--data"), args.train_blocks, args.seq_len) if args.steps else None
     eval_ids = blocks(tokenizer, data_spec(args, "--eval-data"), args.eval_blocks, args.seq_len)
     result = train(model, train_ids, eval_ids, settings) if args.steps else None
-    model.config.num_loops = args.loops
     model.save_pretrained(args.out, tokenizer, args.overwrite)
     print(f"saved recursive model to {args.out}")
     if result is not None and result.evaluations:
