@@ -47,3 +47,39 @@ def test_text_shorter_than_one_window(capsys, tmp_path):
 def test_existing_output_folder_is_refused(capsys, tmp_path):
     code, err = run_cli(capsys, "analyze", "--model", "tiny:llama", "--out", str(tmp_path))
     assert code == 2 and "already exists" in err
+
+
+@pytest.mark.parametrize(
+    "calib, message",
+    [
+        ("austen+novels", "unknown corpus 'novels'"),
+        ("mix+austen", "names a corpus twice"),
+    ],
+)
+def test_bad_calibration_mixture_writes_nothing(capsys, tmp_path, calib, message):
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "compress", "--model", "tiny:llama", "--ratio", "0.5", "--calib", calib,
+                        "--out", str(out))
+    assert code == 2 and err.startswith("depthkit: error: ") and message in err
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_calibration_too_short_and_empty_file(capsys, tmp_path):
+    (tmp_path / "a.txt").write_text("Only a few words here.\n" * 20)
+    code, err = run_cli(capsys, "compress", "--model", "tiny:llama", "--ratio", "0.5", "--calib", str(tmp_path),
+                        "--calib-split", "all", "--method", "shortgpt")
+    assert code == 2 and "text too short" in err
+    (tmp_path / "b.txt").write_text("")
+    code, err = run_cli(capsys, "compress", "--model", "tiny:llama", "--ratio", "0.5", "--calib", str(tmp_path),
+                        "--method", "shortgpt")
+    assert code == 2 and "b.txt is empty" in err
+
+
+def test_single_document_calibration_warns_once(capsys, tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text("".join(f"Line {i} of one long book, with a few more words.\n" for i in range(3000)))
+    code = main(["compress", "--model", "tiny:llama", "--ratio", "0.5", "--method", "shortgpt", "--calib", str(path),
+                 "--num-calib-blocks", "4", "--calib-block-len", "32"])
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("depthkit: warning:")]
+    assert code == 0 and len(warnings) == 1 and "one document" in warnings[0]

@@ -77,3 +77,72 @@ def test_interleaved_blocks_too_short_names_the_document(tmp_path, tokenizer):
     path.write_text("Too short.\n")
     with pytest.raises(DepthkitError, match=r"asked for 2 x 64 tokens from 'short"):
         interleaved_blocks(tokenizer, DataSpec(str(path), "all"), num_blocks=2, block_len=64)
+
+
+def test_python_documentation_and_source_corpora():
+    parts = {d.name: d.text for d in load_documents("pydoc")}
+    assert len(parts) >= 15 and "01-the-python-tutorial" in parts
+    assert not any(name.endswith("-index") for name in parts)  # index entries are not prose
+    tutorial = parts["01-the-python-tutorial"]
+    assert "\x1f" not in tutorial and "File: python3.11.info" not in tutorial and "Footnotes" not in tutorial
+    modules = {d.name: d.text for d in load_documents("pycode")}
+    assert "dataclasses" in modules and "def dataclass(" in modules["dataclasses"]
+
+
+def test_mixtures_expand_and_refuse_bad_names():
+    from depthkit.data.corpora import MIX_COMPONENTS, mixture_components
+
+    assert mixture_components("mix") == list(MIX_COMPONENTS)
+    assert mixture_components("austen:emma+pydoc") == ["austen:emma", "pydoc"]
+    assert [d.name for d in load_documents("austen:emma+austen:persuasion")] == ["emma", "persuasion"]
+    with pytest.raises(DepthkitError, match="unknown corpus 'novels'"):
+        load_documents("austen+novels")
+    with pytest.raises(DepthkitError, match="names a corpus twice"):
+        mixture_components("mix+austen")
+    with pytest.raises(DepthkitError, match="empty corpus name"):
+        mixture_components("austen+")
+
+
+def test_sampled_blocks_cover_every_document_and_component(tokenizer):
+    """Calibration sampled over the whole text: every novel of Austen, and in a mixture every
+    component in turn, so the first blocks (what a search uses) already cover all of them."""
+    from depthkit.data.blocks import sample_blocks
+
+    def source(block, docs):
+        text = tokenizer.decode(block[8:40])
+        return [d.name for d in docs if text in d.text]
+
+    books = load_documents("austen")
+    blocks = sample_blocks(tokenizer, DataSpec("austen", "calib"), 12, 64)
+    assert blocks.shape == (12, 64)
+    assert {name for b in blocks for name in source(b, books)} == set(AUSTEN_BOOKS)
+    mixed = sample_blocks(tokenizer, DataSpec("austen:emma+shakespeare:hamlet", "calib"), 6, 64)
+    emma, hamlet = load_documents("austen:emma"), load_documents("shakespeare:hamlet")
+    assert [bool(source(b, emma)) for b in mixed] == [True, False] * 3
+    assert [bool(source(b, hamlet)) for b in mixed] == [False, True] * 3
+    # Held-out blocks come from the held-out split only.
+    calib_text = split_text(emma[0].text, "calib")
+    held = sample_blocks(tokenizer, DataSpec("austen:emma", "heldout"), 4, 64)
+    assert not any(tokenizer.decode(b[8:40]) in calib_text for b in held)
+
+
+def test_sampled_blocks_never_overlap_and_refuse_too_little_text(tmp_path, tokenizer):
+    from depthkit.data.blocks import sample_blocks
+
+    path = tmp_path / "numbers.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(400)))
+    blocks = sample_blocks(tokenizer, DataSpec(str(path), "all"), 8, 32)
+    texts = [tokenizer.decode(b) for b in blocks]
+    lines = [set(line for line in t.split("\n")[1:-1]) for t in texts]  # whole lines of each block
+    assert all(not (a & b) for i, a in enumerate(lines) for b in lines[i + 1:])
+    with pytest.raises(DepthkitError, match="text too short"):
+        sample_blocks(tokenizer, DataSpec(str(path), "all"), 64, 128)
+    with pytest.raises(DepthkitError, match="offset"):
+        sample_blocks(tokenizer, DataSpec(str(path), "all", offset=5), 2, 32)
+
+
+def test_empty_file_in_a_folder_is_an_error(tmp_path):
+    (tmp_path / "a.txt").write_text("Some text.\n")
+    (tmp_path / "b.txt").write_text("  \n")
+    with pytest.raises(DepthkitError, match="b.txt is empty"):
+        load_documents(str(tmp_path))

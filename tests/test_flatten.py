@@ -86,6 +86,23 @@ def test_ridge_and_ols_selection_on_a_planted_problem():
     assert column_order == unit_order
 
 
+def test_ridge_towards_the_weights_interpolates_between_refit_and_no_refit():
+    """ridge_prior=weights: lam -> 0 gives the least-squares refit, lam -> inf the kept columns'
+    own weights, and in between the exact minimiser of ||T - Z B||^2 + lam ||B - B_0||^2."""
+    generator = torch.Generator().manual_seed(1)
+    z = torch.randn(500, 6, generator=generator, dtype=torch.float64)
+    target = z @ torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    prior = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    gram = GramAccumulator()
+    gram.add(z, target)
+    keep = torch.arange(6)
+    torch.testing.assert_close(ridge_solve(gram.C, gram.R, keep, 1e-12, prior), ridge_solve(gram.C, gram.R, keep, 0.0))
+    torch.testing.assert_close(ridge_solve(gram.C, gram.R, keep, 1e12, prior), prior)
+    lam = 50.0
+    direct = torch.linalg.solve(z.T @ z + lam * torch.eye(6, dtype=torch.float64), z.T @ target + lam * prior.T).T
+    torch.testing.assert_close(ridge_solve(gram.C, gram.R, keep, lam, prior), direct, rtol=1e-4, atol=1e-5)  # float32 Gram
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_greedy_selection_picks_the_least_harmful_pair(arch):
     model = tiny_model(arch, num_layers=5)

@@ -1,4 +1,4 @@
-"""User-facing errors.
+"""User-facing errors and warnings.
 
 Anything a user can cause (a bad path, an unknown architecture, a ratio out of range) raises
 `DepthkitError` with a message that says what went wrong and how to fix it. The CLI prints that
@@ -14,3 +14,10 @@ def require(condition: bool, message: str) -> None:
     """Raise `DepthkitError(message)` unless `condition` holds."""
     if not condition:
         raise DepthkitError(message)
+
+
+def warn(message: str) -> None:
+    """One `depthkit: warning:` line on stderr: something the user should know, not a failure."""
+    import sys
+
+    print(f"depthkit: warning: {message}", file=sys.stderr)

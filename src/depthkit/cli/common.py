@@ -27,7 +27,9 @@ def add_data_args(parser: argparse.ArgumentParser, flag: str = "--data", split: 
     """`--data CORPUS` with `--<name>-split` and `--<name>-offset` to choose the slice."""
     name = flag.lstrip("-").replace("-", "_")
     parser.add_argument(flag, default=default, dest=name,
-                        help="corpus: austen[:book], shakespeare[:play], wikitext2, or a .txt file/folder")
+                        help=f"corpus: austen[:book], shakespeare[:play], pydoc[:part], pycode[:module], wikitext2, "
+                             f"a .txt file/folder, or a mixture joined by + (mix: every offline corpus); "
+                             f"default {default}")
     parser.add_argument(f"{flag}-split", default=split, choices=SPLITS, dest=f"{name}_split",
                         help=f"non-overlapping part of each document (default {split})")
     parser.add_argument(f"{flag}-offset", type=int, default=0, dest=f"{name}_offset",

@@ -1,6 +1,6 @@
 """`depthkit compress`: remove or merge blocks with a registered method and save a plain checkpoint.
 
-    depthkit compress --method flatten --ratio 0.2 --calib austen:emma --out runs/flat24
+    depthkit compress --method flatten --ratio 0.2 --out runs/flat24            # calibration: every offline domain
     depthkit compress --method shortgpt --target-layers 24 --out runs/short24 --eval-data austen:persuasion
     depthkit compress --method flatten --ratio 0.2 --offload disk --out runs/flat24   # model larger than memory
     depthkit compress --list
@@ -19,6 +19,9 @@ from typing import Any
 from depthkit.cli.common import add_data_args, add_model_args, data_spec
 from depthkit.compress.api import (
     CARD_JSON,
+    DEFAULT_CALIB,
+    DEFAULT_CALIB_BLOCKS,
+    DEFAULT_CALIB_LEN,
     CompressionReport,
     compress,
     compress_checkpoint,
@@ -42,9 +45,12 @@ def register(subparsers) -> None:
     parser.add_argument("--method", default="flatten", help="a registered method (see --list)")
     parser.add_argument("--ratio", type=float, default=None, help="fraction of blocks to remove, in (0, 1)")
     parser.add_argument("--target-layers", type=int, default=None, help="blocks to keep (instead of --ratio)")
-    add_data_args(parser, "--calib", split="calib", default="austen:emma")
-    parser.add_argument("--num-calib-blocks", type=int, default=64, help="calibration sequences")
-    parser.add_argument("--calib-block-len", type=int, default=256, help="tokens per calibration sequence")
+    add_data_args(parser, "--calib", split="calib", default=DEFAULT_CALIB)
+    parser.add_argument("--num-calib-blocks", type=int, default=DEFAULT_CALIB_BLOCKS,
+                        help=f"calibration sequences, sampled over the whole calibration text (default "
+                             f"{DEFAULT_CALIB_BLOCKS})")
+    parser.add_argument("--calib-block-len", type=int, default=DEFAULT_CALIB_LEN,
+                        help=f"tokens per calibration sequence (default {DEFAULT_CALIB_LEN})")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option (repeatable); values are read as int, float, bool or text")
     parser.add_argument("--out", default=None, help="save the compressed checkpoint here (a new folder)")

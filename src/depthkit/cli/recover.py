@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from depthkit.cli.common import DTYPE_HELP, add_data_args, data_spec
-from depthkit.data.blocks import DataSpec, token_stream
+from depthkit.data.blocks import DataSpec, sample_blocks, token_stream
+from depthkit.data.corpora import DEFAULT_CALIB
 from depthkit.errors import require
 from depthkit.models.loading import load_model
 from depthkit.recover.trainer import CARD_FILE, RecoverySettings, recover
@@ -26,7 +29,7 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", default="auto",
                         help="dtype of the frozen base (adapters are float32): " + DTYPE_HELP)
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is available")
-    add_data_args(parser, "--data", split="calib", default="austen:emma")
+    add_data_args(parser, "--data", split="calib", default=DEFAULT_CALIB)
     parser.add_argument("--eval-data", default=None,
                         help="corpus for held-out perplexity, its heldout split (default: the --data corpus)")
     parser.add_argument("--eval-tokens", type=int, default=DEFAULTS.eval_tokens,
@@ -66,6 +69,15 @@ def settings_from_args(args: argparse.Namespace) -> RecoverySettings:
     )
 
 
+def training_text(tokenizer, spec: DataSpec, settings: RecoverySettings, processes: int) -> torch.Tensor:
+    """The blocks the steps need, sampled over the whole text (every component of a mixture in
+    equal shares, every document), as one stream; with --allow-repeat the whole text, cycled."""
+    if settings.allow_repeat:
+        return token_stream(tokenizer, spec)
+    blocks = settings.steps * settings.batch_size * processes
+    return sample_blocks(tokenizer, spec, blocks, settings.seq_len).flatten()
+
+
 def run(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
@@ -83,7 +95,9 @@ def run(args: argparse.Namespace) -> None:
     meta = {"model": args.model, "teacher": args.teacher, "data": train_spec.describe(),
             "eval_data": eval_spec.describe(), "dtype": args.dtype}
     accelerator = Accelerator(cpu=args.cpu)
-    card = recover(model, tokenizer, token_stream(tokenizer, train_spec), token_stream(tokenizer, eval_spec),
+    card = recover(model, tokenizer, training_text(tokenizer, train_spec, settings, accelerator.num_processes),
+                   sample_blocks(tokenizer, eval_spec, -(-settings.eval_tokens // settings.seq_len),
+                                 settings.seq_len).flatten(),
                    settings, args.out, teacher=teacher, resume=args.resume, overwrite=args.overwrite,
                    keep_checkpoints=args.keep_checkpoints, accelerator=accelerator, meta=meta)
     if not accelerator.is_main_process:

@@ -20,11 +20,14 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 import depthkit
 from depthkit.compress.base import CompressionMethod, blocks_to_remove, get_method
 from depthkit.compress.common import count_parameters, num_blocks
-from depthkit.data.blocks import DataSpec, token_blocks
-from depthkit.errors import require
+from depthkit.data.blocks import DataSpec, sample_blocks, split_documents
+from depthkit.data.corpora import DEFAULT_CALIB
+from depthkit.errors import require, warn
 from depthkit.utils.io import atomic_output_dir, check_output_dir, format_table, json_text, write_json
 
 CARD_JSON = "compression_card.json"
+DEFAULT_CALIB_BLOCKS = 64
+DEFAULT_CALIB_LEN = 256
 CARD_MD = "compression_card.md"
 
 
@@ -69,16 +72,17 @@ def compress(
     target_layers: int | None = None,
     calib_ids: torch.Tensor | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
-    calib: DataSpec | str = "austen:emma",
-    num_calib_blocks: int = 64,
-    calib_block_len: int = 256,
+    calib: DataSpec | str = DEFAULT_CALIB,
+    num_calib_blocks: int = DEFAULT_CALIB_BLOCKS,
+    calib_block_len: int = DEFAULT_CALIB_LEN,
     **method_options: Any,
 ) -> CompressionReport:
     """Compress `model` in place by `ratio` of its blocks (or down to `target_layers` blocks).
 
     Calibration is `calib_ids` (sequences x tokens) when given, else `num_calib_blocks` blocks of
-    `calib_block_len` tokens of `calib` (a corpus name means its `calib` split), tokenized with
-    `tokenizer`. Everything a user can get wrong is checked before any work starts.
+    `calib_block_len` tokens sampled over all of `calib` (a corpus or mixture name means its
+    `calib` split; `sample_blocks`), tokenized with `tokenizer`. Everything a user can get wrong
+    is checked before any work starts.
     """
     runner = get_method(method, **method_options)
     depth = num_blocks(model)
@@ -108,9 +112,9 @@ def compress_checkpoint(
     target_layers: int | None = None,
     calib_ids: torch.Tensor | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
-    calib: DataSpec | str = "austen:emma",
-    num_calib_blocks: int = 64,
-    calib_block_len: int = 256,
+    calib: DataSpec | str = DEFAULT_CALIB,
+    num_calib_blocks: int = DEFAULT_CALIB_BLOCKS,
+    calib_block_len: int = DEFAULT_CALIB_LEN,
     device: str = "cpu",
     dtype: str | torch.dtype = "auto",
     overwrite: bool = False,
@@ -172,8 +176,11 @@ def _calibration(
     if calib_ids is None:
         require(tokenizer is not None, "give calib_ids, or a tokenizer to tokenize the calibration text")
         spec = calib if isinstance(calib, DataSpec) else DataSpec(calib, "calib")
-        calib_ids = token_blocks(tokenizer, spec, num_blocks_, block_len)
+        calib_ids = sample_blocks(tokenizer, spec, num_blocks_, block_len)
         source = spec.describe()
+        if len(split_documents(spec.corpus, spec.split)) == 1:
+            warn(f"all calibration text comes from one document ({spec.corpus}); what the method fits may not "
+                 f"transfer to other text (the default, {DEFAULT_CALIB}, samples every offline domain)")
     else:
         source = "token ids given by the caller"
     require(calib_ids.dim() == 2 and not calib_ids.is_floating_point(),

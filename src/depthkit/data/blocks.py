@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from depthkit.data.corpora import Document, load_documents
-from depthkit.errors import DepthkitError
+from depthkit.data.corpora import Document, load_documents, mixture_components
+from depthkit.errors import DepthkitError, require
 
 SPLITS = ("calib", "heldout", "all")
 HELDOUT_FRACTION = 0.2
@@ -44,6 +44,7 @@ class DataSpec:
 
 
 def split_documents(corpus: str, split: str) -> list[Document]:
+    """The `split` part of every document of `corpus` (a mixture: of every component's)."""
     return [Document(doc.name, split_text(doc.text, split)) for doc in load_documents(corpus)]
 
 
@@ -111,3 +112,81 @@ def token_blocks(
             f"but {spec.describe()} has {stream.numel()}"
         )
     return stream[:needed].view(num_blocks, block_len)
+
+
+def sample_blocks(
+    tokenizer: PreTrainedTokenizerBase, spec: DataSpec, num_blocks: int, block_len: int
+) -> torch.Tensor:
+    """`num_blocks` non-overlapping blocks of `block_len` tokens spread over ALL of the split, shape (n, len).
+
+    What calibration should represent is the whole text, not its opening pages (`token_blocks`
+    takes the first tokens, so a six-novel corpus calibrates on the first novel alone). A mixture
+    (`austen+pydoc`, `mix`) gives each component an equal share, taken in turn (component 1's
+    first block, component 2's first block, ...); within a component the blocks start at evenly
+    spaced places of its documents joined in order, so each document contributes in proportion to
+    its length. Blocks are ordered so that every prefix is spread too (a search that uses the
+    first 8 sequences sees every component and every part of each). `spec.offset` is not
+    supported here: sampling already covers the text.
+    """
+    check_block_shape(num_blocks, block_len)
+    require(spec.offset == 0, "an offset applies to consecutive blocks, not to blocks sampled over the whole text")
+    components = mixture_components(spec.corpus)
+    shares = [num_blocks // len(components) + (i < num_blocks % len(components)) for i in range(len(components))]
+    per_component = [
+        _spread_blocks(tokenizer, DataSpec(component, spec.split), share, block_len)
+        for component, share in zip(components, shares) if share
+    ]
+    order = [blocks[i] for i in range(max(shares)) for blocks in per_component if i < len(blocks)]
+    return torch.stack(order)
+
+
+def _spread_blocks(tokenizer: PreTrainedTokenizerBase, spec: DataSpec, count: int, block_len: int) -> torch.Tensor:
+    """`count` blocks starting at evenly spaced line starts of the split's documents joined by blank
+    lines, in low-discrepancy order. Only the text of each block is tokenized (a 20 MB manual is
+    not tokenized whole to take 16 blocks of it)."""
+    text = "\n\n".join(doc.text for doc in split_documents(spec.corpus, spec.split) if doc.text.strip())
+    spacing = len(text) / count
+    starts = [_line_start(text, int(k * spacing)) for k in range(count)]
+    blocks = []
+    for k, start in enumerate(starts):
+        limit = starts[k + 1] if k + 1 < count else len(text)  # blocks never overlap: each ends before the next
+        ids = _tokens_from(tokenizer, text, start, limit, block_len)
+        if ids is None:
+            raise DepthkitError(
+                f"text too short: asked for {count} x {block_len} tokens spread over {spec.describe()}, but its "
+                f"{len(text):,} characters give fewer than {block_len} tokens between two evenly spaced starts; "
+                "ask for fewer or shorter blocks"
+            )
+        blocks.append(ids)
+    return torch.stack([blocks[k] for k in _low_discrepancy_order(count)])
+
+
+def _line_start(text: str, position: int) -> int:
+    """The first line start at or after `position` (the position itself if no line starts later)."""
+    if position == 0:
+        return 0
+    newline = text.find("\n", position - 1)
+    return newline + 1 if 0 <= newline < len(text) - 1 else position
+
+
+def _tokens_from(
+    tokenizer: PreTrainedTokenizerBase, text: str, start: int, limit: int, block_len: int
+) -> torch.Tensor | None:
+    """The first `block_len` tokens of `text[start:limit]` (None if it has fewer). The slice grows
+    until it holds more than `block_len` tokens, so the last one kept is never a cut word."""
+    span = 8 * block_len
+    while True:
+        stop = min(start + span, limit)
+        ids = tokenizer(text[start:stop], add_special_tokens=False)["input_ids"]
+        if len(ids) > block_len or (stop == limit and len(ids) == block_len):
+            return torch.tensor(ids[:block_len], dtype=torch.long)
+        if stop == limit:
+            return None
+        span *= 2
+
+
+def _low_discrepancy_order(count: int) -> list[int]:
+    """0..count-1 reordered so that every prefix is spread over the range (van der Corput)."""
+    bits = max(1, (count - 1).bit_length())
+    keys = [int(f"{k:0{bits}b}"[::-1], 2) for k in range(count)]
+    return sorted(range(count), key=keys.__getitem__)

