@@ -65,6 +65,8 @@ DOMAINS = MIX_COMPONENTS
 BLOCK_REMOVAL = ("shortgpt", "sleb", "laco")  # the baselines FlattenGPT must beat (attention drop removes no block)
 DIAGNOSTIC = ("flatten_unpruned",)  # upper bounds, not products: measured only when asked for
 ZEROSHOT_DOMAINS = ("austen", "shakespeare", "pydoc")  # sentence tasks need prose: not built from source code
+# Runs are comparable (and a results file is resumed or shared) when these settings are equal.
+SETTINGS = ("model", "dtype", "calibration", "evaluation", "chat", "zeroshot")
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,16 +77,13 @@ def parse_args() -> argparse.Namespace:
                         help="registered methods (default: all but the unpruned upper bound)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD:KEY=VALUE;...",
                         help="also run METHOD with these options under NAME (repeatable)")
-    parser.add_argument("--calibs", nargs="+", default=[*DOMAINS, DEFAULT_CALIB],
+    parser.add_argument("--calibs", nargs="*", default=[*DOMAINS, DEFAULT_CALIB],
                         help="calibration corpora or mixtures (default: each domain and the mixture)")
     parser.add_argument("--lodo", action="store_true", help="add every leave-one-domain-out mixture")
     parser.add_argument("--calib-blocks", type=int, default=64)
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks per domain")
     parser.add_argument("--eval-len", type=int, default=512)
-    parser.add_argument("--eval-split", choices=("heldout", "calib"), default="heldout",
-                        help="calib: judge on the calib split of the domains NOT in the calibration (cross-validation "
-                             "inside the calibration data, to choose defaults; in-domain figures are then void)")
     parser.add_argument("--stem", default=None, help="results file name (default domains, domains_cv, domains_quick)")
     parser.add_argument("--zeroshot-limit", type=int, default=200,
                         help="zero-shot items per task and domain for the runs calibrated on the default mixture "
@@ -123,20 +122,26 @@ class Judge:
 
     def __init__(self, model, tokenizer, args: argparse.Namespace) -> None:
         self.tokenizer, self.zeroshot_limit = tokenizer, args.zeroshot_limit
-        self.evals = {}
-        for domain in tqdm(DOMAINS, desc="held-out blocks and the original's predictions"):
-            blocks = sample_blocks(tokenizer, DataSpec(domain, args.eval_split), args.eval_blocks, args.eval_len)
-            self.evals[domain] = (blocks, reference_logprobs(model, blocks))
+        self.evals: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {"heldout": {}, "calib": {}}
+        for split, domain in tqdm([(s, d) for s in self.evals for d in DOMAINS], desc="the original's predictions"):
+            blocks = sample_blocks(tokenizer, DataSpec(domain, split), args.eval_blocks, args.eval_len)
+            self.evals[split][domain] = (blocks, reference_logprobs(model, blocks))
         self.chat = chat_reference(model, tokenizer, chat_prompts())
 
-    def measure(self, model, zeroshot: bool) -> dict[str, Any]:
-        result = {"domains": {domain: compare_behaviour(model, blocks, ref).to_dict()
-                              for domain, (blocks, ref) in self.evals.items()},
-                  "chat": compare_chat(model, self.chat)}
+    def measure(self, model, zeroshot: bool, calib: str | None = None) -> dict[str, Any]:
+        """Held-out figures of every domain; for the domains not in `calib`, also their calib split
+        (`cv`): what defaults are chosen on, so that no choice is made on evaluation text."""
+        result = {"domains": self.behaviour(model, "heldout", DOMAINS), "chat": compare_chat(model, self.chat)}
+        if calib is not None:
+            left_out = [d for d in DOMAINS if not (calib and in_calibration(calib, d))]
+            result["cv"] = self.behaviour(model, "calib", left_out)
         if zeroshot and self.zeroshot_limit:
             result["zeroshot"] = {domain: zero_shot(model, self.tokenizer, limit=self.zeroshot_limit,
                                                     corpus=domain).average for domain in ZEROSHOT_DOMAINS}
         return result
+
+    def behaviour(self, model, split: str, domains) -> dict[str, dict[str, float]]:
+        return {d: compare_behaviour(model, *self.evals[split][d]).to_dict() for d in domains}
 
 
 def geo_mean(values: list[float]) -> float | None:
@@ -162,11 +167,13 @@ def summary(rows: list[dict[str, Any]], base: dict[str, Any]) -> list[dict[str, 
     for name, ratio in sorted({(r["name"], r["ratio"]) for r in done}, key=lambda k: (k[1], k[0])):
         mine = [r for r in done if (r["name"], r["ratio"]) == (name, ratio)]
         ood = [v for r in mine for v in relative(r, base, False)]
+        cv = [r["cv"][d]["perplexity"] / base["cv"][d]["perplexity"] for r in mine for d in r.get("cv", {})]
         ind = [v for r in mine for v in relative(r, base, True)]
         versus = [geo_mean(relative(r, base, False)) / best_baseline[(r["calib"], ratio)] for r in mine
                   if (r["calib"], ratio) in best_baseline and relative(r, base, False)]
         table.append({"method": name, "ratio": ratio, "calibrations": len(mine),
                       "out-of-domain ppl / original": geo_mean(ood), "in-domain ppl / original": geo_mean(ind),
+                      "CV: left-out domains' calib split": geo_mean(cv),
                       "out-of-domain vs best block removal": geo_mean(versus),
                       "top-1 agreement": float(np.mean([d["top1_agreement"] for r in mine
                                                         for d in r["domains"].values()])),
@@ -184,14 +191,24 @@ def retained(rows: list[dict[str, Any]], base: dict[str, Any]) -> float | None:
 
 
 def write_results(result: dict[str, Any], stem: str) -> None:
-    write_json(RESULTS / f"{stem}.json", result)
+    """Write the results, keeping runs that another process wrote to the same file meanwhile (two
+    invocations with the same settings may share the work, e.g. one running the slow SLEB)."""
+    path = RESULTS / f"{stem}.json"
+    if path.exists():
+        on_disk = json.loads(path.read_text())
+        if all(on_disk.get(k) == result.get(k) for k in SETTINGS):
+            mine = {(r["name"], r["calib"], r["ratio"]) for r in result["rows"]}
+            result["rows"] += [r for r in on_disk["rows"] if (r["name"], r["calib"], r["ratio"]) not in mine]
+    write_json(path, result)
     base, rows = result["base"], result["rows"]
     lines = [f"# Domain transfer ({result['model']})", "",
              f"- calibration: {result['calibration']}", f"- evaluation: {result['evaluation']}",
              f"- dtype: {result['dtype']}; machine: {result['machine']}", "",
              "Perplexity relative to the original, geometric mean over calibrations: out of domain = the domains "
              "not in the calibration, in domain = those in it. `vs best block removal`: the method's out-of-domain "
-             "figure over that of the best of ShortGPT, SLEB and LaCo with the same calibration (< 1: better).", "",
+             "figure over that of the best of ShortGPT, SLEB and LaCo with the same calibration (< 1: better). "
+             "`CV`: the same out-of-domain figure on the calib split of the left-out domains, text that no run "
+             "calibrates on and no reported figure uses: defaults are chosen on it, never on held-out text.", "",
              format_table(summary(rows, base)), "", "## Every run (perplexity per held-out domain)", ""]
     columns = ["method", "calib", "ratio", *DOMAINS, "top-1 agreement (mean)", "chat same answer",
                "zero-shot acc (mean)", "compress s"]
@@ -243,22 +260,22 @@ def heatmap(rows: list[dict[str, Any]], base: dict[str, Any], path: Path, model:
 
 def main() -> None:
     args = parse_args()
-    stem = args.stem or ("domains_quick" if args.quick else "domains_cv" if args.eval_split == "calib" else "domains")
+    stem = args.stem or ("domains_quick" if args.quick else "domains")
     model, tokenizer = load_model(args.model)
     judge = Judge(model, tokenizer, args)
     settings = {"model": args.model, "dtype": dtype_name(next(model.parameters()).dtype),
                 "calibration": f"{args.calib_blocks} x {args.calib_len} tokens sampled over the calib split",
-                "evaluation": f"{args.eval_blocks} x {args.eval_len} tokens sampled over each domain's {args.eval_split} "
-                              "split",
+                "evaluation": f"{args.eval_blocks} x {args.eval_len} tokens sampled over each domain's heldout split "
+                              "(and, for choosing defaults, over the calib split of the domains left out)",
                 "chat": f"{len(judge.chat)} prompts, the original's greedy answers of up to 32 tokens",
                 "zeroshot": f"{args.zeroshot_limit} items per task (cloze, continuation) from the heldout split of "
                             f"{', '.join(ZEROSHOT_DOMAINS)}, runs calibrated on {DEFAULT_CALIB}",
                 "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}"}
     path = RESULTS / f"{stem}.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
-    same = all(previous.get(k) == v for k, v in settings.items())
+    same = all(previous.get(k) == settings[k] for k in SETTINGS)
     rows = previous.get("rows", []) if same else []
-    base = previous["base"] if same else judge.measure(model, zeroshot=True) | {
+    base = previous["base"] if same else judge.measure(model, zeroshot=True, calib="") | {
         "chat_answers": {ref.prompt: ref.answer for ref in judge.chat}}
     done = {(r["name"], r["calib"], r["ratio"]) for r in rows if "domains" in r}
     rows = [r for r in rows if (r["name"], r["calib"], r["ratio"]) in done]
@@ -271,11 +288,31 @@ def main() -> None:
                     continue
                 if calib_ids is None:
                     calib_ids = sample_blocks(tokenizer, DataSpec(calib, "calib"), args.calib_blocks, args.calib_len)
+                options = with_groups_of(options, rows, calib, ratio)
                 rows.append(run_one(model, name, method, options, calib, calib_ids, ratio, judge))
                 write_results({**settings, "base": base, "rows": rows}, stem)
     write_results({**settings, "base": base, "rows": rows}, stem)
     print(format_table(summary(rows, base)))
     print(f"wrote {RESULTS / stem}.{{json,md,png}}")
+
+
+def with_groups_of(options: dict[str, Any], rows: list[dict[str, Any]], calib: str, ratio: float) -> dict[str, Any]:
+    """`groups=@NAME`: the blocks the run NAME flattened on this calibration and ratio, so that variants
+    of the pruning share one pair search (the search is the costly, deterministic half)."""
+    reference = options.get("groups")
+    if not (isinstance(reference, str) and reference.startswith("@")):
+        return options
+    source = next((r for r in rows if (r["name"], r["calib"], r["ratio"]) == (reference[1:], calib, ratio)
+                   and "domains" in r), None)
+    if source is None:
+        raise SystemExit(f"groups={reference}: run {reference[1:]} first (same calibration and ratio)")
+    depth = source["details"]["layers_before"]
+    pairs = {g[0]: g for g in source["details"]["flattened_groups"]}
+    groups, index = [], 0
+    while index < depth:
+        groups.append(pairs.get(index, [index]))
+        index += len(groups[-1])
+    return options | {"groups": groups}
 
 
 def run_one(base_model, name: str, method: str, options: dict[str, Any], calib: str, calib_ids: torch.Tensor,
@@ -288,7 +325,7 @@ def run_one(base_model, name: str, method: str, options: dict[str, Any], calib: 
     except DepthkitError as err:
         return row | {"error": str(err)}
     seconds = time.perf_counter() - began
-    row |= {"seconds": seconds, **judge.measure(model, zeroshot=calib == DEFAULT_CALIB),
+    row |= {"seconds": seconds, **judge.measure(model, zeroshot=calib == DEFAULT_CALIB, calib=calib),
             "details": report.details, "saveable": report.saveable}
     print(f"{name} | {calib} | {ratio}: " + ", ".join(f"{d} {v['perplexity']:.2f}" for d, v in row["domains"].items()),
           flush=True)

@@ -146,3 +146,12 @@ def test_empty_file_in_a_folder_is_an_error(tmp_path):
     (tmp_path / "b.txt").write_text("  \n")
     with pytest.raises(DepthkitError, match="b.txt is empty"):
         load_documents(str(tmp_path))
+
+
+def test_non_utf8_text_and_negative_offsets_are_refused(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(DepthkitError, match="not UTF-8 text"):
+        load_documents(str(path))
+    with pytest.raises(DepthkitError, match="offset must be >= 0"):
+        DataSpec("austen", "calib", -5)

@@ -15,7 +15,7 @@ import torch
 from depthkit.cli.common import DTYPE_HELP, add_data_args, data_spec
 from depthkit.data.blocks import DataSpec, sample_blocks, token_stream
 from depthkit.data.corpora import DEFAULT_CALIB
-from depthkit.errors import require
+from depthkit.errors import DepthkitError, require
 from depthkit.models.loading import load_model
 from depthkit.recover.trainer import CARD_FILE, RecoverySettings, recover
 from depthkit.utils.io import format_table
@@ -75,7 +75,11 @@ def training_text(tokenizer, spec: DataSpec, settings: RecoverySettings, process
     if settings.allow_repeat:
         return token_stream(tokenizer, spec)
     blocks = settings.steps * settings.batch_size * processes
-    return sample_blocks(tokenizer, spec, blocks, settings.seq_len).flatten()
+    try:
+        return sample_blocks(tokenizer, spec, blocks, settings.seq_len).flatten()
+    except DepthkitError as err:
+        raise DepthkitError(f"{err}; or pass --allow-repeat to cycle the text, or lower "
+                            "--steps/--batch-size/--seq-len") from None
 
 
 def run(args: argparse.Namespace) -> None:

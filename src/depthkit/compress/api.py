@@ -21,7 +21,7 @@ import depthkit
 from depthkit.compress.base import CompressionMethod, blocks_to_remove, get_method
 from depthkit.compress.common import count_parameters, num_blocks
 from depthkit.data.blocks import DataSpec, sample_blocks, split_documents
-from depthkit.data.corpora import DEFAULT_CALIB
+from depthkit.data.corpora import DEFAULT_CALIB, mixture_components
 from depthkit.errors import require, warn
 from depthkit.utils.io import atomic_output_dir, check_output_dir, format_table, json_text, write_json
 
@@ -178,11 +178,13 @@ def _calibration(
         spec = calib if isinstance(calib, DataSpec) else DataSpec(calib, "calib")
         calib_ids = sample_blocks(tokenizer, spec, num_blocks_, block_len)
         source = spec.describe()
+        extra = {"corpora": mixture_components(spec.corpus),
+                 "sampling": "blocks spread over every document, corpora of a mixture in equal shares"}
         if len(split_documents(spec.corpus, spec.split)) == 1:
             warn(f"all calibration text comes from one document ({spec.corpus}); what the method fits may not "
                  f"transfer to other text (the default, {DEFAULT_CALIB}, samples every offline domain)")
     else:
-        source = "token ids given by the caller"
+        source, extra = "token ids given by the caller", {}
     require(calib_ids.dim() == 2 and not calib_ids.is_floating_point(),
             f"calib_ids must be a 2-D tensor of token ids (sequences x tokens), got shape {tuple(calib_ids.shape)}")
     require(calib_ids.shape[1] >= 2, f"calibration sequences need at least 2 tokens, got {calib_ids.shape[1]}")
@@ -190,7 +192,7 @@ def _calibration(
     require(int(calib_ids.min()) >= 0 and int(calib_ids.max()) < vocab,
             f"calibration token ids must be in 0..{vocab - 1} for this model")
     sequences, length = calib_ids.shape
-    return calib_ids.to(device), {"data": source, "sequences": sequences, "tokens_per_sequence": length}
+    return calib_ids.to(device), {"data": source, "sequences": sequences, "tokens_per_sequence": length, **extra}
 
 
 def list_methods() -> list[dict[str, str]]:

@@ -39,6 +39,12 @@ class DataSpec:
     split: str = "calib"
     offset: int = 0
 
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise DepthkitError(f"unknown split '{self.split}'; choose from {', '.join(SPLITS)}")
+        if self.offset < 0:
+            raise DepthkitError(f"a token offset must be >= 0, got {self.offset}")
+
     def describe(self) -> str:
         return f"{self.corpus} [{self.split}" + (f", from token {self.offset}]" if self.offset else "]")
 

@@ -251,8 +251,13 @@ def load_documents(spec: str) -> list[Document]:
 
 
 def _text_file(path: Path) -> Document:
-    """A user's text file as a document: empty files are an error, never a silent gap."""
-    text = path.read_text(errors="replace")
+    """A user's text file as a document: text that is not UTF-8 (a binary file, Latin-1) and empty
+    files are errors, never replacement characters or a silent gap."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DepthkitError(f"{path} is not UTF-8 text (byte {err.start}); convert it, e.g. iconv -f latin1 "
+                            "-t utf-8") from None
     if not text.strip():
         raise DepthkitError(f"text file {path} is empty")
     return Document(path.stem, text)

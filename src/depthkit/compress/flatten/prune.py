@@ -38,13 +38,15 @@ RIDGE_PRIORS = ("zero", "weights")
 
 @dataclass
 class PruneSettings:
-    criterion: str = "ols"
-    attn_criterion: str | None = None  # defaults to `criterion`
-    target: str = "sequential"
-    ridge: float = 1e-3
-    batch_size: int = 8
-    qk_norm: str = "exact"
-    ridge_prior: str = "zero"
+    """How wide blocks are pruned and refit (defaults and help: `FlattenOptions`, the one place)."""
+
+    criterion: str
+    attn_criterion: str | None  # None: the same as `criterion`
+    target: str
+    ridge: float
+    batch_size: int
+    qk_norm: str
+    ridge_prior: str
 
 
 class BlockRunner:
