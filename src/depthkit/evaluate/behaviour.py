@@ -45,26 +45,49 @@ def _log_probs(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
+@dataclass
+class Reference:
+    """The reference model's next-token log-probabilities (float16) and its top-1 tokens, taken in
+    float32 before rounding so that near-ties cannot flip: the reference agrees with itself exactly."""
+
+    logprobs: torch.Tensor
+    top1: torch.Tensor
+
+    def split(self, size: int) -> list[Reference]:
+        return [Reference(p, t) for p, t in zip(self.logprobs.split(size), self.top1.split(size))]
+
+
+def _reference(log_probs: torch.Tensor) -> Reference:
+    return Reference(log_probs.to(REFERENCE_DTYPE), log_probs.argmax(-1))
+
+
 @torch.no_grad()
-def reference_logprobs(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """The reference model's next-token log-probabilities on `blocks` (n x len), float16."""
-    return torch.cat([_log_probs(model, chunk).to(REFERENCE_DTYPE) for chunk in blocks.split(batch_size)])
+def reference_logprobs(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int = 4) -> Reference:
+    """The reference model's next-token predictions on `blocks` (n x len)."""
+    parts = [_reference(_log_probs(model, chunk)) for chunk in blocks.split(batch_size)]
+    return Reference(torch.cat([p.logprobs for p in parts]), torch.cat([p.top1 for p in parts]))
+
+
+def _agreement(log_q: torch.Tensor, ref: Reference) -> tuple[torch.Tensor, float]:
+    """(per-position top-1 hits, summed KL(reference || model)) of `log_q` against `ref`."""
+    log_p = ref.logprobs.float()
+    return log_q.argmax(-1) == ref.top1, float((log_p.exp() * (log_p - log_q)).sum())
 
 
 @torch.no_grad()
 def compare_behaviour(
-    model: PreTrainedModel, blocks: torch.Tensor, reference: torch.Tensor, batch_size: int = 4
+    model: PreTrainedModel, blocks: torch.Tensor, reference: Reference, batch_size: int = 4
 ) -> Behaviour:
     """Perplexity of `model` on `blocks` and its agreement with `reference` (`reference_logprobs`)."""
     nll = kl = agree = 0.0
     count = 0
     for chunk, ref in zip(blocks.split(batch_size), reference.split(batch_size)):
         log_q = _log_probs(model, chunk)
-        log_p = ref.float()
         labels = chunk[:, 1:]
         nll += float(-log_q.gather(-1, labels.unsqueeze(-1)).sum())
-        kl += float((log_p.exp() * (log_p - log_q)).sum())
-        agree += float((log_p.argmax(-1) == log_q.argmax(-1)).sum())
+        hits, divergence = _agreement(log_q, ref)
+        kl += divergence
+        agree += float(hits.sum())
         count += labels.numel()
     return Behaviour(perplexity=math.exp(nll / count), top1_agreement=agree / count, kl=kl / count, tokens=count)
 
@@ -76,7 +99,7 @@ class ChatReference:
     prompt: str
     ids: torch.Tensor  # (1, prompt + answer tokens)
     answer_start: int
-    logprobs: torch.Tensor  # (answer tokens, vocab), float16
+    predictions: Reference  # at the answer's positions
     answer: str
 
 
@@ -105,9 +128,9 @@ def chat_reference(
         out = model.generate(prompt_ids.to(device), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.eos_token_id).cpu()
         start = prompt_ids.shape[1]
-        logprobs = _log_probs(model, out)[0, start - 1 :].to(REFERENCE_DTYPE)
-        references.append(ChatReference(prompt, out, start, logprobs,
-                                         tokenizer.decode(out[0, start:], skip_special_tokens=True)))
+        predictions = _reference(_log_probs(model, out)[0, start - 1 :])
+        references.append(ChatReference(prompt, out, start, predictions,
+                                        tokenizer.decode(out[0, start:], skip_special_tokens=True)))
     return references
 
 
@@ -120,12 +143,11 @@ def compare_chat(model: PreTrainedModel, references: list[ChatReference]) -> dic
     tokens = same = 0
     for ref in references:
         log_q = _log_probs(model, ref.ids)[0, ref.answer_start - 1 :]
-        log_p = ref.logprobs.float()
         # Against the reference's own teacher-forced choices (not the generated tokens, which a KV-cached
         # decode can tip the other way on near-ties), so the reference agrees with itself exactly.
-        hits = log_q.argmax(-1) == log_p.argmax(-1)
+        hits, divergence = _agreement(log_q, ref.predictions)
         agree += float(hits.sum())
-        kl += float((log_p.exp() * (log_p - log_q)).sum())
+        kl += divergence
         tokens += hits.numel()
         same += bool(hits.all())
     return {"answer_top1_agreement": agree / tokens, "answer_kl": kl / tokens, "same_answer": same / len(references)}
