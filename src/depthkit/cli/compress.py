@@ -31,6 +31,7 @@ from depthkit.compress.api import (
 from depthkit.compress.base import blocks_to_remove, get_method
 from depthkit.compress.common import num_blocks
 from depthkit.data.blocks import token_stream
+from depthkit.data.corpora import load_documents
 from depthkit.errors import require
 from depthkit.evaluate.perplexity import perplexity
 from depthkit.models.loading import load_model
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> None:
         require(method.produces_checkpoint,
                 f"method '{args.method}' does not produce a standard checkpoint; run it without --out")
         check_output_dir(args.out, args.overwrite)
+    load_documents(args.calib)  # an unknown corpus, an empty or non-UTF-8 file: fail before loading the model
     if args.offload == "disk":
         run_streaming(args, options)
         return
