@@ -42,18 +42,20 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from depthkit.cli.compress import parse_options  # noqa: E402
 from depthkit.compress import compress  # noqa: E402
-from depthkit.compress.api import DEFAULT_CALIB, list_methods  # noqa: E402
+from depthkit.compress.api import list_methods  # noqa: E402
 from depthkit.data import DataSpec  # noqa: E402
 from depthkit.data.blocks import sample_blocks  # noqa: E402
-from depthkit.data.corpora import MIX_COMPONENTS, mixture_components  # noqa: E402
+from depthkit.data.corpora import DEFAULT_CALIB, MIX_COMPONENTS, mixture_sources  # noqa: E402
 from depthkit.errors import DepthkitError  # noqa: E402
 from depthkit.evaluate.behaviour import (  # noqa: E402
+    Reference,
     chat_prompts,
     chat_reference,
     compare_behaviour,
     compare_chat,
     reference_logprobs,
 )
+from depthkit.evaluate.report import geo_mean  # noqa: E402
 from depthkit.evaluate.zeroshot import zero_shot  # noqa: E402
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
@@ -84,7 +86,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks per domain")
     parser.add_argument("--eval-len", type=int, default=512)
-    parser.add_argument("--stem", default=None, help="results file name (default domains, domains_cv, domains_quick)")
+    parser.add_argument("--stem", default=None, help="results file name (default domains, or domains_quick)")
     parser.add_argument("--zeroshot-limit", type=int, default=200,
                         help="zero-shot items per task and domain for the runs calibrated on the default mixture "
                              "(0: none)")
@@ -113,7 +115,7 @@ def runs_to_do(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]
 
 
 def in_calibration(calib: str, domain: str) -> bool:
-    return any(c.partition(":")[0] == domain for c in mixture_components(calib))
+    return domain in mixture_sources(calib)
 
 
 class Judge:
@@ -122,7 +124,7 @@ class Judge:
 
     def __init__(self, model, tokenizer, args: argparse.Namespace) -> None:
         self.tokenizer, self.zeroshot_limit = tokenizer, args.zeroshot_limit
-        self.evals: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {"heldout": {}, "calib": {}}
+        self.evals: dict[str, dict[str, tuple[torch.Tensor, Reference]]] = {"heldout": {}, "calib": {}}
         for split, domain in tqdm([(s, d) for s in self.evals for d in DOMAINS], desc="the original's predictions"):
             blocks = sample_blocks(tokenizer, DataSpec(domain, split), args.eval_blocks, args.eval_len)
             self.evals[split][domain] = (blocks, reference_logprobs(model, blocks))
@@ -142,10 +144,6 @@ class Judge:
 
     def behaviour(self, model, split: str, domains) -> dict[str, dict[str, float]]:
         return {d: compare_behaviour(model, *self.evals[split][d]).to_dict() for d in domains}
-
-
-def geo_mean(values: list[float]) -> float | None:
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 
 
 def relative(row: dict[str, Any], base: dict[str, Any], inside: bool) -> list[float]:

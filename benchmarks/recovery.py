@@ -17,7 +17,6 @@ Writes benchmarks/results/<name>.{json,md,png} (`--name`, default `recovery`; `_
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import tempfile
 import time
@@ -32,8 +31,9 @@ import torch  # noqa: E402
 from depthkit.analysis.redundancy import analyze_redundancy  # noqa: E402
 from depthkit.data import DataSpec  # noqa: E402
 from depthkit.data.blocks import sample_blocks  # noqa: E402
-from depthkit.data.corpora import MIX_COMPONENTS, mixture_components  # noqa: E402
+from depthkit.data.corpora import MIX_COMPONENTS, mixture_sources  # noqa: E402
 from depthkit.evaluate.perplexity import perplexity  # noqa: E402
+from depthkit.evaluate.report import geo_mean  # noqa: E402
 from depthkit.models.adapters import get_adapter  # noqa: E402
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.recover import RecoverySettings, recover  # noqa: E402
@@ -80,10 +80,6 @@ def domain_perplexities(model, heldout: dict[str, torch.Tensor], seq_len: int) -
     return {d: perplexity(model, stream, window=seq_len, progress=False).perplexity for d, stream in heldout.items()}
 
 
-def geo_mean(values: list[float]) -> float | None:
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
-
-
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -91,7 +87,7 @@ def main() -> None:
     torch.manual_seed(0)
     windows = 2 if args.quick else args.eval_windows
     train = DataSpec(args.train_data, "calib")
-    trained_on = [c.partition(":")[0] for c in mixture_components(args.train_data)]
+    trained_on = mixture_sources(args.train_data)
     settings = RecoverySettings(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                                 lora_rank=args.lora_rank, eval_every=args.eval_every,
                                 eval_tokens=windows * args.seq_len * len(trained_on), save_every=max(args.steps, 1),

@@ -223,6 +223,11 @@ def mixture_components(spec: str) -> list[str]:
     return components
 
 
+def mixture_sources(spec: str) -> list[str]:
+    """The corpus names of a mixture's components, without document selectors (`austen:emma` -> austen)."""
+    return [component.partition(":")[0] for component in mixture_components(spec)]
+
+
 def load_documents(spec: str) -> list[Document]:
     """The documents named by a corpus spec (see the module docstring); a mixture gives every
     component's documents, in the order the components are named."""

@@ -64,7 +64,8 @@ def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
 
 
-def _geomean(values: list[float]) -> float | None:
+def geo_mean(values: list[float]) -> float | None:
+    """Geometric mean (None for no values): the average of ratios such as speed-ups or perplexity ratios."""
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
@@ -105,8 +106,8 @@ def summarize(record: dict, base: dict) -> dict:
         "accuracy": acc,
         "average_accuracy": average,
         "retained": _ratio(average, base_average),
-        "prefill_speedup": _geomean([prefill[k] / base_prefill[k] for k in prefill if k in base_prefill]),
-        "decode_speedup": _geomean([decode[k] / base_decode[k] for k in decode if k in base_decode]),
+        "prefill_speedup": geo_mean([prefill[k] / base_prefill[k] for k in prefill if k in base_prefill]),
+        "decode_speedup": geo_mean([decode[k] / base_decode[k] for k in decode if k in base_decode]),
         "ttft_ratio": _ratio(_ttft(record), _ttft(base)),
         "peak_memory_mb": (record.get("speed") or {}).get("peak_memory_mb"),
     }
