@@ -22,11 +22,12 @@ def test_block_parts_have_the_config_shapes(tiny):
     heads, kv, dim = adapter.num_heads(config), adapter.num_kv_heads(config), adapter.head_dim(config)
     for layer in adapter.layers(tiny):
         parts = adapter.block(layer)
-        assert parts.q_proj.weight.shape == (heads * dim, config.hidden_size)
-        assert parts.k_proj.weight.shape == (kv * dim, config.hidden_size)
-        assert parts.o_proj.weight.shape == (config.hidden_size, heads * dim)
-        assert parts.down_proj.weight.shape == (config.hidden_size, adapter.intermediate_size(config))
-        assert (parts.q_norm is not None) == (config.model_type == "qwen3")
+        assert parts.query.weight.shape == (heads * dim, config.hidden_size)
+        assert parts.key.weight.shape == (kv * dim, config.hidden_size)
+        assert parts.attn_out.weight.shape == (config.hidden_size, heads * dim)
+        assert parts.mlp_out.weight.shape == (config.hidden_size, adapter.intermediate_size(config))
+        assert (parts.q_norm is not None) == (config.model_type in ("qwen3", "gemma3_text"))
+        assert (parts.attn_post_norm is not None) == config.model_type.startswith("gemma")
 
 
 def test_set_layers_keeps_a_reloadable_checkpoint(tiny, tmp_path):

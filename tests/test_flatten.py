@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from depthkit.compress.api import compress
 from depthkit.compress.base import get_method
 from depthkit.compress.common import lm_loss
 from depthkit.compress.flatten import FlattenOptions, flatten_gpt, flatten_layers, select_groups
@@ -20,7 +21,7 @@ from depthkit.compress.flatten.channels import (
 from depthkit.errors import DepthkitError
 from depthkit.models.adapters import get_adapter
 from depthkit.models.blockwise import block_context, embed, iterate_blocks, run_block
-from depthkit.models.tiny import TINY_ARCHITECTURES, tiny_model
+from depthkit.models.tiny import PRE_NORM_ARCHITECTURES, TINY_ARCHITECTURES, tiny_model
 from tests.conftest import random_ids
 
 
@@ -40,7 +41,7 @@ def _parallel(model, layers, x):
     return y + sum(layer.mlp(layer.post_attention_layernorm(y)) for layer in layers)
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("arch", PRE_NORM_ARCHITECTURES)
 @pytest.mark.parametrize("count", [2, 3])
 def test_flattened_block_equals_parallel_formula(arch, count):
     extra = {"attention_bias": True, "mlp_bias": True} if arch == "llama" else {}
@@ -50,8 +51,8 @@ def test_flattened_block_equals_parallel_formula(arch, count):
     x = torch.randn(2, 10, model.config.hidden_size)
     merged = flatten_layers(model, layers)
     parts = get_adapter(model).block(merged)
-    assert parts.q_proj.weight.shape[0] == count * model.config.num_attention_heads * 16
-    assert parts.down_proj.weight.shape[1] == count * model.config.intermediate_size
+    assert parts.query.weight.shape[0] == count * model.config.num_attention_heads * 16
+    assert parts.mlp_out.weight.shape[1] == count * model.config.intermediate_size
     out = merged(x, **block_context(model, x).layer_kwargs(merged))
     torch.testing.assert_close(out, _parallel(model, layers, x), atol=1e-5, rtol=1e-5)
 
@@ -104,7 +105,7 @@ def test_ridge_towards_the_weights_interpolates_between_refit_and_no_refit():
     torch.testing.assert_close(ridge_solve(gram.C, gram.R, keep, lam, prior), direct, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("arch", PRE_NORM_ARCHITECTURES)
 def test_greedy_selection_picks_the_least_harmful_pair(arch):
     model = tiny_model(arch, num_layers=5)
     _share_qk_norms(model)
@@ -135,7 +136,7 @@ def test_similarity_selection_uses_input_output_cosine():
     assert log[0]["flattened"] == [best, best + 1]
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("arch", PRE_NORM_ARCHITECTURES)
 def test_flatten_method_gives_a_standard_checkpoint(arch, tmp_path):
     model = tiny_model(arch, num_layers=6)
     _share_qk_norms(model)
@@ -175,7 +176,7 @@ def test_unpruned_method_keeps_double_width():
     calib = random_ids(model, batch=2, length=16)
     outcome = get_method("flatten_unpruned").compress(model, calib, 1)
     assert not outcome.saveable
-    widths = [get_adapter(model).block(layer).down_proj.weight.shape[1] for layer in get_adapter(model).layers(model)]
+    widths = [get_adapter(model).block(layer).mlp_out.weight.shape[1] for layer in get_adapter(model).layers(model)]
     assert sorted(widths) == [128, 128, 256]
 
 
@@ -203,3 +204,10 @@ def test_too_many_blocks_for_pairs_is_an_error():
 def test_string_options_are_converted():
     options = FlattenOptions.from_dict({"ridge": "0.01", "selection_blocks": "4", "groups": "[[0, 1], [2]]"})
     assert options.ridge == 0.01 and options.selection_blocks == 4 and options.groups == [[0, 1], [2]]
+
+
+@pytest.mark.parametrize("arch", sorted(set(TINY_ARCHITECTURES) - set(PRE_NORM_ARCHITECTURES)))
+def test_post_norm_blocks_are_refused_before_any_work(arch):
+    model = tiny_model(arch, num_layers=4)
+    with pytest.raises(DepthkitError, match="cannot flatten .* exactly: they normalise each branch's output"):
+        compress(model, method="flatten", ratio=0.25, calib_ids=torch.randint(0, 256, (2, 16)))

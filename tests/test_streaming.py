@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from depthkit.errors import DepthkitError
 from depthkit.models.adapters import get_adapter
 from depthkit.models.blockwise import iterate_blocks
+from depthkit.models.loading import pretrained_lm
 from depthkit.models.streaming import INDEX_FILE, StreamingModel, StreamingWriter, peak_memory_mb
 from depthkit.models.tiny import TINY_ARCHITECTURES, tiny_model
 from tests.conftest import random_ids
@@ -44,7 +45,7 @@ def test_streaming_forward_equals_normal_forward(tmp_path, arch, tied):
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_streaming_blocks_equal_blockwise_blocks_in_bf16(tmp_path, arch):
     _, folder = saved_tiny(tmp_path, arch)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    loaded = pretrained_lm(folder, torch.bfloat16).eval()
     ids = random_ids(loaded, batch=2, length=16)
     stream = StreamingModel.open(folder, dtype="bfloat16")
     pairs = zip(stream.iterate_blocks(ids), iterate_blocks(loaded, ids), strict=True)

@@ -16,7 +16,7 @@ from depthkit.models.adapters import get_adapter
 from depthkit.models.blockwise import embed
 from depthkit.models.loading import DEFAULT_MODEL, load_tokenizer
 from depthkit.models.streaming import StreamingModel
-from depthkit.models.tiny import TINY_ARCHITECTURES, tiny_model
+from depthkit.models.tiny import PRE_NORM_ARCHITECTURES, TINY_ARCHITECTURES, tiny_model
 from tests.conftest import random_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,7 +63,7 @@ def test_streamed_attn_drop_equals_in_memory(tmp_path, arch):
     torch.testing.assert_close(reloaded_logits(tmp_path / "out", ids), model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("arch", PRE_NORM_ARCHITECTURES)
 def test_streamed_flatten_equals_in_memory_for_the_same_pairs(tmp_path, arch):
     model, folder = saved_tiny(tmp_path, arch)
     ids = random_ids(model, batch=4, length=16)

@@ -1,47 +1,124 @@
-"""Architecture adapters: uniform access to the blocks of a decoder-only causal LM.
+"""Architecture adapters: a decoder block described by ROLES, not by one family's attribute names.
 
-Every method in depthkit (analysis, flattening, block removal, recursion) talks to a model
-through an adapter instead of poking at attribute names, so supporting a new architecture means
-registering one adapter here. Adapters are registered by the config's `model_type`.
+Every method in depthkit (analysis, flattening, block removal, recursion, recovery) reaches a
+model's parts through an adapter, so code outside `depthkit.models` never names a sub-module.
+A block is: a normed attention branch (`query`/`key`/`value` read the normed input, `attn_out`
+writes the residual update), then a normed MLP branch (`gate`/`up` read, `mlp_out` writes). A
+`Layout` says where each role lives inside a Hugging Face decoder layer and which optional parts
+exist (post-norms on a branch's output, per-head q/k norms); the adapter adds how a norm's gain
+applies (`w` or `1 + w`), whether embeddings are scaled, how a layer learns its cache index and its
+attention type. Supporting a family with a known layout is one `register_adapter` entry here plus
+a tiny config in `depthkit.models.tiny` for the tests.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+import re
+from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from depthkit.errors import DepthkitError
 
+# The projections of a block by role: inputs read the normed hidden state, outputs write the residual.
+ATTENTION_INPUTS = ("query", "key", "value")
+MLP_INPUTS = ("gate", "up")
+PROJECTION_ROLES = (*ATTENTION_INPUTS, "attn_out", *MLP_INPUTS, "mlp_out")
+# Norms by role: before each branch (always), after each branch's output and per head on q/k (optional).
+NORM_ROLES = ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm", "q_norm", "k_norm")
+ROLES = PROJECTION_ROLES + NORM_ROLES
+# The LLaMA-named parts of depthkit <= 0.3 (keys of saved per-loop adapters), by role.
+LEGACY_PART_NAMES = {"q_proj": "query", "k_proj": "key", "v_proj": "value", "o_proj": "attn_out",
+                     "gate_proj": "gate", "up_proj": "up", "down_proj": "mlp_out",
+                     "input_norm": "attn_norm", "post_attention_norm": "mlp_norm"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Module paths (relative to one decoder layer) of every role; None: the family has no such part."""
+
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+    query: str = "self_attn.q_proj"
+    key: str = "self_attn.k_proj"
+    value: str = "self_attn.v_proj"
+    attn_out: str = "self_attn.o_proj"
+    gate: str = "mlp.gate_proj"
+    up: str = "mlp.up_proj"
+    mlp_out: str = "mlp.down_proj"
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    attn_post_norm: str | None = None
+    mlp_post_norm: str | None = None
+    q_norm: str | None = None
+    k_norm: str | None = None
+
+
+# LLaMA's pre-norm block, shared by Mistral and Qwen2; Qwen3 adds per-head q/k norms.
+PRE_NORM = Layout()
+PRE_NORM_QK = replace(PRE_NORM, q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
+# Gemma 2/3: a norm on both sides of each branch (the post-attention norm normalises attention's output).
+SANDWICH_NORM_QK = replace(PRE_NORM_QK, mlp_norm="pre_feedforward_layernorm",
+                           attn_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm")
+SANDWICH_NORM = replace(SANDWICH_NORM_QK, q_norm=None, k_norm=None)
+
 
 @dataclass
 class BlockParts:
-    """The sub-modules of one pre-norm decoder block (attention then MLP, each with an RMSNorm)."""
+    """The modules of one decoder block, by role (see the module docstring)."""
 
-    input_norm: nn.Module
-    q_proj: nn.Linear
-    k_proj: nn.Linear
-    v_proj: nn.Linear
-    o_proj: nn.Linear
-    post_attention_norm: nn.Module
-    gate_proj: nn.Linear
-    up_proj: nn.Linear
-    down_proj: nn.Linear
+    attn_norm: nn.Module
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    attn_out: nn.Linear
+    mlp_norm: nn.Module
+    gate: nn.Linear
+    up: nn.Linear
+    mlp_out: nn.Linear
+    attn_post_norm: nn.Module | None = None
+    mlp_post_norm: nn.Module | None = None
     q_norm: nn.Module | None = None
     k_norm: nn.Module | None = None
+
+    def role(self, name: str) -> nn.Module | None:
+        return getattr(self, name)
+
+
+def module_prefix(model: nn.Module, target: nn.Module) -> str:
+    """The state-dict prefix of `target` inside `model` (e.g. `model.layers`)."""
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise DepthkitError(f"{type(target).__name__} is not part of {type(model).__name__}")
+
+
+def _resolve(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def _replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 @dataclass(frozen=True)
 class ArchitectureAdapter:
-    """How to reach the blocks of one family of Hugging Face decoders.
+    """How depthkit reaches the parts of one family of Hugging Face decoders.
 
-    The LLaMA layout (`model.model.layers[i].self_attn.q_proj`, `.mlp.gate_proj`, ...) is shared
-    by Mistral, Qwen2 and Qwen3; `qk_norm` marks Qwen3's per-head RMSNorm on queries and keys.
+    `norm_offset` is 1.0 where a norm computes `x_hat * (1 + w)` (Gemma) and 0.0 where it computes
+    `x_hat * w` (LLaMA): folding or replacing a gain must go through `norm_gain`/`set_norm_gain`,
+    never through `.weight`. `softcap_config` names the config field of a final-logit soft cap.
     """
 
     model_type: str
-    qk_norm: bool = False
+    layout: Layout = PRE_NORM
+    norm_offset: float = 0.0
+    softcap_config: str | None = None
+    attention_kernel: str = "sdpa"  # transformers' attn_implementation depthkit loads the family with
 
     # -- model level -------------------------------------------------------------------------
     def decoder(self, model: PreTrainedModel) -> nn.Module:
@@ -57,21 +134,43 @@ class ArchitectureAdapter:
         Saved checkpoints must reload in plain transformers, so `num_hidden_layers` and any
         per-layer config list (`layer_types`) must follow the new depth.
         """
-        decoder = self.decoder(model)
-        old_types = list(getattr(model.config, "layer_types", None) or [])
-        decoder.layers = nn.ModuleList(layers)
-        model.config.num_hidden_layers = len(layers)
-        if old_types:
-            model.config.layer_types = [
-                getattr(layer, "attention_type", None) or old_types[0] for layer in layers
-            ]
-        if getattr(model.config, "max_window_layers", None) is not None:
-            model.config.max_window_layers = min(model.config.max_window_layers, len(layers))
+        types = [self.layer_type(layer, model.config) for layer in layers]
+        self.decoder(model).layers = nn.ModuleList(layers)
+        self.set_depth(model.config, types)
         for index, layer in enumerate(layers):
-            layer.self_attn.layer_idx = index
+            self.set_layer_index(layer, index)
+
+    @staticmethod
+    def set_depth(config: PretrainedConfig, layer_types: list[str]) -> None:
+        """`num_hidden_layers` and the per-layer fields of `config` for a stack of these attention types."""
+        config.num_hidden_layers = len(layer_types)
+        if getattr(config, "layer_types", None):
+            config.layer_types = list(layer_types)
+        if getattr(config, "max_window_layers", None) is not None:
+            config.max_window_layers = min(config.max_window_layers, len(layer_types))
+
+    def set_layer_index(self, layer: nn.Module, index: int) -> None:
+        """The KV-cache slot a layer reads and writes (its position in the stack, or a loop's slot)."""
+        _resolve(layer, self.layout.attention).layer_idx = index
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = index
+
+    def layer_type(self, layer: nn.Module, config: PretrainedConfig) -> str:
+        """`full_attention` or `sliding_attention` (the key of the mask and rotary tables it uses)."""
+        attention = _resolve(layer, self.layout.attention)
+        for holder, name in ((layer, "attention_type"), (attention, "layer_type"), (layer, "layer_type")):
+            value = getattr(holder, name, None)
+            if isinstance(value, str):
+                return value
+        return "full_attention"
 
     def embed_tokens(self, model: PreTrainedModel) -> nn.Embedding:
+        """The input embedding module; calling it applies any embedding scale (`embed_scale`)."""
         return self.decoder(model).embed_tokens
+
+    def embed_scale(self, model: PreTrainedModel) -> float:
+        """What the embedding module multiplies looked-up rows by (sqrt(hidden) for Gemma, else 1)."""
+        return float(getattr(self.embed_tokens(model), "scalar_embed_scale", 1.0))
 
     def final_norm(self, model: PreTrainedModel) -> nn.Module:
         return self.decoder(model).norm
@@ -79,25 +178,82 @@ class ArchitectureAdapter:
     def rotary_embedding(self, model: PreTrainedModel) -> nn.Module:
         return self.decoder(model).rotary_emb
 
+    def position_embeddings(self, model: PreTrainedModel, hidden: torch.Tensor,
+                            position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Rotary (cos, sin) tables per attention type of the model (Gemma 3 has a base per type)."""
+        rotary = self.rotary_embedding(model)
+        kinds = set(getattr(model.config, "layer_types", None) or ()) | {"full_attention"}
+        if "layer_type" in inspect.signature(type(rotary).forward).parameters:
+            return {kind: rotary(hidden, position_ids, kind) for kind in kinds & set(model.config.layer_types)}
+        return dict.fromkeys(kinds, rotary(hidden, position_ids=position_ids))
+
     def lm_head(self, model: PreTrainedModel) -> nn.Linear:
         return model.lm_head
 
+    def softcap(self, config: PretrainedConfig, logits: torch.Tensor) -> torch.Tensor:
+        """The final-logit soft cap `c * tanh(logits / c)` where the family has one (Gemma 2)."""
+        cap = getattr(config, self.softcap_config, None) if self.softcap_config else None
+        return logits if not cap else torch.tanh(logits / cap) * cap
+
     # -- block level -------------------------------------------------------------------------
     def block(self, layer: nn.Module) -> BlockParts:
-        attn, mlp = layer.self_attn, layer.mlp
-        return BlockParts(
-            input_norm=layer.input_layernorm,
-            q_proj=attn.q_proj,
-            k_proj=attn.k_proj,
-            v_proj=attn.v_proj,
-            o_proj=attn.o_proj,
-            post_attention_norm=layer.post_attention_layernorm,
-            gate_proj=mlp.gate_proj,
-            up_proj=mlp.up_proj,
-            down_proj=mlp.down_proj,
-            q_norm=getattr(attn, "q_norm", None) if self.qk_norm else None,
-            k_norm=getattr(attn, "k_norm", None) if self.qk_norm else None,
-        )
+        values = {}
+        for role in ROLES:
+            path = getattr(self.layout, role)
+            values[role] = _resolve(layer, path) if path is not None else None
+        return BlockParts(**values)
+
+    def replace_part(self, layer: nn.Module, role: str, module: nn.Module) -> None:
+        """Put `module` in the place of the block's `role` (e.g. a wider projection)."""
+        path = getattr(self.layout, role)
+        if path is None:
+            raise DepthkitError(f"{self.model_type} blocks have no {role}")
+        _replace_submodule(layer, path, module)
+
+    def part_paths(self, roles: tuple[str, ...] = PROJECTION_ROLES) -> dict[str, str]:
+        """Module paths inside a layer of the given roles that this family has (LoRA targets, keys)."""
+        return {role: getattr(self.layout, role) for role in roles if getattr(self.layout, role) is not None}
+
+    def projection_pattern(self, model: PreTrainedModel) -> str:
+        """A regular expression (full match) of the module names of every block projection (LoRA targets)."""
+        layers = re.escape(module_prefix(model, self.layers(model)))
+        paths = "|".join(re.escape(path) for path in self.part_paths().values())
+        return rf"(.*\.)?{layers}\.\d+\.({paths})"
+
+    def attention_update(self, layer: nn.Module, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
+        """What the attention branch adds to the residual stream (post-norm included)."""
+        parts = self.block(layer)
+        update = _resolve(layer, self.layout.attention)(parts.attn_norm(hidden), **kwargs)[0]
+        return parts.attn_post_norm(update) if parts.attn_post_norm is not None else update
+
+    def mlp_update(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """What the MLP branch adds to the residual stream (post-norm included)."""
+        parts = self.block(layer)
+        update = _resolve(layer, self.layout.mlp)(parts.mlp_norm(hidden))
+        return parts.mlp_post_norm(update) if parts.mlp_post_norm is not None else update
+
+    def has_post_norms(self) -> bool:
+        return self.layout.attn_post_norm is not None or self.layout.mlp_post_norm is not None
+
+    # -- norms -------------------------------------------------------------------------------
+    def norm_gain(self, norm: nn.Module) -> torch.Tensor:
+        """The per-channel factor a norm applies after normalising (float32)."""
+        return norm.weight.detach().float() + self.norm_offset
+
+    def set_norm_gain(self, norm: nn.Module, gain: torch.Tensor | float) -> None:
+        with torch.no_grad():
+            norm.weight.copy_(torch.as_tensor(gain, dtype=torch.float32) - self.norm_offset)
+
+    def apply_norm(self, norm: nn.Module, hidden: torch.Tensor, weight: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """`norm(hidden)` (whose output has `dtype`) computed with `weight` in place of the module's own
+        (per-loop norms), in the dtype steps of the family's RMSNorm so that equal weights give equal outputs."""
+        eps = getattr(norm, "variance_epsilon", None) or norm.eps
+        x = hidden.float()
+        normalised = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        if self.norm_offset:  # Gemma: scale in float32, then cast
+            return (normalised * (self.norm_offset + weight.float())).to(dtype)
+        return weight.to(dtype) * normalised.to(hidden.dtype)
 
     # -- shapes ------------------------------------------------------------------------------
     @staticmethod
@@ -121,7 +277,9 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {}
 
 
 def register_adapter(adapter: ArchitectureAdapter) -> ArchitectureAdapter:
-    """Make `adapter` available for its `model_type`."""
+    """Make `adapter` available for its `model_type` (a second adapter for one type is an error)."""
+    if adapter.model_type in ADAPTERS:
+        raise DepthkitError(f"an adapter for '{adapter.model_type}' is already registered")
     ADAPTERS[adapter.model_type] = adapter
     return adapter
 
@@ -130,7 +288,12 @@ for _adapter in (
     ArchitectureAdapter("llama"),
     ArchitectureAdapter("mistral"),
     ArchitectureAdapter("qwen2"),
-    ArchitectureAdapter("qwen3", qk_norm=True),
+    ArchitectureAdapter("qwen3", layout=PRE_NORM_QK),
+    # Gemma 2 soft-caps attention logits, which transformers' SDPA path cannot do.
+    ArchitectureAdapter("gemma2", layout=SANDWICH_NORM, norm_offset=1.0, softcap_config="final_logit_softcapping",
+                        attention_kernel="eager"),
+    ArchitectureAdapter("gemma3_text", layout=SANDWICH_NORM_QK, norm_offset=1.0,
+                        softcap_config="final_logit_softcapping"),
 ):
     register_adapter(_adapter)
 
@@ -149,3 +312,10 @@ def get_adapter(model_or_config: PreTrainedModel | PretrainedConfig) -> Architec
             f"{', '.join(supported_model_types())}"
         )
     return ADAPTERS[model_type]
+
+
+
+def attention_implementation(config: PretrainedConfig) -> str:
+    """The `attn_implementation` to load a model with: SDPA, unless its family cannot use it."""
+    adapter = ADAPTERS.get(getattr(config, "model_type", None))
+    return adapter.attention_kernel if adapter is not None else "sdpa"

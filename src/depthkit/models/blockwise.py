@@ -15,10 +15,10 @@ from functools import cache
 
 import torch
 from torch import nn
-from transformers import Cache, PreTrainedModel
+from transformers import Cache, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from depthkit.models.adapters import get_adapter
+from depthkit.models.adapters import ArchitectureAdapter, get_adapter
 
 
 @cache
@@ -38,19 +38,23 @@ def cache_kwargs(layer: nn.Module, kv_cache: Cache | None) -> dict:
 
 @dataclass
 class BlockContext:
-    """What a block needs besides its hidden states: rotary embeddings, positions and masks."""
+    """What a block needs besides its hidden states: positions, and per attention type (full or
+    sliding window) its causal mask and rotary tables."""
 
     position_ids: torch.Tensor
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]]
     masks: dict[str, torch.Tensor | None]
+    adapter: ArchitectureAdapter
+    config: PretrainedConfig
 
     def layer_kwargs(self, layer: nn.Module) -> dict:
-        layer_type = getattr(layer, "attention_type", None) or getattr(layer, "layer_type", None)
-        mask = self.masks.get(layer_type or "full_attention", self.masks["full_attention"])
+        kind = self.adapter.layer_type(layer, self.config)
+        if kind not in self.masks:
+            kind = "full_attention"
         return {
-            "attention_mask": mask,
+            "attention_mask": self.masks[kind],
             "position_ids": self.position_ids,
-            "position_embeddings": self.position_embeddings,
+            "position_embeddings": self.position_embeddings[kind],
         }
 
 
@@ -62,13 +66,15 @@ def block_context(model: PreTrainedModel, hidden: torch.Tensor, past_key_values:
     adapter = get_adapter(model)
     past = past_key_values.get_seq_length() if past_key_values is not None else 0
     position_ids = torch.arange(past, past + hidden.shape[1], device=hidden.device).unsqueeze(0)
-    mask_args = {"config": model.config, "inputs_embeds": hidden, "attention_mask": None,
+    # Masks are built for one sequence and broadcast over the batch: with eager attention (Gemma 2)
+    # a materialised mask carries its batch size, and callers run chunks of any size with one context.
+    mask_args = {"config": model.config, "inputs_embeds": hidden[:1], "attention_mask": None,
                  cache_keyword(create_causal_mask): past_key_values, "position_ids": position_ids}
     masks = {"full_attention": create_causal_mask(**mask_args)}
     if getattr(model.config, "sliding_window", None):
         masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
-    rotary = adapter.rotary_embedding(model)
-    return BlockContext(position_ids, rotary(hidden, position_ids=position_ids), masks)
+    tables = adapter.position_embeddings(model, hidden, position_ids)
+    return BlockContext(position_ids, tables, masks, adapter, model.config)
 
 
 @torch.no_grad()
@@ -113,4 +119,4 @@ def iterate_blocks(
 def logits_from_hidden(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """Final norm and LM head applied to the last block's output."""
     adapter = get_adapter(model)
-    return adapter.lm_head(model)(adapter.final_norm(model)(hidden))
+    return adapter.softcap(model.config, adapter.lm_head(model)(adapter.final_norm(model)(hidden)))

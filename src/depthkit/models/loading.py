@@ -12,10 +12,10 @@ import zipfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from depthkit.errors import DepthkitError
-from depthkit.models.adapters import get_adapter
+from depthkit.models.adapters import attention_implementation, get_adapter
 from depthkit.paths import cache_subdir
 from depthkit.utils.fetch import pip_download, scratch_dir
 from depthkit.utils.precision import fast_dtype
@@ -117,7 +117,7 @@ def load_model(
         return model.to(device), tokenizer
     path = resolve_model_path(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
+        model = pretrained_lm(path, torch_dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise DepthkitError(f"could not load model '{name_or_path}': {_first_line(err)}") from err
     get_adapter(model)  # refuse unsupported architectures before any work is done
@@ -136,3 +136,10 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def pretrained_lm(path: str | Path, dtype: torch.dtype) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained` with the attention kernel depthkit uses for the family."""
+    config = AutoConfig.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                attn_implementation=attention_implementation(config))

@@ -52,7 +52,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from depthkit.errors import DepthkitError, require
-from depthkit.models.adapters import get_adapter
+from depthkit.models.adapters import attention_implementation, get_adapter, module_prefix
 from depthkit.models.blockwise import BlockContext, block_context, run_block
 from depthkit.models.loading import resolve_dtype
 from depthkit.utils.io import atomic_output_dir
@@ -67,17 +67,9 @@ _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 def meta_skeleton(config: PretrainedConfig) -> PreTrainedModel:
     """The model of `config` with every parameter on the `meta` device: structure, no memory."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(config))
     get_adapter(model)  # refuse unsupported architectures up front
     return model.eval()
-
-
-def module_prefix(model: nn.Module, target: nn.Module) -> str:
-    """The state-dict prefix of `target` inside `model` (e.g. `model.layers`)."""
-    for name, module in model.named_modules():
-        if module is target:
-            return name
-    raise DepthkitError(f"{type(target).__name__} is not part of {type(model).__name__}")
 
 
 def checkpoint_index(folder: Path) -> dict[str, str]:
@@ -210,7 +202,9 @@ class StreamingModel:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Block 0's input; the embedding matrix is read for the call and freed after it."""
         weight = self.read_tensors([self._embedding_key()])[self._embedding_key()]
-        return F.embedding(input_ids.to(self.device), weight)
+        embeddings = F.embedding(input_ids.to(self.device), weight)
+        scale = self.adapter.embed_scale(self.model)
+        return embeddings if scale == 1.0 else embeddings * torch.tensor(scale, dtype=weight.dtype)
 
     def context(self, hidden: torch.Tensor) -> BlockContext:
         return block_context(self.model, hidden)
@@ -219,7 +213,7 @@ class StreamingModel:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head; the head's weight is read for the call and freed after it."""
         weight = self.read_tensors([self._head_key()])[self._head_key()]
-        return F.linear(self.adapter.final_norm(self.model)(hidden), weight)
+        return self.adapter.softcap(self.config, F.linear(self.adapter.final_norm(self.model)(hidden), weight))
 
     @torch.no_grad()
     def iterate_blocks(
@@ -277,7 +271,7 @@ class StreamingWriter:
         self._stack = contextlib.ExitStack()
         self._tmp = self._stack.enter_context(atomic_output_dir(self.out, overwrite))
         self._shards: list[tuple[str, list[str]]] = []
-        self._layer_types: list[str | None] = []
+        self._layer_types: list[str] = []
         self._source: Path | None = None
         self._written_dtype: torch.dtype | None = None
         self._extra_files: dict[str, str] = {}
@@ -302,7 +296,7 @@ class StreamingWriter:
         require(index == len(self._layer_types),
                 f"blocks must be written in order: expected block {len(self._layer_types)}, got {index}")
         self._add(layer.state_dict(), f"{self.layers_prefix}.{index}.")
-        self._layer_types.append(getattr(layer, "attention_type", None))
+        self._layer_types.append(self.adapter.layer_type(layer, self.config))
 
     def write_non_layer(self, source: StreamingModel | PreTrainedModel) -> None:
         """Add every tensor outside the decoder blocks (tied copies once), and remember a
@@ -370,17 +364,9 @@ class StreamingWriter:
         (self._tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
     def _write_config(self) -> None:
-        """Config for the written depth, through `set_layers` on the meta skeleton so per-layer
-        fields (`layer_types`, `max_window_layers`) follow the same rules as in-memory edits."""
-        template = self.adapter.layers(self._skeleton)[0]
-        layers = []
-        for layer_type in self._layer_types:
-            layer = copy.deepcopy(template)  # meta: free
-            if layer_type is not None:
-                layer.attention_type = layer_type
-            layers.append(layer)
-        self.adapter.set_layers(self._skeleton, layers)
+        """Config for the written depth, by the same rules as in-memory edits (`set_layers`)."""
         config = self._skeleton.config
+        self.adapter.set_depth(config, self._layer_types)
         config.dtype = self._written_dtype or config.dtype  # what the files hold, so loads need no cast
         config.save_pretrained(self._tmp)
 

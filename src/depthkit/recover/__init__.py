@@ -2,13 +2,12 @@
 original model, driven by `accelerate` (one CPU, one GPU or several), merged back into a plain
 Hugging Face checkpoint."""
 
-from depthkit.recover.lora import LORA_TARGETS, attach_lora, merged_state_dict, save_merged
+from depthkit.recover.lora import attach_lora, merged_state_dict, save_merged
 from depthkit.recover.losses import causal_lm_loss, distillation_loss, recovery_loss
 from depthkit.recover.trainer import CARD_FILE, RecoverySettings, recover, training_blocks
 
 __all__ = [
     "CARD_FILE",
-    "LORA_TARGETS",
     "RecoverySettings",
     "attach_lora",
     "causal_lm_loss",

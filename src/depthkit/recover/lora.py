@@ -24,8 +24,6 @@ from transformers import PreTrainedModel
 
 from depthkit.models.adapters import get_adapter
 
-# Module names (full match) of the projections that get adapters: inside decoder blocks only.
-LORA_TARGETS = r".*\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 ADAPTER = "default"  # peft's name for the one adapter attached here
 PEFT_PREFIX = "base_model.model."  # what peft puts before the wrapped model's own parameter names
 
@@ -33,9 +31,9 @@ PEFT_PREFIX = "base_model.model."  # what peft puts before the wrapped model's o
 def attach_lora(model: PreTrainedModel, rank: int = 8, alpha: float | None = None,
                 dropout: float = 0.0) -> PeftModel:
     """Freeze `model` and wrap it with fp32 LoRA adapters of `rank` on every block projection."""
-    get_adapter(model)  # supported architectures only
+    targets = get_adapter(model).projection_pattern(model)  # every block projection, by role
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
-                        target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     for name, param in peft_model.named_parameters():
         if param.requires_grad and param.dtype != torch.float32:  # autocast covers bf16/fp16 only

@@ -68,17 +68,21 @@ def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_step(model: RecursiveModel, input_ids: torch.Tensor, loops: int, cache: DynamicCache,
-                threshold: float | None = None) -> DecodeStep:
+                threshold: float | None = None, every_step: bool = False) -> DecodeStep:
     """Run new tokens through the recursion with the cache; exit early (one token only) if asked.
 
     Without a threshold every step runs and only the last is decoded. With one, every step is
     decoded (its coda and head), and the loop stops at the first step r >= 2 whose output is within
     `threshold` (KL) of step r-1; the skipped steps' cache slots reuse step r's keys and values.
+    `every_step` runs every step's coda without exiting: a prompt prefilled for early-exit decoding
+    must give each step's coda slot the prompt's keys and values, or later tokens that exit at that
+    step would attend to themselves alone.
     """
     early = threshold is not None
     steps = model.config.num_steps(loops)
     previous, used, log_probs = None, steps, None
-    for out in model.iter_steps(input_ids, loops, past_key_values=cache, decode_all=early, logits_to_keep=1):
+    for out in model.iter_steps(input_ids, loops, past_key_values=cache, decode_all=early or every_step,
+                                logits_to_keep=1):
         if out.logits is None:
             continue
         log_probs = F.log_softmax(out.logits[:, -1].float(), dim=-1)
@@ -121,7 +125,7 @@ def generate(model: RecursiveModel, input_ids: torch.Tensor, max_new_tokens: int
         if cache is None:
             log_probs = F.log_softmax(model(ids, loops, logits_to_keep=1).logits[:, -1].float(), -1)
         elif index == 0:  # the prompt is prefilled at full depth
-            log_probs = decode_step(model, pending, loops, cache).log_probs
+            log_probs = decode_step(model, pending, loops, cache, every_step=exit_threshold is not None).log_probs
         else:  # each new token may exit early
             result = decode_step(model, pending, loops, cache, exit_threshold)
             report.steps_used.append(result.steps_used)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Iterator
 
 import torch
@@ -25,11 +26,17 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from depthkit.errors import require
-from depthkit.models.adapters import get_adapter
+from depthkit.models.adapters import LEGACY_PART_NAMES, NORM_ROLES, PROJECTION_ROLES, get_adapter
 from depthkit.recursive.config import RecursiveConfig
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-NORMS = ("input_norm", "post_attention_norm", "q_norm", "k_norm")
+PROJECTIONS = PROJECTION_ROLES
+NORMS = NORM_ROLES
+_LEGACY_KEY = re.compile(r"(?<=\.)(\d+)_(" + "|".join(LEGACY_PART_NAMES) + r")(?=_loop\d+|\.|$)")
+
+
+def migrate_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter keys saved by depthkit <= 0.3 (`3_q_proj_loop0`) under their role names (`3_query_loop0`)."""
+    return {_LEGACY_KEY.sub(lambda m: f"{m[1]}_{LEGACY_PART_NAMES[m[2]]}", key): value for key, value in state.items()}
 
 
 class LoRA(nn.Module):
@@ -87,7 +94,7 @@ class LoopAdapters(nn.Module):
         self.norms = nn.ParameterDict()
         self.active: tuple[int, int] | None = None
         self._handles: list = []
-        adapter = get_adapter(base)
+        adapter = self.architecture = get_adapter(base)
         layers = adapter.layers(base)
         relaxed = config.loop_lora_rank == "full" or config.loop_lora_rank > 0
         for layer, loop in native_applications(config) if relaxed else []:
@@ -161,7 +168,7 @@ class LoopAdapters(nn.Module):
             key = lora_key(layer, name, self.active[1])
             if key not in self.norms:
                 return output
-            return self.norms[key].to(output.dtype) * rms_normalize(args[0], module.variance_epsilon)
+            return self.architecture.apply_norm(module, args[0], self.norms[key], output.dtype)
 
         return hook
 
@@ -173,11 +180,3 @@ class LoopAdapters(nn.Module):
             yield
         finally:
             self.active = previous
-
-
-def rms_normalize(hidden: torch.Tensor, eps: float) -> torch.Tensor:
-    """The weight-free part of the LLaMA-family RMSNorm, computed exactly as transformers does."""
-    dtype = hidden.dtype
-    hidden = hidden.to(torch.float32)
-    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
-    return hidden.to(dtype)

@@ -9,7 +9,7 @@ it to K layers), and `RecursiveModel` decides the order in which they run:
 Feedback between steps is the Recursive Connector (RecursiveVLM) or the last hidden state
 (vanilla recursion). With a KV cache, each application of a layer writes its own cache slot:
 `prelude + step * (block + coda) + position`, so the same weights at different steps never
-overwrite each other's keys and values (layer_idx = step * L + l for a whole-decoder loop).
+overwrite each other's keys and values (cache slot = step * L + l for a whole-decoder loop).
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, Cache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from depthkit.errors import DepthkitError, require
 from depthkit.models.adapters import get_adapter
 from depthkit.models.blockwise import BlockContext, block_context, cache_kwargs
-from depthkit.models.loading import resolve_dtype
+from depthkit.models.loading import pretrained_lm, resolve_dtype
 from depthkit.recursive.config import RecursiveConfig, check_loops
 from depthkit.recursive.connector import RecursiveConnector
-from depthkit.recursive.lora import LoopAdapters
+from depthkit.recursive.lora import LoopAdapters, migrate_legacy_keys
 from depthkit.utils.io import atomic_output_dir
 
 BASE_DIR = "base"
@@ -133,7 +133,8 @@ class RecursiveModel(nn.Module):
         """Final norm + LM head (on the last `logits_to_keep` positions when > 0)."""
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.adapter.lm_head(self.base)(self.adapter.final_norm(self.base)(hidden))
+        logits = self.adapter.lm_head(self.base)(self.adapter.final_norm(self.base)(hidden))
+        return self.adapter.softcap(self.base.config, logits)
 
     def _apply_layer(self, layer: int, loop: int, slot: int, hidden: torch.Tensor, context: BlockContext,
                cache: Cache | None) -> torch.Tensor:
@@ -146,7 +147,7 @@ class RecursiveModel(nn.Module):
 
         def run(h: torch.Tensor) -> torch.Tensor:
             with self.adapters.activate(layer, loop):
-                module.self_attn.layer_idx = slot
+                self.adapter.set_layer_index(module, slot)
                 return module(h, **cache_kwargs(module, cache), **context.layer_kwargs(module))
 
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -190,7 +191,7 @@ class RecursiveModel(nn.Module):
                     step_input = self.next_input(hidden, taps, origin, step_input, modality_ids)
         finally:
             for index, module in enumerate(self.layers):
-                module.self_attn.layer_idx = index
+                self.adapter.set_layer_index(module, index)
 
     def _run_step(self, step: int, loops: int, hidden: torch.Tensor, context: BlockContext,
                   cache: Cache | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -267,6 +268,7 @@ class RecursiveModel(nn.Module):
         return model.to(device).eval()
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        state = migrate_legacy_keys(state)
         expected = self.extra_state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         require(not missing and not unexpected, f"recursive weights do not match the config: missing "
@@ -301,6 +303,6 @@ def stepwise_picks(first: int, last: int, count: int) -> list[int]:
 def load_base(folder: Path, dtype: str | torch.dtype = "float32") -> PreTrainedModel:
     """The plain HF base checkpoint of a saved recursive model (no tokenizer needed)."""
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype), attn_implementation="sdpa")
+        return pretrained_lm(folder, resolve_dtype(dtype))
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise DepthkitError(f"could not load the base model in {folder}: {str(err).splitlines()[0]}") from err

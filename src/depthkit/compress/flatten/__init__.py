@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from depthkit.compress.base import option
 from depthkit.compress.common import SearchOptions
 from depthkit.compress.flatten.channels import CRITERIA
-from depthkit.compress.flatten.merge import QK_NORM_MODES, flatten_layers
+from depthkit.compress.flatten.merge import QK_NORM_MODES, flatten_layers, require_flattenable
 from depthkit.compress.flatten.prune import RIDGE_PRIORS, TARGETS, PruneSettings, flatten_and_prune, pruned_blocks
 from depthkit.compress.flatten.selection import ONE_PASS_SELECTIONS, SELECTIONS, one_pass_pairs, select_groups
 from depthkit.errors import require
@@ -105,6 +105,7 @@ def flatten_gpt(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Compress `model` in place by `num_remove` blocks; returns the details for the card."""
+    require_flattenable(get_adapter(model))
     num_layers = len(get_adapter(model).layers(model))
     began = time.perf_counter()
     if options.groups is not None:
@@ -139,6 +140,7 @@ def flatten_gpt_streaming(
             f"with --offload disk pairs are scored in one pass: selection must be one of "
             f"{', '.join(ONE_PASS_SELECTIONS)}, got '{options.selection}'")
     require(options.max_group == 2, "with --offload disk only pairs are flattened (max_group 2)")
+    require_flattenable(source.adapter)
     layers = source.layers()
     began = time.perf_counter()
     if options.groups is not None:

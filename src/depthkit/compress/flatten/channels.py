@@ -1,7 +1,7 @@
 """Channel selection and least-squares compensation of a wide (flattened) block.
 
 An output projection `W` (d x n) reads n channels `Z` (tokens x n): the heads' outputs for
-`o_proj`, the gated neurons for `down_proj`. We keep a subset S of channels (whole KV groups for
+`attn_out`, the gated neurons for `mlp_out`. We keep a subset S of channels (whole KV groups for
 attention, single neurons for the MLP) and refit `W_S` by ridge regression on a target `T`
 (tokens x d) in float64:
 

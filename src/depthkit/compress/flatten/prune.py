@@ -54,6 +54,7 @@ class BlockRunner:
 
     def __init__(self, model: PreTrainedModel, hidden: torch.Tensor, batch_size: int):
         self.model, self.batch_size = model, batch_size
+        self.adapter = get_adapter(model)
         self.context: BlockContext = block_context(model, hidden[:batch_size])
 
     def block(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -63,15 +64,12 @@ class BlockRunner:
     def attention(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """The attention update A(N(x)) of `layer` (without the residual)."""
         kwargs = self.context.layer_kwargs(layer)
-        out = [
-            layer.self_attn(layer.input_layernorm(chunk), **kwargs)[0]
-            for chunk in hidden.split(self.batch_size)
-        ]
-        return torch.cat(out)
+        return torch.cat([self.adapter.attention_update(layer, c, **kwargs) for c in hidden.split(self.batch_size)])
 
     @torch.no_grad()
     def mlp(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.cat([layer.mlp(layer.post_attention_layernorm(c)) for c in hidden.split(self.batch_size)])
+        """The MLP update M(P(x)) of `layer` (without the residual)."""
+        return torch.cat([self.adapter.mlp_update(layer, c) for c in hidden.split(self.batch_size)])
 
     def sequential(self, layers: list[nn.Module], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of attention updates, output) of `layers` applied one after the other."""
@@ -86,7 +84,7 @@ class BlockRunner:
 
 def gram_of_input(module: nn.Module, run: Callable[[], object], target: Callable[[int, int], torch.Tensor],
                   sequences: int) -> GramAccumulator:
-    """Gram statistics of the channels entering `module` (e.g. o_proj, down_proj) during `run()`,
+    """Gram statistics of the channels entering `module` (an output projection) during `run()`,
     against the target rows `target(start, stop)` of those sequences (in the order `run` goes).
 
     Accumulated call by call, and the float32 target built for each call's rows only, so neither
@@ -143,36 +141,36 @@ class GroupPruner:
 
     def prune_attention(self, wide: nn.Module, x: torch.Tensor, attn_target: torch.Tensor) -> dict:
         parts = self.adapter.block(wide)
-        bias = _bias(parts.o_proj)
-        gram = gram_of_input(parts.o_proj, lambda: self.runner.attention(wide, x),
+        bias = _bias(parts.attn_out)
+        gram = gram_of_input(parts.attn_out, lambda: self.runner.attention(wide, x),
                              lambda start, stop: attn_target[start:stop] - bias, len(x))
         group_cols = self.heads_per_group * self.head_dim
         units = [torch.arange(g * group_cols, (g + 1) * group_cols) for g in range(gram.C.shape[0] // group_cols)]
         lam = ridge_lambda(gram.C, self.settings.ridge)
         criterion = self.settings.attn_criterion or self.settings.criterion
-        kept = select_units(gram.C, gram.R, parts.o_proj.weight, units, self.kv_groups, criterion, lam)
+        kept = select_units(gram.C, gram.R, parts.attn_out.weight, units, self.kv_groups, criterion, lam)
         columns = torch.cat([units[g] for g in kept])
         kv_rows = torch.cat([torch.arange(g * self.head_dim, (g + 1) * self.head_dim) for g in kept])
-        _keep_rows(parts.q_proj, columns)  # q rows of a group's heads = o_proj columns of that group
-        _keep_rows(parts.k_proj, kv_rows)
-        _keep_rows(parts.v_proj, kv_rows)
-        _refit(parts.o_proj, gram, columns, lam, self.settings.ridge_prior)
+        _keep_rows(parts.query, columns)  # query rows of a group's heads = attn_out columns of that group
+        _keep_rows(parts.key, kv_rows)
+        _keep_rows(parts.value, kv_rows)
+        _refit(parts.attn_out, gram, columns, lam, self.settings.ridge_prior)
         return {"kept_kv_groups": kept}
 
     def prune_mlp(self, wide: nn.Module, y: torch.Tensor, goal: torch.Tensor) -> dict:
         """Prune the MLP, whose input is y (x + pruned attention) and target `goal - y`."""
         parts = self.adapter.block(wide)
-        bias = _bias(parts.down_proj)
-        gram = gram_of_input(parts.down_proj, lambda: self.runner.mlp(wide, y),
+        bias = _bias(parts.mlp_out)
+        gram = gram_of_input(parts.mlp_out, lambda: self.runner.mlp(wide, y),
                              lambda start, stop: goal[start:stop].float() - y[start:stop].float() - bias, len(y))
         units = list(torch.arange(gram.C.shape[0]).unsqueeze(1))
         lam = ridge_lambda(gram.C, self.settings.ridge)
         kept = torch.tensor(
-            select_units(gram.C, gram.R, parts.down_proj.weight, units, self.neurons, self.settings.criterion, lam)
+            select_units(gram.C, gram.R, parts.mlp_out.weight, units, self.neurons, self.settings.criterion, lam)
         )
-        _keep_rows(parts.gate_proj, kept)
-        _keep_rows(parts.up_proj, kept)
-        _refit(parts.down_proj, gram, kept, lam, self.settings.ridge_prior)
+        _keep_rows(parts.gate, kept)
+        _keep_rows(parts.up, kept)
+        _refit(parts.mlp_out, gram, kept, lam, self.settings.ridge_prior)
         return {"kept_neurons_from_first_block": int((kept < self.neurons).sum())}
 
     def prune(self, layers: list[nn.Module], x: torch.Tensor, x_ref: torch.Tensor | None) -> tuple[nn.Module, dict]:

@@ -69,11 +69,11 @@ def _run_with_attention_residual(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The block's output and its residual stream after attention, X + Attn(N(X)).
 
-    The residual is what enters the post-attention norm, caught by a hook on `layer` itself: a
+    The residual is what enters the MLP's norm, caught by a hook on `layer` itself: a
     streamed block is a fresh module per read, so hooks on the model's own blocks would miss it.
     """
     captured: list[torch.Tensor] = []
-    norm = get_adapter(model).block(layer).post_attention_norm
+    norm = get_adapter(model).block(layer).mlp_norm
     hook = norm.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
     try:
         output = run_block(model, layer, hidden, batch_size, context)
@@ -84,9 +84,9 @@ def _run_with_attention_residual(
 
 @torch.no_grad()
 def zero_attention(adapter: ArchitectureAdapter, layer: nn.Module) -> nn.Module:
-    """Make `layer`'s attention output exactly zero (weights and biases of q, k, v, o); returns it."""
+    """Make `layer`'s attention output exactly zero (weights and biases of its four projections); returns it."""
     parts = adapter.block(layer)
-    for proj in (parts.q_proj, parts.k_proj, parts.v_proj, parts.o_proj):
+    for proj in (parts.query, parts.key, parts.value, parts.attn_out):
         proj.weight.zero_()
         if proj.bias is not None:
             proj.bias.zero_()
