@@ -209,3 +209,10 @@ def test_cli_on_smollm2_saves_a_checkpoint_that_plain_transformers_runs(capsys, 
         generated = model.generate(ids, max_new_tokens=4, do_sample=False)
         logits = model(generated).logits
     assert generated.shape[1] == ids.shape[1] + 4 and torch.isfinite(logits).all()
+
+
+def test_a_second_method_with_a_registered_name_is_an_error():
+    from depthkit.compress.base import CompressionMethod, register_method
+
+    with pytest.raises(DepthkitError, match="two compression methods are registered as 'sleb'"):
+        register_method("sleb")(type("Impostor", (CompressionMethod,), {}))

@@ -5,6 +5,7 @@ import torch
 
 from depthkit.errors import DepthkitError
 from depthkit.evaluate.perplexity import perplexity, window_starts
+from depthkit.models.tiny import tiny_model
 
 
 def direct_perplexity(model, stream, window, stride):
@@ -40,3 +41,17 @@ def test_bad_windows(tiny):
         perplexity(tiny, stream, window=100_000, progress=False)
     with pytest.raises(DepthkitError, match="stride"):
         perplexity(tiny, stream, window=16, stride=32, progress=False)
+
+
+def test_a_prefix_starts_every_window_and_is_never_scored():
+    model = tiny_model("llama")
+    stream = torch.randint(3, 256, (70,), generator=torch.Generator().manual_seed(0))
+    result = perplexity(model, stream, window=32, progress=False, prefix=[1])
+    nll, count = 0.0, 0
+    for start in (0, 31):  # windows of 1 + 31 stream tokens
+        ids = torch.cat([torch.tensor([1]), stream[start: start + 31]])[None]
+        with torch.no_grad():
+            nll += float(model(ids, labels=ids).loss) * 31
+        count += 31
+    assert result.windows == 2 and result.tokens_scored == count
+    assert result.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)

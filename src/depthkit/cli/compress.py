@@ -30,7 +30,7 @@ from depthkit.compress.api import (
 )
 from depthkit.compress.base import blocks_to_remove, get_method
 from depthkit.compress.common import num_blocks
-from depthkit.data.blocks import token_stream
+from depthkit.data.blocks import sequence_prefix, token_stream
 from depthkit.data.corpora import load_documents
 from depthkit.errors import require
 from depthkit.evaluate.perplexity import perplexity
@@ -105,13 +105,13 @@ def run(args: argparse.Namespace) -> None:
     held_out = token_stream(tokenizer, data_spec(args, "--eval-data")) if args.eval_data else None
     row: dict[str, Any] = {}
     if held_out is not None:
-        row["ppl before"] = _perplexity(model, held_out, args)
+        row["ppl before"] = _perplexity(model, held_out, sequence_prefix(tokenizer), args)
     report = compress(model, args.method, ratio=args.ratio, target_layers=args.target_layers, tokenizer=tokenizer,
                       calib=data_spec(args, "--calib"), num_calib_blocks=args.num_calib_blocks,
                       calib_block_len=args.calib_block_len, **options)
     report.model = args.model
     if held_out is not None:
-        row["ppl after"] = _perplexity(model, held_out, args)
+        row["ppl after"] = _perplexity(model, held_out, sequence_prefix(tokenizer), args)
         report.details["held_out_perplexity"] = {"data": data_spec(args, "--eval-data").describe(),
                                                  "before": row["ppl before"], "after": row["ppl after"]}
     if args.out:
@@ -141,5 +141,6 @@ def _print_report(report: CompressionReport, row: dict[str, Any], args: argparse
         print(f"wrote {write_json(args.json, report.to_dict() | {'peak_memory_mb': peak})}")
 
 
-def _perplexity(model, stream, args: argparse.Namespace) -> float:
-    return perplexity(model, stream, window=args.eval_window, max_tokens=args.eval_max_tokens, batch_size=4).perplexity
+def _perplexity(model, stream, prefix: list[int], args: argparse.Namespace) -> float:
+    return perplexity(model, stream, window=args.eval_window, max_tokens=args.eval_max_tokens, batch_size=4,
+                      prefix=prefix).perplexity

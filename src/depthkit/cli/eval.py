@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from depthkit.cli.common import add_data_args, add_model_args, data_spec, report
-from depthkit.data.blocks import token_stream
+from depthkit.data.blocks import sequence_prefix, token_stream
 from depthkit.evaluate.perplexity import perplexity
 from depthkit.evaluate.speed import measure_speed
 from depthkit.evaluate.summary import model_summary
@@ -88,7 +88,8 @@ def evaluate_ppl(model, tokenizer, name: str, args: argparse.Namespace) -> dict:
     """The `eval ppl` JSON result (`depthkit report` builds the same from its own arguments)."""
     spec = data_spec(args)
     result = perplexity(model, token_stream(tokenizer, spec), window=args.window, stride=args.stride,
-                        batch_size=args.batch_size, max_tokens=args.max_tokens or None)
+                        batch_size=args.batch_size, max_tokens=args.max_tokens or None,
+                        prefix=sequence_prefix(tokenizer))
     return {"kind": "perplexity", "model": name, "dtype": args.dtype, "data": spec.describe(),
             **model_summary(model), **result.to_dict()}
 

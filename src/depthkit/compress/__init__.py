@@ -8,6 +8,7 @@ whichever of the two an import left behind on the `depthkit` namespace.
 import sys
 import types
 
+from depthkit.compress import methods  # noqa: F401 - registers the built-in methods
 from depthkit.compress.api import CompressionReport, compress, list_methods, save_compressed
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, get_method, register_method
 

@@ -18,7 +18,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 import depthkit
-from depthkit.compress.base import CompressionMethod, blocks_to_remove, get_method
+from depthkit.compress.base import METHODS, blocks_to_remove, get_method
 from depthkit.compress.common import count_parameters, num_blocks
 from depthkit.data.blocks import DataSpec, sample_blocks, split_documents
 from depthkit.data.corpora import DEFAULT_CALIB, mixture_components
@@ -198,14 +198,7 @@ def _calibration(
 def list_methods() -> list[dict[str, str]]:
     """Every registered method with its description and options (for `depthkit compress --list`)."""
     return [{"method": name, "description": cls.description, "options": ", ".join(sorted(cls.option_help()))}
-            for name, cls in sorted(_method_classes().items())]
-
-
-def _method_classes() -> dict[str, type[CompressionMethod]]:
-    import depthkit.compress.methods  # noqa: F401 - registers the built-in methods
-    from depthkit.compress.base import METHODS
-
-    return METHODS
+            for name, cls in sorted(METHODS.items())]
 
 
 def save_compressed(

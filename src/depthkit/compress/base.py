@@ -1,7 +1,9 @@
 """The compression-method registry and what every depth-compression method shares.
 
 A method is one file in `depthkit/compress/methods/` that defines a subclass of
-`CompressionMethod` decorated with `@register_method("name")`. It receives the model, calibration
+`CompressionMethod` decorated with `@register_method("name")` (a second method of the same name is
+an error); `depthkit.compress` imports them all once this module is complete, so nothing here
+imports the methods (no import circle). It receives the model, calibration
 token blocks and how many blocks to remove, edits the model in place, and returns what it did
 (`CompressionOutcome`), which becomes the compression card.
 """
@@ -132,6 +134,9 @@ def register_method(name: str):
     """Class decorator: make a `CompressionMethod` available by `name`."""
 
     def decorator(cls: type[CompressionMethod]) -> type[CompressionMethod]:
+        if name in METHODS:
+            raise DepthkitError(f"two compression methods are registered as '{name}': "
+                                f"{METHODS[name].__module__} and {cls.__module__}")
         cls.name = name
         METHODS[name] = cls
         return cls
@@ -141,14 +146,10 @@ def register_method(name: str):
 
 def streaming_methods() -> list[str]:
     """Registered methods that can compress a checkpoint streamed from disk."""
-    import depthkit.compress.methods  # noqa: F401 - registers the built-in methods
-
     return sorted(name for name, cls in METHODS.items() if cls.streams())
 
 
 def get_method(name: str, **options: Any) -> CompressionMethod:
-    import depthkit.compress.methods  # noqa: F401 - registers the built-in methods
-
     if name not in METHODS:
         raise DepthkitError(f"unknown method '{name}'; choose from {', '.join(sorted(METHODS))}")
     return METHODS[name](**options)

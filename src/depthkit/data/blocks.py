@@ -7,6 +7,8 @@ boundary); the part before the cut is `calib` (calibration and fine-tuning), the
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -69,11 +71,39 @@ def document_ids(tokenizer: PreTrainedTokenizerBase, doc: Document) -> list[int]
     return tokenizer(doc.text, add_special_tokens=False)["input_ids"]
 
 
+def sequence_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens the tokenizer puts before a text (Gemma's BOS; nothing for SmolLM2).
+
+    Corpora are tokenized without special tokens so that blocks can be cut anywhere; every block
+    (and every perplexity window) then starts the way the model saw its training sequences start.
+    """
+    probe = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    return full[: len(full) - len(probe)] if full[len(full) - len(probe):] == probe else []
+
+
+def starts_like_a_text(build: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Make a block builder `(tokenizer, spec, num_blocks, block_len)` start every block with
+    `sequence_prefix`, keeping `block_len` tokens in all."""
+
+    @functools.wraps(build)
+    def wrapper(tokenizer: PreTrainedTokenizerBase, spec: DataSpec, num_blocks: int, block_len: int) -> torch.Tensor:
+        prefix = sequence_prefix(tokenizer)
+        if not prefix:
+            return build(tokenizer, spec, num_blocks, block_len)
+        check_block_shape(num_blocks, block_len - len(prefix))
+        body = build(tokenizer, spec, num_blocks, block_len - len(prefix))
+        return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(body.shape[0], -1), body], dim=1)
+
+    return wrapper
+
+
 def check_block_shape(num_blocks: int, block_len: int) -> None:
     if num_blocks < 1 or block_len < 2:
         raise DepthkitError(f"need at least 1 block of 2 tokens, got {num_blocks} x {block_len}")
 
 
+@starts_like_a_text
 def interleaved_blocks(
     tokenizer: PreTrainedTokenizerBase, spec: DataSpec, num_blocks: int, block_len: int
 ) -> torch.Tensor:
@@ -101,6 +131,7 @@ def interleaved_blocks(
     return torch.stack(order)
 
 
+@starts_like_a_text
 def token_blocks(
     tokenizer: PreTrainedTokenizerBase, spec: DataSpec, num_blocks: int, block_len: int
 ) -> torch.Tensor:
@@ -120,6 +151,7 @@ def token_blocks(
     return stream[:needed].view(num_blocks, block_len)
 
 
+@starts_like_a_text
 def sample_blocks(
     tokenizer: PreTrainedTokenizerBase, spec: DataSpec, num_blocks: int, block_len: int
 ) -> torch.Tensor:

