@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from depthkit.compress.base import option
 from depthkit.compress.common import SearchOptions
 from depthkit.compress.flatten.channels import CRITERIA
-from depthkit.compress.flatten.merge import QK_NORM_MODES, flatten_layers, require_flattenable
+from depthkit.compress.flatten.merge import QK_NORM_MODES, flatten_layers
 from depthkit.compress.flatten.prune import RIDGE_PRIORS, TARGETS, PruneSettings, flatten_and_prune, pruned_blocks
 from depthkit.compress.flatten.selection import ONE_PASS_SELECTIONS, SELECTIONS, one_pass_pairs, select_groups
 from depthkit.errors import require
@@ -53,8 +53,8 @@ class FlattenOptions(SearchOptions):
     ridge: float = option(0.3, "ridge strength relative to the mean channel energy (default 0.3)")
     ridge_prior: str = option("weights", "what the ridge pulls the refit towards: weights (the kept channels' own "
                                          "weights, default) | zero")
-    qk_norm: str = option("exact", "Qwen3 blocks with different q/k norms: exact (refuse, default) | average "
-                                   "(approximate)")
+    qk_norm: str = option("average", "blocks whose q/k norms differ (Qwen3, Gemma 3): average (approximate, "
+                                     "repaired by least squares; default) | exact (refuse)")
     groups: list[list[int]] | None = option(None, "explicit groups of original block indices, e.g. [[0],[1,2],...]: "
                                                   "skips the selection")
 
@@ -105,7 +105,6 @@ def flatten_gpt(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Compress `model` in place by `num_remove` blocks; returns the details for the card."""
-    require_flattenable(get_adapter(model))
     num_layers = len(get_adapter(model).layers(model))
     began = time.perf_counter()
     if options.groups is not None:
@@ -140,7 +139,6 @@ def flatten_gpt_streaming(
             f"with --offload disk pairs are scored in one pass: selection must be one of "
             f"{', '.join(ONE_PASS_SELECTIONS)}, got '{options.selection}'")
     require(options.max_group == 2, "with --offload disk only pairs are flattened (max_group 2)")
-    require_flattenable(source.adapter)
     layers = source.layers()
     began = time.perf_counter()
     if options.groups is not None:

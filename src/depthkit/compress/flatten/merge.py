@@ -1,4 +1,4 @@
-"""Layer flattening: several adjacent pre-norm blocks become ONE standard block of wider width.
+"""Layer flattening: several adjacent blocks become ONE standard block of wider width.
 
 Blocks `l .. l+k-1` computed in parallel on the same input,
 `y = x + sum_i A_i(N_i x)`, `z = y + sum_i M_i(P_i y)`, are exactly one standard block whose
@@ -11,6 +11,14 @@ attention has the heads of all k blocks and whose MLP has all their neurons:
   its own KV group (GQA grouping is preserved because every block has the same group size).
 - the output projections (`attn_out`, `mlp_out`) are concatenated along their input; their biases add up.
 
+Exact for pre-norm blocks (LLaMA, Mistral, Qwen2; Qwen3 and Gemma 3 when their q/k norm gains
+agree). Two parts cannot be exact in a standard block and are approximated, then repaired by the
+least-squares step (`prune.py`), which records the error before and after per block:
+- per-head q/k norm gains that differ between the blocks (RoPE acts after them, so they cannot
+  be folded): their mean (`qk_norm="average"`, the default);
+- post-norms on each branch's output (Gemma 2/3): a sum of normalised branches is not one
+  normalised branch (`_post_norm_merge`).
+
 The wide block is a normal Hugging Face decoder layer (a copy of the first block sharing the
 model config) whose Linear modules are simply larger: the attention forward reshapes with
 `-1` heads and `num_key_value_groups` is unchanged, so no attribute needs patching.
@@ -19,13 +27,14 @@ model config) whose Linear modules are simply larger: the attention forward resh
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from depthkit.errors import DepthkitError, require
-from depthkit.models.adapters import ATTENTION_INPUTS, MLP_INPUTS, ArchitectureAdapter, BlockParts, get_adapter
+from depthkit.models.adapters import ATTENTION_INPUTS, MLP_INPUTS, BlockParts, get_adapter
 
 # How the per-head q/k norm gains of different blocks are merged (see `_merged_qk_gain`).
 QK_NORM_MODES = ("exact", "average")
@@ -55,11 +64,28 @@ def _stack_rows(linears: list[nn.Linear], gains: list[torch.Tensor]) -> nn.Linea
     return _new_linear(weight, bias, linears[0])
 
 
-def _stack_columns(linears: list[nn.Linear]) -> nn.Linear:
-    """Concatenate input columns of output projections; their outputs (and biases) add up."""
-    weight = torch.cat([lin.weight.detach().float() for lin in linears], dim=1)
-    bias = sum(lin.bias.detach().float() for lin in linears) if linears[0].bias is not None else None
+def _stack_columns(linears: list[nn.Linear], row_scales: list[torch.Tensor] | None = None) -> nn.Linear:
+    """Concatenate input columns of output projections; their outputs (and biases) add up,
+    each first scaled per output channel by `row_scales` (post-norm gains, see `_post_norm_merge`)."""
+    scales = row_scales or [torch.ones(linears[0].out_features)] * len(linears)
+    weight = torch.cat([lin.weight.detach().float() * s[:, None] for lin, s in zip(linears, scales)], dim=1)
+    bias = None
+    if linears[0].bias is not None:
+        bias = sum(lin.bias.detach().float() * s for lin, s in zip(linears, scales))
     return _new_linear(weight, bias, linears[0])
+
+
+def _post_norm_merge(gains: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Row scales of each branch's output projection and the merged post-norm gain (APPROXIMATE).
+
+    Blocks i compute `g_i * u_i / rms(u_i)`; one merged block can only compute `G * v / rms(v)`
+    for `v = sum_i s_i * u_i`. With `s_i = g_i / mean(g)` and `G = sqrt(k) * mean(g)` the merge
+    is exact for one block and, for branches of equal rms and orthogonal outputs, exact in scale;
+    the least-squares step then refits the output projection and G on calibration data.
+    """
+    mean = torch.stack(gains).mean(0)
+    safe = torch.where(mean.abs() < 1e-6, torch.full_like(mean, 1e-6), mean)
+    return [g / safe for g in gains], safe * math.sqrt(len(gains))
 
 
 def _merged_qk_gain(gains: list[torch.Tensor], mode: str) -> torch.Tensor:
@@ -80,12 +106,10 @@ def _merged_qk_gain(gains: list[torch.Tensor], mode: str) -> torch.Tensor:
     )
 
 
-def require_flattenable(adapter: ArchitectureAdapter) -> None:
-    """Refuse families whose blocks normalise each branch's output (Gemma 2/3 post-norms): the sum
-    of two normed branches is not one normed branch, so no standard block computes it."""
-    require(not adapter.has_post_norms(),
-            f"FlattenGPT cannot flatten {adapter.model_type} blocks exactly: they normalise each branch's output "
-            "(post-norms), and a sum of normed branches is not one normed branch; use a block-removal method")
+def same_attention(model: PreTrainedModel, layers: list[nn.Module]) -> bool:
+    """Whether the blocks share one attention type (a sliding-window block never merges with a full one)."""
+    adapter = get_adapter(model)
+    return len({adapter.layer_type(layer, model.config) for layer in layers}) == 1
 
 
 def flatten_layers(model: PreTrainedModel, layers: list[nn.Module], qk_norm: str = "exact") -> nn.Module:
@@ -93,7 +117,6 @@ def flatten_layers(model: PreTrainedModel, layers: list[nn.Module], qk_norm: str
     require(len(layers) >= 2, "flattening needs at least two blocks")
     require(qk_norm in QK_NORM_MODES, f"qk_norm must be one of {', '.join(QK_NORM_MODES)}, got '{qk_norm}'")
     adapter = get_adapter(model)
-    require_flattenable(adapter)
     types = {adapter.layer_type(layer, model.config) for layer in layers}
     require(len(types) == 1, f"cannot flatten blocks with different attention types {sorted(types)}")
     parts: list[BlockParts] = [adapter.block(layer) for layer in layers]
@@ -104,11 +127,17 @@ def flatten_layers(model: PreTrainedModel, layers: list[nn.Module], qk_norm: str
         adapter.replace_part(merged, role, _stack_rows([p.role(role) for p in parts], gains["attn_norm"]))
     for role in MLP_INPUTS:
         adapter.replace_part(merged, role, _stack_rows([p.role(role) for p in parts], gains["mlp_norm"]))
-    for role in ("attn_out", "mlp_out"):
-        adapter.replace_part(merged, role, _stack_columns([p.role(role) for p in parts]))
+    post_gains = {}
+    for role, post in (("attn_out", "attn_post_norm"), ("mlp_out", "mlp_post_norm")):
+        scales = None
+        if parts[0].role(post) is not None:
+            scales, post_gains[post] = _post_norm_merge([adapter.norm_gain(p.role(post)) for p in parts])
+        adapter.replace_part(merged, role, _stack_columns([p.role(role) for p in parts], scales))
     merged_parts = adapter.block(merged)
     adapter.set_norm_gain(merged_parts.attn_norm, 1.0)
     adapter.set_norm_gain(merged_parts.mlp_norm, 1.0)
+    for post, gain in post_gains.items():
+        adapter.set_norm_gain(merged_parts.role(post), gain)
     for role in ("q_norm", "k_norm"):
         if merged_parts.role(role) is not None:
             gain = _merged_qk_gain([adapter.norm_gain(p.role(role)) for p in parts], qk_norm)

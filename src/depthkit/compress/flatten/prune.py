@@ -17,6 +17,7 @@ For a group of original blocks g_1..g_k on input x, the ridge targets are (optio
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ from depthkit.analysis.metrics import relative_error
 from depthkit.compress.flatten.channels import GramAccumulator, ridge_lambda, select_units
 from depthkit.compress.flatten.merge import flatten_layers
 from depthkit.errors import require
-from depthkit.models.adapters import get_adapter
+from depthkit.models.adapters import ArchitectureAdapter, get_adapter
 from depthkit.models.blockwise import BlockContext, block_context, embed, run_block
 
 TARGETS = ("sequential", "original", "parallel")
@@ -127,6 +128,52 @@ def _bias(linear: nn.Linear) -> torch.Tensor | float:
     return linear.bias.detach().float() if linear.bias is not None else 0.0
 
 
+class _OutputFit:
+    """The least-squares target of an output projection, and the post-norm after it if any.
+
+    Pre-norm blocks: the projection's output must equal the branch target T (minus its bias).
+    Post-norm blocks (Gemma) compute `G * v / rms(v)`, `v` the projection's output: only the
+    direction of `v` per token matters. G is set to the per-channel RMS of T over the calibration
+    tokens and `v` is fitted to the direction of T / G, at the scale the projection already has (so
+    the ridge's pull towards the current weights stays meaningful); what is lost is the per-token
+    norm of T / G, which one normalised branch cannot reproduce.
+    """
+
+    def __init__(self, linear: nn.Linear, post_norm: nn.Module | None, rows: Callable[[int, int], torch.Tensor],
+                 sequences: int, adapter: ArchitectureAdapter):
+        """`rows(start, stop)`: the float32 branch target of those calibration sequences."""
+        self.linear, self.post_norm, self.adapter, self.rows = linear, post_norm, adapter, rows
+        self.bias = _bias(linear)
+        self.gain, self.tokens = None, 0
+        if post_norm is not None:
+            energy = 0.0
+            for start in range(0, sequences, 8):  # a few sequences at a time: never a float copy of all
+                chunk = rows(start, min(start + 8, sequences))
+                energy = energy + chunk.pow(2).sum(dim=(0, 1))
+                self.tokens += chunk.shape[0] * chunk.shape[1]
+            self.gain = (energy / self.tokens).sqrt().clamp_min(1e-6)
+
+    def target(self, start: int, stop: int) -> torch.Tensor:
+        rows = self.rows(start, stop)
+        if self.gain is None:
+            return rows - self.bias
+        direction = rows / self.gain
+        return direction * torch.rsqrt(direction.pow(2).mean(-1, keepdim=True).clamp_min(1e-12))
+
+    def rescale(self, gram: GramAccumulator) -> None:
+        """Give the normalised target the RMS that the projection's current output has."""
+        if self.gain is None:
+            return
+        weight = self.linear.weight.detach().double()
+        scale = math.sqrt(float(((weight @ gram.C) * weight).sum()) / (self.tokens * weight.shape[0]))
+        gram.R *= scale
+        gram.target_energy *= scale**2
+
+    def set_post_norm(self) -> None:
+        if self.gain is not None:
+            self.adapter.set_norm_gain(self.post_norm, self.gain)
+
+
 class GroupPruner:
     """Prunes one wide block (attention then MLP) given its input and its targets."""
 
@@ -141,9 +188,10 @@ class GroupPruner:
 
     def prune_attention(self, wide: nn.Module, x: torch.Tensor, attn_target: torch.Tensor) -> dict:
         parts = self.adapter.block(wide)
-        bias = _bias(parts.attn_out)
-        gram = gram_of_input(parts.attn_out, lambda: self.runner.attention(wide, x),
-                             lambda start, stop: attn_target[start:stop] - bias, len(x))
+        fit = _OutputFit(parts.attn_out, parts.attn_post_norm, lambda start, stop: attn_target[start:stop],
+                         len(x), self.adapter)
+        gram = gram_of_input(parts.attn_out, lambda: self.runner.attention(wide, x), fit.target, len(x))
+        fit.rescale(gram)
         group_cols = self.heads_per_group * self.head_dim
         units = [torch.arange(g * group_cols, (g + 1) * group_cols) for g in range(gram.C.shape[0] // group_cols)]
         lam = ridge_lambda(gram.C, self.settings.ridge)
@@ -155,14 +203,16 @@ class GroupPruner:
         _keep_rows(parts.key, kv_rows)
         _keep_rows(parts.value, kv_rows)
         _refit(parts.attn_out, gram, columns, lam, self.settings.ridge_prior)
+        fit.set_post_norm()
         return {"kept_kv_groups": kept}
 
     def prune_mlp(self, wide: nn.Module, y: torch.Tensor, goal: torch.Tensor) -> dict:
         """Prune the MLP, whose input is y (x + pruned attention) and target `goal - y`."""
         parts = self.adapter.block(wide)
-        bias = _bias(parts.mlp_out)
-        gram = gram_of_input(parts.mlp_out, lambda: self.runner.mlp(wide, y),
-                             lambda start, stop: goal[start:stop].float() - y[start:stop].float() - bias, len(y))
+        fit = _OutputFit(parts.mlp_out, parts.mlp_post_norm,
+                         lambda start, stop: goal[start:stop].float() - y[start:stop].float(), len(y), self.adapter)
+        gram = gram_of_input(parts.mlp_out, lambda: self.runner.mlp(wide, y), fit.target, len(y))
+        fit.rescale(gram)
         units = list(torch.arange(gram.C.shape[0]).unsqueeze(1))
         lam = ridge_lambda(gram.C, self.settings.ridge)
         kept = torch.tensor(
@@ -171,6 +221,7 @@ class GroupPruner:
         _keep_rows(parts.gate, kept)
         _keep_rows(parts.up, kept)
         _refit(parts.mlp_out, gram, kept, lam, self.settings.ridge_prior)
+        fit.set_post_norm()
         return {"kept_neurons_from_first_block": int((kept < self.neurons).sum())}
 
     def prune(self, layers: list[nn.Module], x: torch.Tensor, x_ref: torch.Tensor | None) -> tuple[nn.Module, dict]:

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 
 from depthkit.analysis.metrics import relative_error, token_cosine
 from depthkit.compress.common import lm_loss
-from depthkit.compress.flatten.merge import flatten_layers
+from depthkit.compress.flatten.merge import flatten_layers, same_attention
 from depthkit.errors import require
 from depthkit.models.adapters import get_adapter
 from depthkit.models.blockwise import block_context, embed, run_block
@@ -63,8 +63,10 @@ class FlatteningState:
             self.inputs.append(self.run(layer, self.inputs[-1]))
 
     def candidates(self, max_group: int) -> list[int]:
-        """Positions i such that flattening i and i+1 keeps groups within `max_group` blocks."""
-        return [i for i in range(len(self.layers) - 1) if len(self.groups[i]) + len(self.groups[i + 1]) <= max_group]
+        """Positions i such that flattening i and i+1 keeps groups within `max_group` blocks (of one attention type)."""
+        return [i for i in range(len(self.layers) - 1)
+                if len(self.groups[i]) + len(self.groups[i + 1]) <= max_group
+                and same_attention(self.model, [self.original[j] for j in self.groups[i] + self.groups[i + 1]])]
 
     def merged(self, i: int) -> nn.Module:
         """The wide block flattening the ORIGINAL blocks behind positions i and i+1."""
@@ -181,7 +183,7 @@ def one_pass_pairs(
     for i in tqdm(range(num_layers), desc=f"pair scores ({selection})", disable=not progress):
         layer = layers[i]
         output = run_block(model, layer, hidden, batch_size, context)
-        if previous is not None:
+        if previous is not None and same_attention(model, [previous[0], layer]):
             first, pair_in = previous
             if selection == "local":
                 wide = flatten_layers(model, [first, layer], qk_norm)
