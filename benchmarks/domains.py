@@ -125,9 +125,10 @@ class Judge:
     def __init__(self, model, tokenizer, args: argparse.Namespace) -> None:
         self.tokenizer, self.zeroshot_limit = tokenizer, args.zeroshot_limit
         self.evals: dict[str, dict[str, tuple[torch.Tensor, Reference]]] = {"heldout": {}, "calib": {}}
+        frozen = copy.deepcopy(model)  # recomputes the predictions that are too large to keep (Gemma)
         for split, domain in tqdm([(s, d) for s in self.evals for d in DOMAINS], desc="the original's predictions"):
             blocks = sample_blocks(tokenizer, DataSpec(domain, split), args.eval_blocks, args.eval_len)
-            self.evals[split][domain] = (blocks, reference_logprobs(model, blocks))
+            self.evals[split][domain] = (blocks, reference_logprobs(model, blocks, frozen=frozen))
         self.chat = chat_reference(model, tokenizer, chat_prompts())
 
     def measure(self, model, zeroshot: bool, calib: str | None = None) -> dict[str, Any]:

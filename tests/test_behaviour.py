@@ -21,7 +21,7 @@ def test_a_model_agrees_with_itself_and_a_cut_one_does_not():
     model = tiny_model("llama", num_layers=4)
     blocks = random_ids(model, batch=3, length=16)
     reference = reference_logprobs(model, blocks, batch_size=2)
-    same = compare_behaviour(model, blocks, reference, batch_size=2)
+    same = compare_behaviour(model, blocks, reference)
     assert same.top1_agreement == 1.0 and abs(same.kl) < 1e-3 and same.tokens == 3 * 15
     with torch.no_grad():
         logits = model(input_ids=blocks).logits.float()
@@ -43,3 +43,20 @@ def test_chat_answers_are_the_originals_own_choices():
     cut = copy.deepcopy(model)
     remove_blocks(cut, [0, 1])
     assert compare_chat(cut, references)["answer_kl"] > 1e-3
+
+
+def test_recomputed_reference_gives_the_stored_figures(monkeypatch):
+    """Predictions too large to store (Gemma's 262k vocabulary) are recomputed from a frozen copy of
+    the original: the same figures, even after the caller's model has been compressed in place."""
+    import depthkit.evaluate.behaviour as behaviour
+
+    model = tiny_model("llama", num_layers=4)
+    blocks = random_ids(model, batch=3, length=16)
+    cut = copy.deepcopy(model)
+    remove_blocks(cut, [1])
+    stored = compare_behaviour(cut, blocks, reference_logprobs(model, blocks, batch_size=2))
+    monkeypatch.setattr(behaviour, "STORED_REFERENCE_LIMIT", 0)
+    recomputed_reference = reference_logprobs(model, blocks, batch_size=2)
+    assert recomputed_reference.stored is None
+    remove_blocks(model, [0])  # the reference keeps its own copy
+    assert compare_behaviour(cut, blocks, recomputed_reference) == stored

@@ -7,12 +7,15 @@ stop answering "Paris"). On the same token blocks we measure, per next-token pos
 - `top1_agreement`: how often the compressed model's most likely token is the original's;
 - `kl`: mean KL(original || compressed) of the next-token distributions, in nats.
 
-The original's log-probabilities are computed once (`reference_logprobs`, float16, one tensor per
-text) and reused for every compressed model compared against it.
+The original's log-probabilities are computed once (`reference_logprobs`, float16) and reused for
+every compressed model compared against it, unless they would not fit `STORED_REFERENCE_LIMIT`
+(Gemma's 262k-token vocabulary makes them 4 GiB per 16 x 512 tokens): then a frozen copy of the
+original recomputes them chunk by chunk, rounded the same way, so both paths give the same figures.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -22,6 +25,7 @@ from transformers import PreTrainedModel
 
 # float16 keeps log-probabilities to ~1e-3 relative over their whole range (bf16: ~1e-2) at half the memory.
 REFERENCE_DTYPE = torch.float16
+STORED_REFERENCE_LIMIT = 1 << 30  # bytes of stored predictions per text, beyond which they are recomputed
 
 
 @dataclass
@@ -46,42 +50,58 @@ def _log_probs(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class Reference:
-    """The reference model's next-token log-probabilities (float16) and its top-1 tokens, taken in
-    float32 before rounding so that near-ties cannot flip: the reference agrees with itself exactly."""
+class Predictions:
+    """A model's next-token log-probabilities (float16) and its top-1 tokens, taken in float32
+    before rounding so that near-ties cannot flip: the reference agrees with itself exactly."""
 
     logprobs: torch.Tensor
     top1: torch.Tensor
 
-    def split(self, size: int) -> list[Reference]:
-        return [Reference(p, t) for p, t in zip(self.logprobs.split(size), self.top1.split(size))]
+
+def _predictions(log_probs: torch.Tensor) -> Predictions:
+    return Predictions(log_probs.to(REFERENCE_DTYPE), log_probs.argmax(-1))
 
 
-def _reference(log_probs: torch.Tensor) -> Reference:
-    return Reference(log_probs.to(REFERENCE_DTYPE), log_probs.argmax(-1))
+class Reference:
+    """The reference model's predictions on token blocks, chunk by chunk: stored, or recomputed from
+    a frozen copy of the model when storing them would exceed `STORED_REFERENCE_LIMIT`."""
+
+    def __init__(self, model: PreTrainedModel, blocks: torch.Tensor, batch_size: int = 4,
+                 frozen: PreTrainedModel | None = None) -> None:
+        """`frozen`: a copy of `model` that nobody changes, to share between the references of
+        several texts (else one is made here when the predictions are too large to store)."""
+        self.batch_size = batch_size
+        size = blocks.shape[0] * (blocks.shape[1] - 1) * model.config.vocab_size * REFERENCE_DTYPE.itemsize
+        self.model = None
+        if size > STORED_REFERENCE_LIMIT:
+            self.model = frozen if frozen is not None else copy.deepcopy(model).eval()
+        self.stored = None if self.model is not None else [
+            _predictions(_log_probs(model, chunk)) for chunk in blocks.split(batch_size)]
+
+    def predictions(self, index: int, chunk: torch.Tensor) -> Predictions:
+        """The predictions on `chunk`, the `index`-th chunk of the blocks."""
+        return self.stored[index] if self.stored is not None else _predictions(_log_probs(self.model, chunk))
 
 
-@torch.no_grad()
-def reference_logprobs(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int = 4) -> Reference:
+def reference_logprobs(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int = 4,
+                       frozen: PreTrainedModel | None = None) -> Reference:
     """The reference model's next-token predictions on `blocks` (n x len)."""
-    parts = [_reference(_log_probs(model, chunk)) for chunk in blocks.split(batch_size)]
-    return Reference(torch.cat([p.logprobs for p in parts]), torch.cat([p.top1 for p in parts]))
+    return Reference(model, blocks, batch_size, frozen)
 
 
-def _agreement(log_q: torch.Tensor, ref: Reference) -> tuple[torch.Tensor, float]:
+def _agreement(log_q: torch.Tensor, ref: Predictions) -> tuple[torch.Tensor, float]:
     """(per-position top-1 hits, summed KL(reference || model)) of `log_q` against `ref`."""
     log_p = ref.logprobs.float()
     return log_q.argmax(-1) == ref.top1, float((log_p.exp() * (log_p - log_q)).sum())
 
 
 @torch.no_grad()
-def compare_behaviour(
-    model: PreTrainedModel, blocks: torch.Tensor, reference: Reference, batch_size: int = 4
-) -> Behaviour:
+def compare_behaviour(model: PreTrainedModel, blocks: torch.Tensor, reference: Reference) -> Behaviour:
     """Perplexity of `model` on `blocks` and its agreement with `reference` (`reference_logprobs`)."""
     nll = kl = agree = 0.0
     count = 0
-    for chunk, ref in zip(blocks.split(batch_size), reference.split(batch_size)):
+    for index, chunk in enumerate(blocks.split(reference.batch_size)):
+        ref = reference.predictions(index, chunk)
         log_q = _log_probs(model, chunk)
         labels = chunk[:, 1:]
         nll += float(-log_q.gather(-1, labels.unsqueeze(-1)).sum())
@@ -99,7 +119,7 @@ class ChatReference:
     prompt: str
     ids: torch.Tensor  # (1, prompt + answer tokens)
     answer_start: int
-    predictions: Reference  # at the answer's positions
+    predictions: Predictions  # at the answer's positions
     answer: str
 
 
@@ -128,7 +148,7 @@ def chat_reference(
         out = model.generate(prompt_ids.to(device), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.eos_token_id).cpu()
         start = prompt_ids.shape[1]
-        predictions = _reference(_log_probs(model, out)[0, start - 1 :])
+        predictions = _predictions(_log_probs(model, out)[0, start - 1 :])
         references.append(ChatReference(prompt, out, start, predictions,
                                         tokenizer.decode(out[0, start:], skip_special_tokens=True)))
     return references
