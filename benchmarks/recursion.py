@@ -96,7 +96,7 @@ from seed_runs import comparable_settings, mean_and_se, parse_seeds, reusable_ru
 from depthkit.data import DataSpec, interleaved_blocks, token_blocks, token_stream  # noqa: E402
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.recursive import RecursiveModel, truncate_layers  # noqa: E402
-from depthkit.recursive.config import CONNECTOR_NORMS, RESIDUALS  # noqa: E402
+from depthkit.recursive.config import CONNECTOR_NORMS, RESIDUALS, default_of  # noqa: E402
 from depthkit.recursive.generate import early_exit_nll  # noqa: E402
 from depthkit.recursive.model import LAYER_PICKS  # noqa: E402
 from depthkit.recursive.train import TrainSettings, step_perplexities, train  # noqa: E402
@@ -132,15 +132,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--connector-lr", type=float, default=1e-3)
-    p.add_argument("--scale-init", type=float, default=0.1,
+    p.add_argument("--scale-init", type=float, default=default_of("scale_init"),
                    help="initial connector residual scale (0 makes steps 2..R exact copies of step 1 at the start)")
-    p.add_argument("--connector-norm", default="residual", choices=CONNECTOR_NORMS,
+    p.add_argument("--connector-norm", default=default_of("connector_norm"), choices=CONNECTOR_NORMS,
                    help="what sizes the connector's update: the RMS of the residual it is added onto, token by token, "
                         "or the input embeddings' RMS (the setting of the runs before 2026-12-02)")
     p.add_argument("--connector-gain", type=float, default=None,
                    help="initial RMSNorm gain of every connector tap (default: 1 / k, times the embeddings' RMS with "
                         "--connector-norm embeddings)")
-    p.add_argument("--residual", default="previous", choices=RESIDUALS,
+    p.add_argument("--residual", default=default_of("residual"), choices=RESIDUALS,
                    help="what the connector adds onto: the original embeddings or the previous step's input")
     p.add_argument("--deeper", type=int, default=8,
                    help="after training, also evaluate the recursive variants at 1..N steps (any depth at inference)")

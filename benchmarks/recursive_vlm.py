@@ -55,7 +55,7 @@ from depthkit.utils.io import format_table, write_json  # noqa: E402
 from depthkit.vlm.batches import VQABatches  # noqa: E402
 from depthkit.vlm.data import VQAConfig, build_vqa, dataset_features  # noqa: E402
 from depthkit.vlm.evaluate import evaluate_steps, representation_stats  # noqa: E402
-from depthkit.vlm.model import build_vlm  # noqa: E402
+from depthkit.vlm.model import VLM_CONNECTOR, build_vlm  # noqa: E402
 from depthkit.vlm.train import TrainSettings, train_stage1, train_stage2  # noqa: E402
 
 STANDARD, VANILLA = "standard (R=1)", "vanilla recursive"
@@ -79,10 +79,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--beta", type=float, default=2.0, help="Monotonic Recursion Loss penalty (1 = plain sum)")
-    parser.add_argument("--scale-init", type=float, default=0.3, help="initial residual scale of the connector")
-    parser.add_argument("--residual", default="previous", choices=RESIDUALS,
+    parser.add_argument("--scale-init", type=float, default=VLM_CONNECTOR["scale_init"],
+                        help="initial residual scale of the connector")
+    parser.add_argument("--residual", default=VLM_CONNECTOR["residual"], choices=RESIDUALS,
                         help="what the connector adds onto: the input embeddings or the previous step's input")
-    parser.add_argument("--connector-norm", default="embeddings", choices=CONNECTOR_NORMS,
+    parser.add_argument("--connector-norm", default=VLM_CONNECTOR["connector_norm"], choices=CONNECTOR_NORMS,
                         help="size the connector's update by the embeddings' RMS (the recorded runs) or, token "
                              "by token, by the RMS of the residual it is added onto")
     parser.add_argument("--eval-examples", type=int, default=0,

@@ -65,7 +65,7 @@ def test_one_loop_equals_base(arch, feedback):
 def test_connector_scale_zero_reruns_decoder_on_embeddings(arch):
     base = tiny_model(arch)
     reference = base(ids()).logits
-    model = RecursiveModel.wrap(base, num_loops=2)
+    model = RecursiveModel.wrap(base, num_loops=2, residual="embeddings", scale_init=0.0)
     steps = model(ids(), num_loops=2, return_all_steps=True).step_logits
     assert len(steps) == 2
     torch.testing.assert_close(steps[1], reference, atol=ATOL, rtol=0)
@@ -96,12 +96,12 @@ def test_connector_samples_uniform_layers_and_checks_indices():
 def test_connector_norm_gains_start_at_the_embedding_scale():
     """Default gains: embedding RMS / k, so each normalised tap has RMS(embeddings) / k per dimension."""
     base = tiny_model("llama", num_layers=4)
-    model = RecursiveModel.wrap(base, connector_k=2)
+    model = RecursiveModel.wrap(base, connector_k=2, connector_norm="embeddings")
     rms = float(base.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
     feature = torch.randn(2, 5, base.config.hidden_size) * 7
     normalised = model.connector.norms[0](feature)
     torch.testing.assert_close(normalised.pow(2).mean(-1).sqrt(), torch.full((2, 5), rms / 2), rtol=1e-4, atol=0)
-    explicit = RecursiveModel.wrap(base, connector_gain=0.5)
+    explicit = RecursiveModel.wrap(base, connector_gain=0.5, connector_norm="embeddings")
     assert all(torch.equal(norm.weight, torch.full_like(norm.weight, 0.5)) for norm in explicit.connector.norms)
     with pytest.raises(DepthkitError, match="connector_gain"):
         RecursiveModel.wrap(base, connector_gain=-1.0)
@@ -134,7 +134,7 @@ def test_connector_onto_the_output_at_scale_zero_is_vanilla_recursion(arch):
     scale 0 every step equals vanilla recursion (the last hidden state fed straight back)."""
     base = tiny_model(arch, num_layers=4)
     onto_output = RecursiveModel.wrap(base, num_loops=3, ends=1, residual="output", connector_k=2,
-                                      connector_norm="residual")
+                                      connector_norm="residual", scale_init=0.0)
     vanilla = RecursiveModel.wrap(base, num_loops=3, ends=1, feedback="vanilla")
     with torch.no_grad():
         got, expected = onto_output(ids(), return_all_steps=True), vanilla(ids(), return_all_steps=True)
@@ -482,3 +482,22 @@ def test_early_exit_prefill_fills_every_cache_slot():
     cache = DynamicCache()
     decode_step(model, torch.randint(0, 256, (1, 5)), 2, cache, every_step=True)
     assert [layer.keys.shape[2] for layer in cache.layers] == [5] * len(cache.layers)
+
+
+def test_defaults_are_the_measured_recipe_and_old_configs_keep_theirs():
+    """One default per knob: RecursiveConfig's (the CLI's and benchmarks' come from it); a config saved
+    before a field existed loads with the value it had then, not the new default."""
+    from depthkit.cli.main import build_parser
+    from depthkit.recursive.config import LEGACY_DEFAULTS
+
+    config = RecursiveConfig(block=[0, 1, 2, 3])
+    assert (config.num_loops, config.residual, config.scale_init, config.connector_norm) == (3, "previous", 0.1,
+                                                                                            "residual")
+    args = build_parser().parse_args(["recursive", "train", "--out", "x"])
+    assert (args.residual, args.scale_init, args.connector_norm) == (config.residual, config.scale_init,
+                                                                     config.connector_norm)
+    saved = config.to_dict()
+    for key in LEGACY_DEFAULTS:
+        del saved[key]
+    old = RecursiveConfig.from_dict(saved)
+    assert (old.num_loops, old.residual, old.scale_init, old.connector_norm) == (2, "embeddings", 0.0, "embeddings")

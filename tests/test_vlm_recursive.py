@@ -71,7 +71,8 @@ def test_visual_tokens_land_exactly_on_the_image_positions(tokenizer):
 
 def test_connector_starts_as_a_repeated_pass_and_routes_by_modality(tokenizer):
     vlm = tiny_vlm(tokenizer)
-    connector = vlm.make_recursive(3, "connector", modality_specific=True).connector
+    connector = vlm.make_recursive(3, "connector", modality_specific=True, residual="embeddings",
+                                   scale_init=0.0).connector
     assert connector.num_modalities == 2
     batch = random_batch(vlm)
     logits = vlm(batch)

@@ -13,7 +13,7 @@ from depthkit.data import interleaved_blocks, token_blocks, token_stream
 from depthkit.errors import DepthkitError
 from depthkit.models.adapters import get_adapter
 from depthkit.models.loading import load_model, load_tokenizer
-from depthkit.recursive.config import CONNECTOR_NORMS, FEEDBACKS, FUSIONS, PROJECTIONS, RESIDUALS
+from depthkit.recursive.config import CONNECTOR_NORMS, FEEDBACKS, FUSIONS, PROJECTIONS, RESIDUALS, default_of
 from depthkit.recursive.generate import DEFAULT_THRESHOLD, early_exit_nll, generate
 from depthkit.recursive.loss import LOSSES
 from depthkit.recursive.model import BASE_DIR, LAYER_PICKS, RecursiveModel, truncate_layers
@@ -22,7 +22,7 @@ from depthkit.recursive.train import PARTS, TrainSettings, step_perplexities, tr
 from depthkit.utils.io import check_output_dir, format_table, write_json
 from depthkit.utils.precision import MIXED_PRECISIONS
 
-DEFAULT_LOOPS = 3
+DEFAULT_LOOPS = default_of("num_loops")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,17 +55,17 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ends", type=int,
                    help="without --relax: run the first and last N layers once (prelude, and coda after every "
                         "step) and loop only the layers between (default 0; with --relax, --sharing middle)")
-    p.add_argument("--connector-k", type=int, default=4)
+    p.add_argument("--connector-k", type=int, default=default_of("connector_k"))
     p.add_argument("--connector-layers", help="comma-separated block positions (0-based) the connector reads")
-    p.add_argument("--projection", default="linear", choices=PROJECTIONS)
-    p.add_argument("--fuse", default="sum", choices=FUSIONS)
-    p.add_argument("--residual", default="previous", choices=RESIDUALS,
+    p.add_argument("--projection", default=default_of("projection"), choices=PROJECTIONS)
+    p.add_argument("--fuse", default=default_of("fuse"), choices=FUSIONS)
+    p.add_argument("--residual", default=default_of("residual"), choices=RESIDUALS,
                    help="what the connector adds onto: the prelude's output (the embeddings without --ends), this "
                         "step's input, or its output")
-    p.add_argument("--scale-init", type=float, default=0.1,
+    p.add_argument("--scale-init", type=float, default=default_of("scale_init"),
                    help="initial connector scale (0: steps 2..R start as copies of step 1); the connector "
                         "defaults are benchmarks/recursion.py's measured recipe")
-    p.add_argument("--connector-norm", default="residual", choices=CONNECTOR_NORMS,
+    p.add_argument("--connector-norm", default=default_of("connector_norm"), choices=CONNECTOR_NORMS,
                    help="size the connector's update by the RMS of the residual it is added onto (token by token) "
                         "or by the input embeddings' RMS")
     p.add_argument("--modalities", type=int, default=1)

@@ -24,6 +24,16 @@ CONNECTOR_NORMS = ("embeddings", "residual")
 CONFIG_FILE = "recursive_config.json"
 
 
+# What a field meant before the defaults became the measured recipe (depthkit <= 0.3): a saved
+# config without the field was trained with this value.
+LEGACY_DEFAULTS = {"num_loops": 2, "residual": "embeddings", "scale_init": 0.0, "connector_norm": "embeddings"}
+
+
+def default_of(name: str):
+    """The default of a `RecursiveConfig` field: what the CLI and benchmarks offer as theirs."""
+    return RecursiveConfig.__dataclass_fields__[name].default
+
+
 @dataclass
 class RecursiveConfig:
     """A loop plan over the base model's (unique) layers plus the feedback and adapter options.
@@ -39,19 +49,20 @@ class RecursiveConfig:
     prelude: list[int] = field(default_factory=list)
     coda: list[int] = field(default_factory=list)
     order: str = "cycle"
-    num_loops: int = 2
+    # The defaults are the recipe benchmarks/recursion.py measures best on text (the README's table);
+    # configs saved before a field existed load with what it meant then (`LEGACY_DEFAULTS`).
+    num_loops: int = 3
     feedback: str = "connector"
     # Recursive Connector (feedback == "connector")
     connector_layers: list[int] | None = None
     connector_k: int = 4
     projection: str = "linear"
     fuse: str = "sum"
-    residual: str = "embeddings"
-    scale_init: float = 0.0
-    # What sizes the connector's update (see connector.py): the input embeddings' RMS (a fixed size) or,
-    # token by token, the RMS of the residual it is added onto. The first keeps configs saved before
-    # the choice existed as they were.
-    connector_norm: str = "embeddings"
+    residual: str = "previous"
+    scale_init: float = 0.1
+    # What sizes the connector's update (see connector.py): token by token, the RMS of the residual it
+    # is added onto, or the input embeddings' RMS (a fixed size).
+    connector_norm: str = "residual"
     # Initial RMSNorm gain of every tap; None = 1 / number of taps, times the embeddings' RMS unless the
     # update is sized by the residual.
     connector_gain: float | None = None
@@ -128,10 +139,11 @@ class RecursiveConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> RecursiveConfig:
+        """A saved config; keys it lacks take the value they had when it was saved (`LEGACY_DEFAULTS`)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         require(not unknown, f"unknown recursive config keys: {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**(LEGACY_DEFAULTS | data))
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / CONFIG_FILE

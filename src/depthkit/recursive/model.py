@@ -78,23 +78,21 @@ class RecursiveModel(nn.Module):
         self.gradient_checkpointing = False
 
     @classmethod
-    def wrap(cls, base: PreTrainedModel, num_loops: int = 2, feedback: str = "connector", ends: int = 0,
-             **options) -> RecursiveModel:
+    def wrap(cls, base: PreTrainedModel, ends: int = 0, **options) -> RecursiveModel:
         """Loop the WHOLE decoder (RecursiveVLM style), or all but its first and last `ends` layers.
 
         With `ends` > 0 the first layers run once before the loop (a prelude) and the last ones once
         after every decoded step (a coda), as in Huginn's recurrent depth and the MIDDLE sharing of
         Relaxed Recursive Transformers: the loop then feeds hidden states back into mid-stack layers,
         and the layers that read embeddings and write for the LM head keep their single job.
-        `options` are `RecursiveConfig` fields.
+        `options` are `RecursiveConfig` fields (its defaults: the measured recipe).
         """
         layers = len(get_adapter(base).layers(base))
         require(isinstance(ends, int) and ends >= 0 and 2 * ends < layers,
                 f"ends must be an integer in 0..{(layers - 1) // 2} (leaving layers to loop in the {layers}-layer "
                 f"decoder), got {ends!r}")
         config = RecursiveConfig(block=list(range(ends, layers - ends)), prelude=list(range(ends)),
-                                 coda=list(range(layers - ends, layers)), num_loops=num_loops, feedback=feedback,
-                                 **options)
+                                 coda=list(range(layers - ends, layers)), **options)
         return cls(base, config)
 
     def _bind_architecture(self, base: PreTrainedModel, config: RecursiveConfig) -> None:

@@ -132,6 +132,9 @@ def collate(examples: Sequence[EncodedExample], features: Sequence[torch.Tensor]
 
 
 NUM_MODALITIES = 2  # text (0) and vision (1): the token-type mask doubles as the connector's modality ids
+# The connector recipe benchmarks/recursive_vlm.py measured for the VLM (image and text tokens): it
+# differs from the text recipe (`RecursiveConfig`'s defaults) in what sizes the update and its scale.
+VLM_CONNECTOR = {"residual": "previous", "scale_init": 0.3, "connector_norm": "embeddings"}
 VLM_FILE = "vlm.json"
 PROJECTOR_FILE = "projector.safetensors"
 
@@ -162,10 +165,12 @@ class VisionLanguageModel(nn.Module):
                        **options) -> RecursiveModel:
         """Loop the whole decoder; the connector gets one norm+projection per modality unless shared.
 
-        `options` are `RecursiveConfig` fields (e.g. `lora_rank`, `projection`, `scale_init`).
+        `options` are `RecursiveConfig` fields (e.g. `lora_rank`, `projection`, `scale_init`); the
+        connector's default is the VLM recipe (`VLM_CONNECTOR`).
         New modules (connector, LoRA) are float32 and trainable; the base stays frozen.
         """
         if feedback == "connector":
+            options = VLM_CONNECTOR | options
             options["num_modalities"] = NUM_MODALITIES if modality_specific else 1
             depth = len(get_adapter(self.language_model).layers(self.language_model))
             options.setdefault("connector_k", min(4, depth))
