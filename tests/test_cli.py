@@ -83,3 +83,38 @@ def test_single_document_calibration_warns_once(capsys, tmp_path):
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("depthkit: warning:")]
     assert code == 0 and len(warnings) == 1 and "one document" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "ppl", "--model", "tiny:llama", "--device", "bogus"], "unknown device 'bogus'"),
+        (["eval", "ppl", "--model", "tiny:llama", "--batch-size", "0"], "--batch-size: must be >= 1"),
+        (["eval", "ppl", "--model", "tiny:llama", "--max-tokens", "-1"], "--max-tokens: must be >= 0"),
+        (["analyze", "--model", "tiny:llama", "--sample-tokens", "0", "--out", "x"], "must be >= 1"),
+        (["recursive", "generate", "ckpt", "--prompt", "Hi", "--loops", "0"], "--loops: must be >= 1"),
+    ],
+)
+def test_out_of_range_numbers_and_devices_are_refused_before_any_work(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "error: argument" in err[-1] and message in err[-1]
+
+
+def test_an_unexpected_failure_is_one_line_without_a_traceback(capsys, monkeypatch):
+    import depthkit.cli.eval as eval_cli
+
+    def broken(*args, **kwargs):
+        raise ValueError("something inside torch went wrong\nwith a second line")
+
+    monkeypatch.setattr(eval_cli, "load_model", broken)
+    code, err = run_cli(capsys, "eval", "ppl", "--model", "tiny:llama")
+    assert code == 1 and err == ("depthkit: error: ValueError: something inside torch went wrong "
+                                 "(set DEPTHKIT_DEBUG=1 for the traceback)")
+
+
+def test_flatten_groups_that_are_not_a_list_are_a_clear_error(capsys):
+    code, err = run_cli(capsys, "compress", "--model", "tiny:llama", "--method", "flatten", "--ratio", "0.25",
+                        "--option", "groups=abc")
+    assert code == 2 and "groups must be a JSON list of lists" in err

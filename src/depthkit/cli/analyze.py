@@ -7,7 +7,7 @@ from pathlib import Path
 
 from depthkit.analysis.plots import plot_cka, plot_depth_curves
 from depthkit.analysis.redundancy import RedundancyReport, analyze_redundancy
-from depthkit.cli.common import add_data_args, add_model_args, data_spec
+from depthkit.cli.common import add_data_args, add_model_args, data_spec, positive_int
 from depthkit.data.blocks import token_blocks
 from depthkit.models.loading import load_model
 from depthkit.utils.io import atomic_output_dir, check_output_dir, format_table, write_json
@@ -17,9 +17,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("analyze", help="block influence, angular distance and CKA per layer")
     add_model_args(parser)
     add_data_args(parser, split="calib", default="austen:emma")
-    parser.add_argument("--num-blocks", type=int, default=16, help="calibration sequences")
-    parser.add_argument("--block-len", type=int, default=256, help="tokens per sequence")
-    parser.add_argument("--sample-tokens", type=int, default=2048, help="tokens kept per layer for CKA")
+    parser.add_argument("--num-blocks", type=positive_int, default=16, help="calibration sequences")
+    parser.add_argument("--block-len", type=positive_int, default=256, help="tokens per sequence")
+    parser.add_argument("--sample-tokens", type=positive_int, default=2048, help="tokens kept per layer for CKA")
     parser.add_argument("--out", default="runs/analyze", help="output folder")
     parser.add_argument("--overwrite", action="store_true")
     parser.set_defaults(func=run)

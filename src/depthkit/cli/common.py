@@ -13,13 +13,49 @@ from depthkit.utils.io import format_table, write_json
 DTYPE_HELP = "auto (default: bfloat16 where the device multiplies it natively, else float32), bfloat16 or float32"
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a batch of 0, a window of -5 are refused up front)."""
+    return _bounded_int(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0 (0 usually meaning none or all, as the option says)."""
+    return _bounded_int(text, 0)
+
+
+def _bounded_int(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a torch device this machine has (`cuda` without CUDA is refused up front)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:1, mps, ...") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise argparse.ArgumentTypeError(f"device {text!r} is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"there is no {text} (this machine has {torch.cuda.device_count()} GPUs)")
+    return text
+
+
 def add_model_args(parser: argparse.ArgumentParser, flag: str = "--model") -> None:
     parser.add_argument(
         flag, default=DEFAULT_MODEL,
         help=f"hub id, local folder, tiny:<model_type>, or the offline default ({DEFAULT_MODEL})",
     )
     parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="cpu", type=device_name, help="cpu, cuda, cuda:1, ...")
 
 
 def add_data_args(parser: argparse.ArgumentParser, flag: str = "--data", split: str = "heldout",
@@ -32,7 +68,7 @@ def add_data_args(parser: argparse.ArgumentParser, flag: str = "--data", split: 
                              f"default {default}")
     parser.add_argument(f"{flag}-split", default=split, choices=SPLITS, dest=f"{name}_split",
                         help=f"non-overlapping part of each document (default {split})")
-    parser.add_argument(f"{flag}-offset", type=int, default=0, dest=f"{name}_offset",
+    parser.add_argument(f"{flag}-offset", type=non_negative_int, default=0, dest=f"{name}_offset",
                         help="skip this many tokens first")
 
 

@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from depthkit.cli.common import add_data_args, add_model_args, data_spec
+from depthkit.cli.common import add_data_args, add_model_args, data_spec, positive_int
 from depthkit.compress.api import (
     CARD_JSON,
     DEFAULT_CALIB,
@@ -47,10 +47,10 @@ def register(subparsers) -> None:
     parser.add_argument("--ratio", type=float, default=None, help="fraction of blocks to remove, in (0, 1)")
     parser.add_argument("--target-layers", type=int, default=None, help="blocks to keep (instead of --ratio)")
     add_data_args(parser, "--calib", split="calib", default=DEFAULT_CALIB)
-    parser.add_argument("--num-calib-blocks", type=int, default=DEFAULT_CALIB_BLOCKS,
+    parser.add_argument("--num-calib-blocks", type=positive_int, default=DEFAULT_CALIB_BLOCKS,
                         help=f"calibration sequences, sampled over the whole calibration text (default "
                              f"{DEFAULT_CALIB_BLOCKS})")
-    parser.add_argument("--calib-block-len", type=int, default=DEFAULT_CALIB_LEN,
+    parser.add_argument("--calib-block-len", type=positive_int, default=DEFAULT_CALIB_LEN,
                         help=f"tokens per calibration sequence (default {DEFAULT_CALIB_LEN})")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option (repeatable); values are read as int, float, bool or text")
@@ -59,8 +59,8 @@ def register(subparsers) -> None:
     parser.add_argument("--offload", choices=("none", "disk"), default="none",
                         help="disk: stream blocks from the checkpoint on disk (needs --out; memory ~ one block)")
     add_data_args(parser, "--eval-data", split="heldout", default=None)
-    parser.add_argument("--eval-window", type=int, default=512, help="perplexity window (tokens)")
-    parser.add_argument("--eval-max-tokens", type=int, default=20 * 512, help="tokens scored for perplexity")
+    parser.add_argument("--eval-window", type=positive_int, default=512, help="perplexity window (tokens)")
+    parser.add_argument("--eval-max-tokens", type=positive_int, default=20 * 512, help="tokens scored for perplexity")
     parser.add_argument("--json", default=None, help="also write the report here")
     parser.set_defaults(func=run)
 

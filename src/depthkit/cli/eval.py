@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from depthkit.cli.common import add_data_args, add_model_args, data_spec, report
+from depthkit.cli.common import add_data_args, add_model_args, data_spec, non_negative_int, positive_int, report
 from depthkit.data.blocks import sequence_prefix, token_stream
 from depthkit.evaluate.perplexity import perplexity
 from depthkit.evaluate.speed import measure_speed
@@ -42,10 +42,12 @@ def register(subparsers) -> None:
 
 
 def add_ppl_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--window", type=int, default=1024)
-    parser.add_argument("--stride", type=int, default=None, help="< window for sliding windows (default: window)")
-    parser.add_argument("--max-tokens", type=int, default=51200, help="evaluate the first N tokens (0: all)")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--window", type=positive_int, default=1024)
+    parser.add_argument("--stride", type=positive_int, default=None,
+        help="< window for sliding windows (default: window)")
+    parser.add_argument("--max-tokens", type=non_negative_int, default=51200,
+        help="evaluate the first N tokens (0: all)")
+    parser.add_argument("--batch-size", type=positive_int, default=1)
 
 
 def add_zeroshot_args(parser: argparse.ArgumentParser) -> None:
@@ -53,21 +55,21 @@ def add_zeroshot_args(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated: depthkit_cloze, depthkit_continuation (offline), or lm_eval "
                              "task names such as piqa,hellaswag,winogrande,arc_easy,arc_challenge,boolq,openbookqa "
                              "(need the hub)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each task")
+    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N items of each task")
     parser.add_argument("--task-corpus", default="austen", help="text the offline tasks are built from (heldout split)")
-    parser.add_argument("--task-size", type=int, default=500, help="items per offline task")
+    parser.add_argument("--task-size", type=positive_int, default=500, help="items per offline task")
     parser.add_argument("--task-seed", type=int, default=0, help="seed of the offline tasks' construction")
-    parser.add_argument("--zs-batch-size", type=int, default=8, help="lm_eval batch size")
+    parser.add_argument("--zs-batch-size", type=positive_int, default=8, help="lm_eval batch size")
 
 
 def add_speed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", type=int_list, default=[1, 4], help="prefill batch sizes (default 1,4)")
     parser.add_argument("--seq-lens", type=int_list, default=[128, 512], help="prefill lengths (default 128,512)")
     parser.add_argument("--decode-batch-sizes", type=int_list, default=[1], help="decode batch sizes (default 1)")
-    parser.add_argument("--prompt-len", type=int, default=128, help="prompt length before decoding")
-    parser.add_argument("--new-tokens", type=int, default=32, help="greedy decode steps on the KV cache")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median, min, max)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    parser.add_argument("--prompt-len", type=positive_int, default=128, help="prompt length before decoding")
+    parser.add_argument("--new-tokens", type=positive_int, default=32, help="greedy decode steps on the KV cache")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per measurement (median, min, max)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs first")
 
 
 def int_list(text: str) -> list[int]:

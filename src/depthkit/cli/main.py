@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -51,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("depthkit: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, the traceback on request
+        if os.environ.get("DEPTHKIT_DEBUG"):
+            raise
+        first = (str(err).strip().splitlines() or [""])[0]
+        print(f"depthkit: error: {type(err).__name__}: {first} (set DEPTHKIT_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

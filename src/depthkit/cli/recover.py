@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from depthkit.cli.common import DTYPE_HELP, add_data_args, data_spec
+from depthkit.cli.common import DTYPE_HELP, add_data_args, data_spec, non_negative_int, positive_int
 from depthkit.data.blocks import DataSpec, sample_blocks, token_stream
 from depthkit.data.corpora import DEFAULT_CALIB
 from depthkit.errors import DepthkitError, require
@@ -32,22 +32,23 @@ def register(subparsers) -> None:
     add_data_args(parser, "--data", split="calib", default=DEFAULT_CALIB)
     parser.add_argument("--eval-data", default=None,
                         help="corpus for held-out perplexity, its heldout split (default: the --data corpus)")
-    parser.add_argument("--eval-tokens", type=int, default=DEFAULTS.eval_tokens,
+    parser.add_argument("--eval-tokens", type=positive_int, default=DEFAULTS.eval_tokens,
                         help="held-out tokens scored (in --seq-len windows) every --eval-every steps")
     parser.add_argument("--teacher", default=None, help="the original model, to distil from")
     parser.add_argument("--distill-weight", type=float, default=None,
                         help="weight of the KL term, (1 - w) for cross-entropy (default 0.5 with --teacher)")
     parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
                         help="softens both distributions in the KL term")
-    parser.add_argument("--steps", type=int, default=DEFAULTS.steps)
-    parser.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len)
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="sequences per step and process")
+    parser.add_argument("--steps", type=non_negative_int, default=DEFAULTS.steps)
+    parser.add_argument("--seq-len", type=positive_int, default=DEFAULTS.seq_len)
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size,
+        help="sequences per step and process")
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate (warm-up, cosine decay)")
-    parser.add_argument("--warmup-steps", type=int, default=DEFAULTS.warmup_steps)
-    parser.add_argument("--lora-rank", type=int, default=DEFAULTS.lora_rank)
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=DEFAULTS.warmup_steps)
+    parser.add_argument("--lora-rank", type=non_negative_int, default=DEFAULTS.lora_rank)
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x rank)")
-    parser.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every)
-    parser.add_argument("--save-every", type=int, default=DEFAULTS.save_every)
+    parser.add_argument("--eval-every", type=non_negative_int, default=DEFAULTS.eval_every)
+    parser.add_argument("--save-every", type=non_negative_int, default=DEFAULTS.save_every)
     parser.add_argument("--allow-repeat", action="store_true",
                         help="cycle the training text when the steps need more than it has (else an error)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)

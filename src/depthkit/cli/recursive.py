@@ -8,7 +8,16 @@ from pathlib import Path
 
 import torch
 
-from depthkit.cli.common import DTYPE_HELP, add_data_args, add_model_args, data_spec, report
+from depthkit.cli.common import (
+    DTYPE_HELP,
+    add_data_args,
+    add_model_args,
+    data_spec,
+    device_name,
+    non_negative_int,
+    positive_int,
+    report,
+)
 from depthkit.data import interleaved_blocks, token_blocks, token_stream
 from depthkit.errors import DepthkitError
 from depthkit.models.adapters import get_adapter
@@ -37,10 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _register_train(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.set_defaults(dtype="float32")
-    p.add_argument("--layers", type=int, help="keep only N layers of the base model (cheap experiments)")
+    p.add_argument("--layers", type=positive_int, help="keep only N layers of the base model (cheap experiments)")
     p.add_argument("--layer-pick", default="first", choices=LAYER_PICKS,
                    help="which --layers to keep: the first N, or N evenly spaced ones (the last kept)")
-    p.add_argument("--relax", type=int, metavar="K", help="convert to K shared layers (Relaxed Recursive) "
+    p.add_argument("--relax", type=positive_int, metavar="K", help="convert to K shared layers (Relaxed Recursive) "
                                                           "instead of looping the whole decoder")
     p.add_argument("--sharing", default="cycle", choices=SHARINGS)
     p.add_argument("--init", default="stepwise", choices=INITS)
@@ -50,12 +59,12 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feedback", choices=FEEDBACKS,
                    help="what the next step reads: the connector's new input (the default) or the last hidden "
                         "state; --relax feeds the hidden state on, as the converted model did")
-    p.add_argument("--loops", type=int, help=f"recursion steps R used in training (and saved default; "
+    p.add_argument("--loops", type=positive_int, help=f"recursion steps R used in training (and saved default; "
                                              f"{DEFAULT_LOOPS} unless --relax, which loops N/K times)")
-    p.add_argument("--ends", type=int,
+    p.add_argument("--ends", type=non_negative_int,
                    help="without --relax: run the first and last N layers once (prelude, and coda after every "
                         "step) and loop only the layers between (default 0; with --relax, --sharing middle)")
-    p.add_argument("--connector-k", type=int, default=default_of("connector_k"))
+    p.add_argument("--connector-k", type=positive_int, default=default_of("connector_k"))
     p.add_argument("--connector-layers", help="comma-separated block positions (0-based) the connector reads")
     p.add_argument("--projection", default=default_of("projection"), choices=PROJECTIONS)
     p.add_argument("--fuse", default=default_of("fuse"), choices=FUSIONS)
@@ -68,23 +77,25 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connector-norm", default=default_of("connector_norm"), choices=CONNECTOR_NORMS,
                    help="size the connector's update by the RMS of the residual it is added onto (token by token) "
                         "or by the input embeddings' RMS")
-    p.add_argument("--modalities", type=int, default=1)
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA shared by every loop (0 = none)")
+    p.add_argument("--modalities", type=positive_int, default=1)
+    p.add_argument("--lora-rank", type=non_negative_int, default=0, help="LoRA shared by every loop (0 = none)")
     p.add_argument("--train", default="connector,layers", help=f"comma-separated parts to train: {', '.join(PARTS)}")
     p.add_argument("--loss", default="monotonic", choices=LOSSES)
     p.add_argument("--beta", type=float, default=2.0)
     p.add_argument("--no-detach", action="store_true", help="do not detach the step r-1 loss (hinge form)")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (0 = convert/wrap and save only)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--train-blocks", type=int, default=400, help="training blocks of --seq-len tokens")
-    p.add_argument("--eval-blocks", type=int, default=8, help="held-out blocks evaluated every --eval-every steps")
+    p.add_argument("--steps", type=non_negative_int, default=100,
+        help="optimizer steps (0 = convert/wrap and save only)")
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--train-blocks", type=positive_int, default=400, help="training blocks of --seq-len tokens")
+    p.add_argument("--eval-blocks", type=positive_int, default=8,
+        help="held-out blocks evaluated every --eval-every steps")
     p.add_argument("--interleave", action="store_true",
                    help="take the training and held-out blocks in turn from every document of the corpus "
                         "(default: the first blocks of the documents concatenated)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--connector-lr", type=float, default=1e-3)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=non_negative_int, default=50)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISIONS,
                    help="autocast of training; auto: bf16 where the device multiplies it natively, else none")
@@ -189,13 +200,13 @@ def load_recursive(folder: str, dtype: str, device: str):
 def _register_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="folder written by `depthkit recursive train`")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--loops", type=int, help="recursion steps R (default: the saved one)")
-    p.add_argument("--blocks", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--device", default="cpu", type=device_name)
+    p.add_argument("--loops", type=positive_int, help="recursion steps R (default: the saved one)")
+    p.add_argument("--blocks", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=256)
     p.add_argument("--exit-threshold", type=float, action="append",
                    help="also score with early exit at this KL threshold (repeatable; token by token, slower)")
-    p.add_argument("--exit-tokens", type=int, default=256, help="tokens scored per early-exit threshold")
+    p.add_argument("--exit-tokens", type=positive_int, default=256, help="tokens scored per early-exit threshold")
     add_data_args(p, "--data", split="heldout", default="austen:persuasion")
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=run_eval)
@@ -229,9 +240,9 @@ def _register_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="folder written by `depthkit recursive train`")
     p.add_argument("--prompt", required=True)
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--loops", type=int, help="recursion steps R (default: the saved one)")
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--device", default="cpu", type=device_name)
+    p.add_argument("--loops", type=positive_int, help="recursion steps R (default: the saved one)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=40)
     p.add_argument("--exit-threshold", type=float, nargs="?", const=DEFAULT_THRESHOLD,
                    help=f"early exit when KL between consecutive steps < threshold (flag alone: {DEFAULT_THRESHOLD})")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole prefix per token (reference)")

@@ -11,7 +11,7 @@ import argparse
 import gc
 from pathlib import Path
 
-from depthkit.cli.common import DTYPE_HELP, add_data_args
+from depthkit.cli.common import DTYPE_HELP, add_data_args, device_name
 from depthkit.cli.eval import (
     add_ppl_args,
     add_speed_args,
@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="report folder (report.md, report.json, PNG charts)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=device_name)
     add_data_args(parser)
     add_ppl_args(parser)
     add_zeroshot_args(parser)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from depthkit.cli.common import add_model_args
+from depthkit.cli.common import add_model_args, non_negative_int, positive_int
 from depthkit.errors import require
 from depthkit.recursive.config import check_loops
 from depthkit.utils.io import atomic_output_dir, check_output_dir, format_table, write_json
@@ -21,23 +21,24 @@ def register(subparsers) -> None:
 def _register_train(commands) -> None:
     parser = commands.add_parser("train", help="stage 1 (projector) then stage 2 (recursion) on the offline VQA set")
     add_model_args(parser)
-    parser.add_argument("--num-layers", type=int, default=None, help="keep the LLM's first N layers (cheaper)")
-    parser.add_argument("--loops", type=int, default=3, help="recursion steps R trained in stage 2")
+    parser.add_argument("--num-layers", type=positive_int, default=None, help="keep the LLM's first N layers (cheaper)")
+    parser.add_argument("--loops", type=positive_int, default=3, help="recursion steps R trained in stage 2")
     parser.add_argument("--feedback", choices=("connector", "vanilla"), default="connector")
     parser.add_argument("--shared-connector", action="store_true", help="one connector for text and vision tokens")
     parser.add_argument("--loss", choices=("monotonic", "sum", "last"), default="monotonic")
     parser.add_argument("--beta", type=float, default=2.0, help="monotonic loss penalty on a loss increase")
-    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA shared by every loop (0: none)")
-    parser.add_argument("--stage1-steps", type=int, default=150)
-    parser.add_argument("--steps", type=int, default=150, help="stage-2 steps")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lora-rank", type=non_negative_int, default=8, help="LoRA shared by every loop (0: none)")
+    parser.add_argument("--stage1-steps", type=positive_int, default=150)
+    parser.add_argument("--steps", type=non_negative_int, default=150, help="stage-2 steps")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--num-mnist", type=int, default=1200)
-    parser.add_argument("--num-digits", type=int, default=300)
-    parser.add_argument("--num-pairs", type=int, default=600)
-    parser.add_argument("--photo-variants", type=int, default=6)
-    parser.add_argument("--eval-examples", type=int, default=None, help="held-out examples scored (default all)")
-    parser.add_argument("--checkpoint-every", type=int, default=0,
+    parser.add_argument("--num-mnist", type=positive_int, default=1200)
+    parser.add_argument("--num-digits", type=positive_int, default=300)
+    parser.add_argument("--num-pairs", type=positive_int, default=600)
+    parser.add_argument("--photo-variants", type=positive_int, default=6)
+    parser.add_argument("--eval-examples", type=positive_int, default=None,
+        help="held-out examples scored (default all)")
+    parser.add_argument("--checkpoint-every", type=non_negative_int, default=0,
                         help="stage 2: save a reloadable checkpoint to <out>-checkpoints/step-N every N steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/vlm", help="checkpoint folder")
@@ -49,11 +50,11 @@ def _register_ask(commands) -> None:
     parser = commands.add_parser("ask", help="answer a question about an image at any recursion depth")
     parser.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
     parser.add_argument("--question", required=True)
-    parser.add_argument("--loops", type=int, default=None, help="recursion steps (default: as trained)")
+    parser.add_argument("--loops", type=positive_int, default=None, help="recursion steps (default: as trained)")
     parser.add_argument("--checkpoint", default=None, help="folder written by `depthkit vlm train`")
     add_model_args(parser)
-    parser.add_argument("--num-layers", type=int, default=None, help="without --checkpoint: LLM layers kept")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--num-layers", type=positive_int, default=None, help="without --checkpoint: LLM layers kept")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16)
     parser.set_defaults(func=run_ask)
 
 

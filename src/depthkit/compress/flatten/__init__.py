@@ -69,6 +69,9 @@ class FlattenOptions(SearchOptions):
         _choice("ridge_prior", self.ridge_prior, RIDGE_PRIORS)
         require(self.ridge >= 0, f"ridge must be >= 0, got {self.ridge}")
         require(self.shortlist >= 0, f"shortlist must be >= 0, got {self.shortlist}")
+        require(self.groups is None or (isinstance(self.groups, list) and all(
+            isinstance(g, list) and g and all(isinstance(i, int) for i in g) for g in self.groups)),
+            f"groups must be a JSON list of lists of block indices, e.g. [[0],[1,2],[3]], got {self.groups!r}")
 
     def prune_settings(self) -> PruneSettings:
         return PruneSettings(
