@@ -38,7 +38,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from depthkit.cli.compress import parse_options  # noqa: E402
 from depthkit.compress import compress  # noqa: E402
@@ -47,14 +46,7 @@ from depthkit.data import DataSpec  # noqa: E402
 from depthkit.data.blocks import sample_blocks  # noqa: E402
 from depthkit.data.corpora import DEFAULT_CALIB, MIX_COMPONENTS, mixture_sources  # noqa: E402
 from depthkit.errors import DepthkitError  # noqa: E402
-from depthkit.evaluate.behaviour import (  # noqa: E402
-    Reference,
-    chat_prompts,
-    chat_reference,
-    compare_behaviour,
-    compare_chat,
-    reference_logprobs,
-)
+from depthkit.evaluate.behaviour import BehaviourSuite  # noqa: E402
 from depthkit.evaluate.report import geo_mean  # noqa: E402
 from depthkit.evaluate.zeroshot import zero_shot  # noqa: E402
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
@@ -124,27 +116,24 @@ class Judge:
 
     def __init__(self, model, tokenizer, args: argparse.Namespace) -> None:
         self.tokenizer, self.zeroshot_limit = tokenizer, args.zeroshot_limit
-        self.evals: dict[str, dict[str, tuple[torch.Tensor, Reference]]] = {"heldout": {}, "calib": {}}
-        frozen = copy.deepcopy(model)  # recomputes the predictions that are too large to keep (Gemma)
-        for split, domain in tqdm([(s, d) for s in self.evals for d in DOMAINS], desc="the original's predictions"):
-            blocks = sample_blocks(tokenizer, DataSpec(domain, split), args.eval_blocks, args.eval_len)
-            self.evals[split][domain] = (blocks, reference_logprobs(model, blocks, frozen=frozen))
-        self.chat = chat_reference(model, tokenizer, chat_prompts())
+        sizes = dict(blocks=args.eval_blocks, block_len=args.eval_len)
+        self.heldout = BehaviourSuite(model, tokenizer, list(DOMAINS), "heldout", **sizes)
+        self.calib = BehaviourSuite(model, tokenizer, list(DOMAINS), "calib", chat=False, frozen=self.heldout.frozen,
+                                    **sizes)
+        self.chat = self.heldout.chat
 
     def measure(self, model, zeroshot: bool, calib: str | None = None) -> dict[str, Any]:
         """Held-out figures of every domain; for the domains not in `calib`, also their calib split
         (`cv`): what defaults are chosen on, so that no choice is made on evaluation text."""
-        result = {"domains": self.behaviour(model, "heldout", DOMAINS), "chat": compare_chat(model, self.chat)}
+        held_out = self.heldout.measure(model)
+        result = {"domains": held_out["domains"], "chat": held_out["chat"]}
         if calib is not None:
             left_out = [d for d in DOMAINS if not (calib and in_calibration(calib, d))]
-            result["cv"] = self.behaviour(model, "calib", left_out)
+            result["cv"] = self.calib.measure(model, left_out)["domains"]
         if zeroshot and self.zeroshot_limit:
             result["zeroshot"] = {domain: zero_shot(model, self.tokenizer, limit=self.zeroshot_limit,
                                                     corpus=domain).average for domain in ZEROSHOT_DOMAINS}
         return result
-
-    def behaviour(self, model, split: str, domains) -> dict[str, dict[str, float]]:
-        return {d: compare_behaviour(model, *self.evals[split][d]).to_dict() for d in domains}
 
 
 def relative(row: dict[str, Any], base: dict[str, Any], inside: bool) -> list[float]:

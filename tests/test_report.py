@@ -98,3 +98,17 @@ def test_summary_with_missing_parts():
     other = merge_results([{"kind": "perplexity", "model": "b", "perplexity": 12.0, "tokens_scored": 5}])
     row = summarize(other, base)
     assert row["perplexity"] == 12.0 and row["retained"] is None and row["prefill_speedup"] is None
+
+
+def test_report_measures_behaviour_against_the_base(tmp_path, results, capsys):
+    out = tmp_path / "behaviour"
+    assert main(["report", "--base", "tiny:llama", "--models", "tiny:qwen2", "--evals", "behaviour",
+                 "--behaviour-blocks", "2", "--behaviour-len", "32", "--out", str(out)]) == 0
+    base, other = json.loads((out / "report.json").read_text())["summaries"]
+    assert base["top1_agreement"] == 1.0 and base["kl"] == pytest.approx(0, abs=1e-3) and base["same_answer"] == 1.0
+    assert other["top1_agreement"] < 1.0 and other["kl"] > 0.01
+    markdown = (out / "report.md").read_text()
+    assert "## Behaviour against the base" in markdown and "| pycode " in markdown
+    assert main(["report", "--base", results[0], "--models", "tiny:qwen2", "--evals", "behaviour",
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "give --base as a model" in capsys.readouterr().err

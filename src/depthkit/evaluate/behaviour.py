@@ -71,9 +71,8 @@ class Reference:
         """`frozen`: a copy of `model` that nobody changes, to share between the references of
         several texts (else one is made here when the predictions are too large to store)."""
         self.batch_size = batch_size
-        size = blocks.shape[0] * (blocks.shape[1] - 1) * model.config.vocab_size * REFERENCE_DTYPE.itemsize
         self.model = None
-        if size > STORED_REFERENCE_LIMIT:
+        if _stored_size(model, blocks) > STORED_REFERENCE_LIMIT:
             self.model = frozen if frozen is not None else copy.deepcopy(model).eval()
         self.stored = None if self.model is not None else [
             _predictions(_log_probs(model, chunk)) for chunk in blocks.split(batch_size)]
@@ -171,3 +170,39 @@ def compare_chat(model: PreTrainedModel, references: list[ChatReference]) -> dic
         tokens += hits.numel()
         same += bool(hits.all())
     return {"answer_top1_agreement": agree / tokens, "answer_kl": kl / tokens, "same_answer": same / len(references)}
+
+
+class BehaviourSuite:
+    """The original's predictions on blocks of several domains (and, optionally, its answers to
+    depthkit's chat prompts): what `measure` compares every other model against.
+
+    Predictions too large to store are recomputed from one frozen copy of the original, shared by
+    every domain (and with other suites through `frozen`).
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer, domains: list[str], split: str = "heldout",
+                 blocks: int = 8, block_len: int = 256, chat: bool = True,
+                 frozen: PreTrainedModel | None = None) -> None:
+        from depthkit.data.blocks import DataSpec, sample_blocks
+
+        self.texts = {d: sample_blocks(tokenizer, DataSpec(d, split), blocks, block_len) for d in domains}
+        too_large = any(_stored_size(model, ids) > STORED_REFERENCE_LIMIT for ids in self.texts.values())
+        self.frozen = frozen if frozen is not None or not too_large else copy.deepcopy(model).eval()
+        self.references = {d: reference_logprobs(model, ids, frozen=self.frozen) for d, ids in self.texts.items()}
+        self.chat = chat_reference(model, tokenizer, chat_prompts()) if chat else []
+
+    def measure(self, model: PreTrainedModel, domains: list[str] | None = None) -> dict:
+        """Per domain: perplexity, top-1 agreement and KL against the original; their means; chat agreement."""
+        per_domain = {d: compare_behaviour(model, self.texts[d], self.references[d]).to_dict()
+                      for d in (domains if domains is not None else self.texts)}
+        result: dict = {"domains": per_domain}
+        if per_domain:
+            result["mean_top1_agreement"] = sum(b["top1_agreement"] for b in per_domain.values()) / len(per_domain)
+            result["mean_kl"] = sum(b["kl"] for b in per_domain.values()) / len(per_domain)
+        if self.chat:
+            result["chat"] = compare_chat(model, self.chat)
+        return result
+
+
+def _stored_size(model: PreTrainedModel, blocks: torch.Tensor) -> int:
+    return blocks.shape[0] * (blocks.shape[1] - 1) * model.config.vocab_size * REFERENCE_DTYPE.itemsize

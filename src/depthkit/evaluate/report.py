@@ -1,8 +1,9 @@
 """Side-by-side report of a base model and its compressed or looped versions.
 
 Inputs are the JSON results the evaluation commands write (`depthkit eval ppl|zeroshot|speed
---json`), merged per model into a record `{"label", "model", "parameters", "layers",
-"perplexity", "zeroshot", "speed"}` (each part optional). The report compares every record with
+--json`) and the behaviour against the base (`depthkit report` computes it), merged per model into
+a record `{"label", "model", "parameters", "layers", "perplexity", "zeroshot", "speed",
+"behaviour"}` (each part optional). The report compares every record with
 the base: perplexity, each task's headline accuracy, their average and the fraction of the base's
 average retained, parameters, and speed ratios (model tokens/s over base tokens/s, so > 1 is
 faster). It writes report.md, report.json and bar charts (accuracy.png, perplexity.png, speed.png).
@@ -17,7 +18,7 @@ from pathlib import Path
 from depthkit.errors import DepthkitError
 from depthkit.utils.io import format_table, write_json
 
-KINDS = ("perplexity", "zeroshot", "speed")
+KINDS = ("perplexity", "zeroshot", "speed", "behaviour")
 
 
 def _kind(payload: dict) -> str:
@@ -110,6 +111,9 @@ def summarize(record: dict, base: dict) -> dict:
         "decode_speedup": geo_mean([decode[k] / base_decode[k] for k in decode if k in base_decode]),
         "ttft_ratio": _ratio(_ttft(record), _ttft(base)),
         "peak_memory_mb": (record.get("speed") or {}).get("peak_memory_mb"),
+        "top1_agreement": (record.get("behaviour") or {}).get("mean_top1_agreement"),
+        "kl": (record.get("behaviour") or {}).get("mean_kl"),
+        "same_answer": ((record.get("behaviour") or {}).get("chat") or {}).get("same_answer"),
     }
 
 
@@ -124,6 +128,9 @@ def summary_rows(summaries: list[dict]) -> list[dict]:
         row.update({"avg acc": _fmt(s["average_accuracy"]), "retained": _pct(s["retained"]),
                     "prefill x": _fmt(s["prefill_speedup"]), "decode x": _fmt(s["decode_speedup"]),
                     "peak MB": _fmt(s["peak_memory_mb"])})
+        if any(x["top1_agreement"] is not None for x in summaries):
+            row.update({"top-1 agree": _pct(s["top1_agreement"]), "KL": _fmt(s["kl"]),
+                        "same answer": _pct(s["same_answer"])})
         rows.append(row)
     return rows
 
@@ -165,7 +172,7 @@ def render_markdown(records: list[dict], summaries: list[dict], charts: list[str
     chances = [s["chance"] for r in records[:1] for s in (r.get("zeroshot") or {}).get("tasks", {}).values()]
     if chances:
         lines += [f"Chance level of the average accuracy: {sum(chances) / len(chances):.3g}.", ""]
-    lines += _task_section(records) + _ppl_section(records) + _speed_section(records)
+    lines += _task_section(records) + _ppl_section(records) + _behaviour_section(records) + _speed_section(records)
     lines += [f"![{name}]({name})" for name in charts]
     return "\n".join(lines) + "\n"
 
@@ -192,6 +199,18 @@ def _ppl_section(records: list[dict]) -> list[str]:
     rows = [{"model": r["label"], "data": p.get("data", "-"), "window": p["window"], "tokens": p["tokens_scored"],
              "perplexity": p["perplexity"]} for r in records if (p := r.get("perplexity"))]
     return ["## Perplexity", "", format_table(rows), ""] if rows else []
+
+
+def _behaviour_section(records: list[dict]) -> list[str]:
+    rows = [{"model": r["label"], "domain": domain, "perplexity": b["perplexity"],
+             "top-1 agreement": b["top1_agreement"], "KL (nats)": b["kl"], "tokens": b["tokens"]}
+            for r in records if (behaviour := r.get("behaviour")) for domain, b in behaviour["domains"].items()]
+    if not rows:
+        return []
+    note = ("Against the base model's own next-token predictions on held-out text of every domain: how often the "
+            "most likely token is the base's, and KL(base || model); `same answer`: the share of depthkit's chat "
+            "prompts where the model would give the base's greedy answer token for token.")
+    return ["## Behaviour against the base", "", note, "", format_table(rows), ""]
 
 
 def _speed_section(records: list[dict]) -> list[str]:
