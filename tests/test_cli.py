@@ -118,3 +118,15 @@ def test_flatten_groups_that_are_not_a_list_are_a_clear_error(capsys):
     code, err = run_cli(capsys, "compress", "--model", "tiny:llama", "--method", "flatten", "--ratio", "0.25",
                         "--option", "groups=abc")
     assert code == 2 and "groups must be a JSON list of lists" in err
+
+
+def test_help_lists_every_command_without_importing_torch():
+    """`depthkit --help` reads each command's HELP from its source: no torch, no transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from depthkit.cli.main import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "compress" in out and "recursive" in out and out.strip().endswith("False False")

@@ -12,9 +12,11 @@ from depthkit.data.blocks import token_blocks
 from depthkit.models.loading import load_model
 from depthkit.utils.io import atomic_output_dir, check_output_dir, format_table, write_json
 
+HELP = "block influence, angular distance and CKA per layer"
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("analyze", help="block influence, angular distance and CKA per layer")
+    parser = subparsers.add_parser("analyze", help=HELP)
     add_model_args(parser)
     add_data_args(parser, split="calib", default="austen:emma")
     parser.add_argument("--num-blocks", type=positive_int, default=16, help="calibration sequences")

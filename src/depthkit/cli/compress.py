@@ -38,9 +38,11 @@ from depthkit.models.loading import load_model
 from depthkit.models.streaming import peak_memory_mb
 from depthkit.utils.io import check_output_dir, format_table, write_json
 
+HELP = "depth compression: FlattenGPT and block-pruning baselines"
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("compress", help="depth compression: FlattenGPT and block-pruning baselines")
+    parser = subparsers.add_parser("compress", help=HELP)
     parser.add_argument("--list", action="store_true", help="list the registered methods and exit")
     add_model_args(parser)
     parser.add_argument("--method", default="flatten", help="a registered method (see --list)")

@@ -17,9 +17,11 @@ from depthkit.evaluate.tasks import DEPTHKIT_TASKS
 from depthkit.evaluate.zeroshot import zero_shot
 from depthkit.models.loading import load_model
 
+HELP = "evaluate a model"
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="evaluate a model")
+    parser = subparsers.add_parser("eval", help=HELP)
     evals = parser.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     ppl = evals.add_parser("ppl", help="perplexity over fixed or sliding windows")
     add_model_args(ppl)

@@ -10,10 +10,12 @@ from depthkit.models.loading import DEFAULT_MODEL, GEMMA3, GEMMA_NOTICE, GEMMA_T
 MODELS = {"model": DEFAULT_MODEL, "gemma3": GEMMA3}
 TARGETS = ("all", *MODELS, *FETCHERS)
 
+HELP = "fetch the offline models and corpora into the cache"
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "fetch", help="fetch the offline models and corpora into the cache",
+        "fetch", help=HELP,
         description=f"Fetch into the cache: `model` ({DEFAULT_MODEL}), `gemma3` ({GEMMA3}, under Google's Gemma "
                     "terms), a corpus, or `all` of them.")
     parser.add_argument("what", nargs="?", default="all", choices=TARGETS)

@@ -1,38 +1,62 @@
-"""The `depthkit` command. Each module of this package that defines `register(subparsers)` adds
-one top-level command, so a new command is a new file here."""
+"""The `depthkit` command. Each module of this package that defines `register(subparsers)` and a
+one-line `HELP` adds one top-level command, so a new command is a new file here.
+
+Only the command being run is imported: the others are listed from their `HELP`, read from the
+source without importing it, so `depthkit --help` or a mistyped command needs neither torch nor
+transformers (a few seconds each to import)."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import os
 import pkgutil
 import sys
-
-import torch
+from pathlib import Path
 
 from depthkit.errors import DepthkitError
-from depthkit.utils.precision import dtype_name, fast_dtype, resolve_mixed_precision
 
 _NOT_COMMANDS = {"main", "common"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_help() -> dict[str, str]:
+    """Every command's name and one-line help (its module's `HELP`), read without importing it."""
+    import depthkit.cli as package
+
+    found = {}
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if info.name in _NOT_COMMANDS:
+            continue
+        tree = ast.parse((Path(package.__path__[0]) / f"{info.name}.py").read_text())
+        found[info.name] = next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                                and any(getattr(t, "id", None) == "HELP" for t in node.targets))
+    return found
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv`, only the command it names is imported and fully registered."""
     parser = argparse.ArgumentParser(
         prog="depthkit", description="Make transformers cheaper by working on their depth."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    import depthkit.cli as package
-
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if info.name not in _NOT_COMMANDS:
-            importlib.import_module(f"depthkit.cli.{info.name}").register(subparsers)
+    commands = command_help()
+    chosen = next((arg for arg in argv if arg in commands), None) if argv is not None else None
+    for name, help_text in commands.items():
+        if argv is None or name == chosen:
+            importlib.import_module(f"depthkit.cli.{name}").register(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
 def resolve_auto_precision(args: argparse.Namespace) -> None:
     """Turn `--dtype auto` / `--mixed-precision auto` into what they mean on this run's device, so
     that every command computes in, and records, the dtype it really used."""
+    import torch
+
+    from depthkit.utils.precision import dtype_name, fast_dtype, resolve_mixed_precision
+
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() and not getattr(args, "cpu", False)
                                                else "cpu")
     if getattr(args, "dtype", None) == "auto":
@@ -42,7 +66,8 @@ def resolve_auto_precision(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         resolve_auto_precision(args)
         args.func(args)

@@ -22,9 +22,11 @@ from depthkit.utils.io import format_table
 
 DEFAULTS = RecoverySettings()
 
+HELP = "LoRA recovery fine-tuning of a compressed model"
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("recover", help="LoRA recovery fine-tuning of a compressed model")
+    parser = subparsers.add_parser("recover", help=HELP)
     parser.add_argument("--model", required=True, help="the compressed model (folder or hub id)")
     parser.add_argument("--dtype", default="auto",
                         help="dtype of the frozen base (adapters are float32): " + DTYPE_HELP)

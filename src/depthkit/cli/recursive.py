@@ -33,9 +33,11 @@ from depthkit.utils.precision import MIXED_PRECISIONS
 
 DEFAULT_LOOPS = default_of("num_loops")
 
+HELP = "recursive (looped) transformers: train, eval, generate"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("recursive", help="recursive (looped) transformers: train, eval, generate")
+    parser = subparsers.add_parser("recursive", help=HELP)
     commands = parser.add_subparsers(dest="recursive_command", required=True, metavar="ACTION")
     _register_train(commands.add_parser("train", help="build (wrap or relax) and train a recursive model"))
     _register_eval(commands.add_parser("eval", help="held-out perplexity at every step 1..R (+ early exit)"))

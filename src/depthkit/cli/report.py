@@ -27,6 +27,8 @@ from depthkit.evaluate.report import merge_results, read_result, summary_rows, w
 from depthkit.models.loading import load_model
 from depthkit.utils.io import atomic_output_dir, check_output_dir, format_table, write_json
 
+HELP = "compare models: zero-shot accuracy, perplexity, speed, behaviour"
+
 
 def evaluate_behaviour(model, tokenizer, name: str, args: argparse.Namespace) -> dict:
     """Agreement with the base model, the first one evaluated: its predictions on held-out text of every
@@ -41,7 +43,7 @@ EVALS = {"ppl": evaluate_ppl, "zeroshot": evaluate_zeroshot, "speed": evaluate_s
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("report", help="compare models: zero-shot accuracy, perplexity, speed, behaviour")
+    parser = subparsers.add_parser("report", help=HELP)
     parser.add_argument("--base", required=True, help="base model, or comma-separated JSON results of it")
     parser.add_argument("--models", nargs="+", default=[], help="models (or JSON results) to compare with the base")
     parser.add_argument("--labels", default=None, help="comma-separated names for the base and models")

@@ -26,9 +26,11 @@ CALIB = DataSpec(DEFAULT_CALIB, "calib")
 HELDOUT_BLOCKS = 8  # x 512 tokens of every domain's heldout split
 METHODS = ("shortgpt", "flatten")
 
+HELP = "the quick-start job: analysis, then FlattenGPT vs ShortGPT at 20%%"
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("run", help="the quick-start job: analysis, then FlattenGPT vs ShortGPT at 20%%")
+    parser = subparsers.add_parser("run", help=HELP)
     add_model_args(parser)
     parser.add_argument("--ratio", type=float, default=0.2, help="fraction of blocks removed (default 0.2)")
     parser.add_argument("--out", default="runs/quickstart", help="output folder (replaced if it exists)")

@@ -10,9 +10,11 @@ from depthkit.errors import require
 from depthkit.recursive.config import check_loops
 from depthkit.utils.io import atomic_output_dir, check_output_dir, format_table, write_json
 
+HELP = "recursive vision-language model: train, ask"
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("vlm", help="recursive vision-language model: train, ask")
+    parser = subparsers.add_parser("vlm", help=HELP)
     commands = parser.add_subparsers(dest="vlm_command", required=True, metavar="ACTION")
     _register_train(commands)
     _register_ask(commands)
