@@ -95,8 +95,13 @@ def test_existing_folder_is_refused_and_left_untouched(model, tmp_path):
     with pytest.raises(DepthkitError, match="already exists"):
         save_compressed(model, None, tmp_path / "out", report)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
-    save_compressed(model, None, tmp_path / "out", report, overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "config.json").exists()
+    with pytest.raises(DepthkitError, match="was not written by depthkit"):  # --overwrite never deletes the user's files
+        save_compressed(model, None, tmp_path / "out", report, overwrite=True)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    (tmp_path / "out" / "keep.txt").unlink()
+    save_compressed(model, None, tmp_path / "out", report, overwrite=True)  # an empty folder may be replaced
+    save_compressed(model, None, tmp_path / "out", report, overwrite=True)  # and depthkit's own output
+    assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / ".depthkit-output").exists()
 
 
 def test_no_half_written_folder_after_a_failure(model, tmp_path):

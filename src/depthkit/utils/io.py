@@ -13,31 +13,47 @@ from typing import Any
 from depthkit.errors import DepthkitError
 
 
+# Written into every output folder: `--overwrite` replaces only folders that carry it (or empty
+# ones), so a mistyped `--out .` or `--out ~/data` can never delete what depthkit did not write.
+MARKER = ".depthkit-output"
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; rename it to `out` only if the block succeeds.
 
     A crash or an error leaves no half-written folder that looks valid: the temporary folder is
-    removed and `out` is untouched. An existing `out` is refused unless `overwrite` is set.
+    removed and `out` is untouched. An existing `out` is refused unless `overwrite` is set and it
+    is a folder depthkit wrote (`MARKER`) or an empty one.
     """
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        (tmp / MARKER).write_text("written by depthkit; `--overwrite` may replace this folder\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
+        check_output_dir(out, overwrite)  # it may have changed while we worked
         shutil.rmtree(out)
     tmp.rename(out)
 
 
 def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
-    """Refuse an existing output folder unless `overwrite`; call it before long work, not after."""
+    """Refuse an existing output folder unless `overwrite` and depthkit wrote it (or it is empty);
+    call it before long work, not after."""
     out = Path(out)
-    if out.exists() and not overwrite:
+    if not out.exists():
+        return out
+    if not overwrite:
         raise DepthkitError(f"output folder {out} already exists; pass --overwrite to replace it")
+    if not out.is_dir():
+        raise DepthkitError(f"output {out} exists and is not a folder; choose another path")
+    if not (out / MARKER).exists() and any(out.iterdir()):
+        raise DepthkitError(f"{out} was not written by depthkit (no {MARKER} in it), so --overwrite will not "
+                            "delete it; move it away or choose another output folder")
     return out
 
 
