@@ -95,7 +95,8 @@ def test_existing_folder_is_refused_and_left_untouched(model, tmp_path):
     with pytest.raises(DepthkitError, match="already exists"):
         save_compressed(model, None, tmp_path / "out", report)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
-    with pytest.raises(DepthkitError, match="was not written by depthkit"):  # --overwrite never deletes the user's files
+    # --overwrite never deletes the user's own files
+    with pytest.raises(DepthkitError, match="was not written by depthkit"):
         save_compressed(model, None, tmp_path / "out", report, overwrite=True)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
     (tmp_path / "out" / "keep.txt").unlink()

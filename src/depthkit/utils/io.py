@@ -12,7 +12,6 @@ from typing import Any
 
 from depthkit.errors import DepthkitError
 
-
 # Written into every output folder: `--overwrite` replaces only folders that carry it (or empty
 # ones), so a mistyped `--out .` or `--out ~/data` can never delete what depthkit did not write.
 MARKER = ".depthkit-output"
