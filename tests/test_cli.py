@@ -130,3 +130,10 @@ def test_help_lists_every_command_without_importing_torch():
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "compress" in out and "recursive" in out and out.strip().endswith("False False")
+
+
+def test_library_option_names_become_the_commands_flags(capsys, tmp_path):
+    """The library says `target_layers`; the command line user reads --target-layers."""
+    code, err = run_cli(capsys, "compress", "--model", "tiny:llama", "--method", "shortgpt", "--target-layers", "9",
+                        "--out", str(tmp_path / "o"))
+    assert code == 2 and "--target-layers must be in 1..3" in err and "`" not in err

@@ -126,7 +126,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, tokenizer, m
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["settings.json", "step-0000005", "step-0000010"]
     monkeypatch.setattr(trainer_module, "_step", real_step)
 
-    with pytest.raises(DepthkitError, match="--resume"):
+    with pytest.raises(DepthkitError, match="`resume`"):
         recover(tiny_model("mistral"), tokenizer, stream, stream[:512], settings, out, progress=False)
     with pytest.raises(DepthkitError, match="lr: 0.01 -> 0.02"):
         recover(tiny_model("mistral"), tokenizer, stream, stream[:512], replace(settings, lr=2e-2), out, resume=True,
@@ -141,7 +141,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, tokenizer, m
 
 def test_too_small_data_is_an_error_unless_repeating(tmp_path, tokenizer):
     stream = patterned_stream(length=1000)  # 31 blocks of 32
-    with pytest.raises(DepthkitError, match="too small.*--allow-repeat"):
+    with pytest.raises(DepthkitError, match="too small.*`allow_repeat`"):
         training_blocks(stream, small_settings(steps=20, batch_size=4))
     assert training_blocks(stream, small_settings(steps=5, batch_size=4)).shape == (20, 32)
     repeated = training_blocks(stream, small_settings(steps=20, batch_size=4, allow_repeat=True))
@@ -166,7 +166,7 @@ def test_distillation_loss_and_training_towards_a_teacher(tmp_path, tokenizer):
                    tmp_path, teacher=teacher, progress=False)
     assert {"loss", "ce", "kl"} <= set(card["losses"][0])
     assert mean_loss(card, range(16, 21)) < 0.7 * mean_loss(card, range(1, 6))
-    with pytest.raises(DepthkitError, match="needs --teacher"):
+    with pytest.raises(DepthkitError, match="needs `teacher`"):
         recover(tiny_model("llama"), tokenizer, stream, stream[:512], small_settings(distill_weight=0.5),
                 tmp_path / "x", progress=False)
 

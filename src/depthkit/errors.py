@@ -2,7 +2,8 @@
 
 Anything a user can cause (a bad path, an unknown architecture, a ratio out of range) raises
 `DepthkitError` with a message that says what went wrong and how to fix it. The CLI prints that
-one line and exits non-zero instead of showing a traceback from deep inside torch.
+one line and exits non-zero instead of showing a traceback from deep inside torch. Messages name
+options as Python does, in backticks (`seq_len`); the CLI shows those as its flags (`--seq-len`).
 """
 
 

@@ -12,6 +12,7 @@ import ast
 import importlib
 import os
 import pkgutil
+import re
 import sys
 from pathlib import Path
 
@@ -65,6 +66,12 @@ def resolve_auto_precision(args: argparse.Namespace) -> None:
         args.mixed_precision = resolve_mixed_precision("auto", device)
 
 
+def as_flags(message: str, args: argparse.Namespace) -> str:
+    """The library names options as `name`; on the command line they are `--name` (when this command has one)."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`",
+                  lambda m: "--" + m[1].replace("_", "-") if hasattr(args, m[1]) else m[0], message)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         resolve_auto_precision(args)
         args.func(args)
     except DepthkitError as err:
-        print(f"depthkit: error: {err}", file=sys.stderr)
+        print(f"depthkit: error: {as_flags(str(err), args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("depthkit: interrupted", file=sys.stderr)

@@ -122,7 +122,7 @@ class CompressionMethod:
 
     def require_streaming(self) -> None:
         """Refuse `--offload disk` (before any work) for methods that need the whole model in memory."""
-        require(self.streams(), f"method '{self.name}' needs the whole model in memory; --offload disk works with: "
+        require(self.streams(), f"method '{self.name}' needs the whole model in memory; `offload` disk works with: "
                                 + ", ".join(streaming_methods()))
 
     @classmethod
@@ -161,7 +161,7 @@ def blocks_to_remove(num_layers: int, ratio: float | None = None, target_layers:
     Exactly one of `ratio` and `target_layers` must be given; at least one block must remain and
     at least one must go.
     """
-    require((ratio is None) != (target_layers is None), "give exactly one of --ratio and --target-layers")
+    require((ratio is None) != (target_layers is None), "give exactly one of `ratio` and `target_layers`")
     if ratio is not None:
         require(0 < ratio < 1, f"ratio must be in (0, 1), got {ratio}")
         num_remove = round(num_layers * ratio)
@@ -169,7 +169,7 @@ def blocks_to_remove(num_layers: int, ratio: float | None = None, target_layers:
     else:
         require(
             1 <= target_layers < num_layers,
-            f"--target-layers must be in 1..{num_layers - 1} for a {num_layers}-block model, got {target_layers}",
+            f"`target_layers` must be in 1..{num_layers - 1} for a {num_layers}-block model, got {target_layers}",
         )
         num_remove = num_layers - target_layers
     require(num_remove < num_layers, f"removing {num_remove} of {num_layers} blocks would leave none")

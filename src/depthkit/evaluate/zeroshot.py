@@ -119,7 +119,7 @@ def zero_shot(
 
     names = parse_tasks(tasks)
     if limit is not None and limit < 1:
-        raise DepthkitError(f"--limit must be a positive number of items, got {limit}")
+        raise DepthkitError(f"`limit` must be a positive number of items, got {limit}")
     manager, folder = task_manager(names, corpus, seed, size)
     _quiet_lm_eval()
     _load_task_data(manager, names)

@@ -76,7 +76,7 @@ def check_settings(root: Path, settings: dict[str, Any]) -> None:
              if key not in RESUMABLE_CHANGES and saved.get(key) != value]
     if diffs:
         raise DepthkitError(f"cannot resume from {root} with different settings ({'; '.join(diffs)}); "
-                            "use the original settings or a new --out folder")
+                            "use the original settings or a new `out` folder")
 
 
 def write_settings(root: Path, settings: dict[str, Any]) -> None:

@@ -64,16 +64,16 @@ class RecoverySettings:
     seed: int = 0
 
     def validate(self) -> None:
-        require(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
-        require(self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}")
-        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        require(self.lora_rank >= 1, f"--lora-rank must be >= 1, got {self.lora_rank}")
-        require(0 <= self.distill_weight <= 1, f"--distill-weight must be in [0, 1], got {self.distill_weight}")
-        require(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        require(self.steps >= 1, f"`steps` must be >= 1, got {self.steps}")
+        require(self.seq_len >= 2, f"`seq_len` must be >= 2, got {self.seq_len}")
+        require(self.batch_size >= 1, f"`batch_size` must be >= 1, got {self.batch_size}")
+        require(self.lr > 0, f"`lr` must be > 0, got {self.lr}")
+        require(self.lora_rank >= 1, f"`lora_rank` must be >= 1, got {self.lora_rank}")
+        require(0 <= self.distill_weight <= 1, f"`distill_weight` must be in [0, 1], got {self.distill_weight}")
+        require(self.temperature > 0, f"`temperature` must be > 0, got {self.temperature}")
         require(self.eval_tokens >= self.seq_len,
-                f"--eval-tokens ({self.eval_tokens}) must cover at least one window of --seq-len ({self.seq_len})")
-        require(self.eval_every >= 1 and self.save_every >= 1, "--eval-every and --save-every must be >= 1")
+                f"`eval_tokens` ({self.eval_tokens}) must cover at least one window of `seq_len` ({self.seq_len})")
+        require(self.eval_every >= 1 and self.save_every >= 1, "`eval_every` and `save_every` must be >= 1")
 
 
 @dataclass
@@ -107,8 +107,8 @@ def training_blocks(stream: torch.Tensor, settings: RecoverySettings, processes:
     if available < needed and not settings.allow_repeat:
         raise DepthkitError(
             f"{source} is too small: {settings.steps} steps x {per_step} sequences x {settings.seq_len} tokens "
-            f"need {needed * settings.seq_len} tokens, it has {available * settings.seq_len}; pass --allow-repeat "
-            f"to cycle it ({needed / available:.1f} epochs), or lower --steps/--batch-size/--seq-len")
+            f"need {needed * settings.seq_len} tokens, it has {available * settings.seq_len}; pass `allow_repeat` "
+            f"to cycle it ({needed / available:.1f} epochs), or lower `steps`/`batch_size`/`seq_len`")
     blocks = stream[: available * settings.seq_len].view(available, settings.seq_len)
     order = torch.randperm(available, generator=torch.Generator().manual_seed(settings.seed))
     return blocks[order[: needed if available >= needed else available]]
@@ -159,7 +159,7 @@ def recover(
     copied into the card.
     """
     settings.validate()
-    require(teacher is not None or settings.distill_weight == 0, "--distill-weight needs --teacher")
+    require(teacher is not None or settings.distill_weight == 0, "`distill_weight` needs `teacher`")
     out = Path(out)
     final_dir = check_output_dir(out / "model", overwrite)
     ckpt_root = out / "checkpoints"
@@ -219,7 +219,7 @@ def _check_resume(accelerator: Accelerator, ckpt_root: Path, resume: bool, setti
     if resume:
         checkpoints.check_settings(ckpt_root, asdict(settings))
     elif checkpoints.latest_checkpoint(ckpt_root) is not None:
-        raise DepthkitError(f"{ckpt_root} holds checkpoints of an earlier run: pass --resume to continue it, "
+        raise DepthkitError(f"{ckpt_root} holds checkpoints of an earlier run: pass `resume` to continue it, "
                             "or remove the folder to start over")
 
 

@@ -47,11 +47,11 @@ def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
     if not out.exists():
         return out
     if not overwrite:
-        raise DepthkitError(f"output folder {out} already exists; pass --overwrite to replace it")
+        raise DepthkitError(f"output folder {out} already exists; pass `overwrite` to replace it")
     if not out.is_dir():
         raise DepthkitError(f"output {out} exists and is not a folder; choose another path")
     if not (out / MARKER).exists() and any(out.iterdir()):
-        raise DepthkitError(f"{out} was not written by depthkit (no {MARKER} in it), so --overwrite will not "
+        raise DepthkitError(f"{out} was not written by depthkit (no {MARKER} in it), so `overwrite` will not "
                             "delete it; move it away or choose another output folder")
     return out
 

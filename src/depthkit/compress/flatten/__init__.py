@@ -139,9 +139,9 @@ def flatten_gpt_streaming(
     one wide block and the calibration activations.
     """
     require(options.groups is not None or options.selection in ONE_PASS_SELECTIONS,
-            f"with --offload disk pairs are scored in one pass: selection must be one of "
+            f"with `offload` disk pairs are scored in one pass: selection must be one of "
             f"{', '.join(ONE_PASS_SELECTIONS)}, got '{options.selection}'")
-    require(options.max_group == 2, "with --offload disk only pairs are flattened (max_group 2)")
+    require(options.max_group == 2, "with `offload` disk only pairs are flattened (max_group 2)")
     layers = source.layers()
     began = time.perf_counter()
     if options.groups is not None:

@@ -61,7 +61,7 @@ def build_tasks(corpus: str = "austen", seed: int = 0, size: int = 500, rebuild:
             if len(items) < size:
                 raise DepthkitError(
                     f"corpus '{corpus}' (heldout split) yields only {len(items)} {task} items, {size} asked; "
-                    "use a larger corpus or a smaller --task-size"
+                    "use a larger corpus or a smaller `task_size`"
                 )
             data = tmp / f"{task}.jsonl"
             data.write_text("".join(json.dumps(it.to_dict()) + "\n" for it in items))
