@@ -60,7 +60,7 @@ def test_qwen3_different_qk_norms_refused_or_averaged():
     model = tiny_model("qwen3")
     layers = list(get_adapter(model).layers(model))[:2]
     with pytest.raises(DepthkitError, match="qk_norm='average'"):
-        flatten_layers(model, layers)
+        flatten_layers(model, layers, qk_norm="exact")
     merged = flatten_layers(model, layers, qk_norm="average")
     expected = (layers[0].self_attn.q_norm.weight + layers[1].self_attn.q_norm.weight) / 2
     torch.testing.assert_close(merged.self_attn.q_norm.weight, expected)

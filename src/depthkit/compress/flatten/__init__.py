@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from depthkit.compress.base import option
 from depthkit.compress.common import SearchOptions
 from depthkit.compress.flatten.channels import CRITERIA
-from depthkit.compress.flatten.merge import QK_NORM_MODES, flatten_layers
+from depthkit.compress.flatten.merge import QK_NORM_DEFAULT, QK_NORM_MODES, flatten_layers
 from depthkit.compress.flatten.prune import RIDGE_PRIORS, TARGETS, PruneSettings, flatten_and_prune, pruned_blocks
 from depthkit.compress.flatten.selection import ONE_PASS_SELECTIONS, SELECTIONS, one_pass_pairs, select_groups
 from depthkit.errors import require
@@ -53,7 +53,7 @@ class FlattenOptions(SearchOptions):
     ridge: float = option(0.3, "ridge strength relative to the mean channel energy (default 0.3)")
     ridge_prior: str = option("weights", "what the ridge pulls the refit towards: weights (the kept channels' own "
                                          "weights, default) | zero")
-    qk_norm: str = option("average", "blocks whose q/k norms differ (Qwen3, Gemma 3): average (approximate, "
+    qk_norm: str = option(QK_NORM_DEFAULT, "blocks whose q/k norms differ (Qwen3, Gemma 3): average (approximate, "
                                      "repaired by least squares; default) | exact (refuse)")
     groups: list[list[int]] | None = option(None, "explicit groups of original block indices, e.g. [[0],[1,2],...]: "
                                                   "skips the selection")

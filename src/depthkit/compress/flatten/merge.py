@@ -38,6 +38,7 @@ from depthkit.models.adapters import ATTENTION_INPUTS, MLP_INPUTS, BlockParts, g
 
 # How the per-head q/k norm gains of different blocks are merged (see `_merged_qk_gain`).
 QK_NORM_MODES = ("exact", "average")
+QK_NORM_DEFAULT = "average"  # the one default of the knob (FlattenOptions and every function take it)
 
 
 def _folded_weight(linear: nn.Linear, gain: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,7 @@ def same_attention(model: PreTrainedModel, layers: list[nn.Module]) -> bool:
     return len({adapter.layer_type(layer, model.config) for layer in layers}) == 1
 
 
-def flatten_layers(model: PreTrainedModel, layers: list[nn.Module], qk_norm: str = "exact") -> nn.Module:
+def flatten_layers(model: PreTrainedModel, layers: list[nn.Module], qk_norm: str = QK_NORM_DEFAULT) -> nn.Module:
     """One wide decoder layer computing `layers` in parallel (exact, see the module docstring)."""
     require(len(layers) >= 2, "flattening needs at least two blocks")
     require(qk_norm in QK_NORM_MODES, f"qk_norm must be one of {', '.join(QK_NORM_MODES)}, got '{qk_norm}'")

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 
 from depthkit.analysis.metrics import relative_error, token_cosine
 from depthkit.compress.common import lm_loss
-from depthkit.compress.flatten.merge import flatten_layers, same_attention
+from depthkit.compress.flatten.merge import QK_NORM_DEFAULT, flatten_layers, same_attention
 from depthkit.errors import require
 from depthkit.models.adapters import get_adapter
 from depthkit.models.blockwise import block_context, embed, run_block
@@ -43,7 +43,7 @@ ONE_PASS_SELECTIONS = ("similarity", "local")
 class FlatteningState:
     """Current blocks, the original indices behind each, and the hidden state entering each."""
 
-    def __init__(self, model: PreTrainedModel, ids: torch.Tensor, batch_size: int = 8, qk_norm: str = "exact"):
+    def __init__(self, model: PreTrainedModel, ids: torch.Tensor, batch_size: int = 8, qk_norm: str = QK_NORM_DEFAULT):
         self.model, self.ids, self.batch_size, self.qk_norm = model, ids, batch_size, qk_norm
         self.original: list[nn.Module] = list(get_adapter(model).layers(model))
         self.groups: list[list[int]] = [[i] for i in range(len(self.original))]
@@ -125,7 +125,7 @@ def select_groups(
     selection: str = "greedy",
     max_group: int = 2,
     batch_size: int = 8,
-    qk_norm: str = "exact",
+    qk_norm: str = QK_NORM_DEFAULT,
     shortlist: int = 8,
     progress: bool = True,
 ) -> tuple[list[list[int]], list[dict]]:
@@ -164,7 +164,7 @@ def one_pass_pairs(
     num_remove: int,
     selection: str = "local",
     batch_size: int = 8,
-    qk_norm: str = "exact",
+    qk_norm: str = QK_NORM_DEFAULT,
     progress: bool = True,
 ) -> tuple[list[list[int]], list[dict]]:
     """Groups of original indices flattening the `num_remove` best non-overlapping adjacent pairs.
