@@ -93,6 +93,7 @@ def test_single_document_calibration_warns_once(capsys, tmp_path):
         (["eval", "ppl", "--model", "tiny:llama", "--max-tokens", "-1"], "--max-tokens: must be >= 0"),
         (["analyze", "--model", "tiny:llama", "--sample-tokens", "0", "--out", "x"], "must be >= 1"),
         (["recursive", "generate", "ckpt", "--prompt", "Hi", "--loops", "0"], "--loops: must be >= 1"),
+        (["recursive", "eval", "ckpt", "--exit-threshold", "nan"], "--exit-threshold: must be a finite number"),
     ],
 )
 def test_out_of_range_numbers_and_devices_are_refused_before_any_work(capsys, argv, message):

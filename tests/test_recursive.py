@@ -501,3 +501,12 @@ def test_defaults_are_the_measured_recipe_and_old_configs_keep_theirs():
         del saved[key]
     old = RecursiveConfig.from_dict(saved)
     assert (old.num_loops, old.residual, old.scale_init, old.connector_norm) == (2, "embeddings", 0.0, "embeddings")
+
+
+def test_loops_are_bounded():
+    from depthkit.recursive.config import MAX_LOOPS, check_loops
+
+    assert check_loops(MAX_LOOPS) == MAX_LOOPS
+    for bad in (0, MAX_LOOPS + 1, 100000, True, 2.0):
+        with pytest.raises(DepthkitError, match="number of loops must be an integer in 1.."):
+            check_loops(bad)

@@ -14,6 +14,7 @@ from depthkit.cli.common import (
     add_model_args,
     data_spec,
     device_name,
+    non_negative_float,
     non_negative_int,
     positive_int,
     report,
@@ -206,7 +207,7 @@ def _register_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loops", type=positive_int, help="recursion steps R (default: the saved one)")
     p.add_argument("--blocks", type=positive_int, default=8)
     p.add_argument("--seq-len", type=positive_int, default=256)
-    p.add_argument("--exit-threshold", type=float, action="append",
+    p.add_argument("--exit-threshold", type=non_negative_float, action="append",
                    help="also score with early exit at this KL threshold (repeatable; token by token, slower)")
     p.add_argument("--exit-tokens", type=positive_int, default=256, help="tokens scored per early-exit threshold")
     add_data_args(p, "--data", split="heldout", default="austen:persuasion")
@@ -245,7 +246,7 @@ def _register_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", type=device_name)
     p.add_argument("--loops", type=positive_int, help="recursion steps R (default: the saved one)")
     p.add_argument("--max-new-tokens", type=positive_int, default=40)
-    p.add_argument("--exit-threshold", type=float, nargs="?", const=DEFAULT_THRESHOLD,
+    p.add_argument("--exit-threshold", type=non_negative_float, nargs="?", const=DEFAULT_THRESHOLD,
                    help=f"early exit when KL between consecutive steps < threshold (flag alone: {DEFAULT_THRESHOLD})")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole prefix per token (reference)")
     p.add_argument("--json", help="write the result here")
