@@ -138,3 +138,31 @@ def test_library_option_names_become_the_commands_flags(capsys, tmp_path):
     code, err = run_cli(capsys, "compress", "--model", "tiny:llama", "--method", "shortgpt", "--target-layers", "9",
                         "--out", str(tmp_path / "o"))
     assert code == 2 and "--target-layers must be in 1..3" in err and "`" not in err
+
+
+def test_sigterm_removes_the_temporary_output_folder(tmp_path):
+    """`timeout`, Docker and schedulers send SIGTERM: a streamed compression stops without debris."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from depthkit.models.loading import DEFAULT_MODEL, load_tokenizer
+    from depthkit.models.tiny import tiny_model
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    tiny_model("llama", num_layers=16, vocab_size=len(tokenizer)).save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "depthkit.cli.main", "compress", "--model", str(tmp_path / "src"), "--method",
+               "sleb", "--ratio", "0.5", "--offload", "disk", "--calib", "austen", "--num-calib-blocks", "64",
+               "--out", str(out)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.tmp-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "the compression ended before it could be interrupted"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in err
+    assert not list(tmp_path.glob(".out.tmp-*")) and not out.exists()

@@ -13,7 +13,9 @@ import importlib
 import os
 import pkgutil
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from depthkit.errors import DepthkitError
@@ -72,9 +74,17 @@ def as_flags(message: str, args: argparse.Namespace) -> str:
                   lambda m: "--" + m[1].replace("_", "-") if hasattr(args, m[1]) else m[0], message)
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM (what `timeout`, Docker and schedulers send) unwinds like Ctrl-C, so every temporary
+    output folder is removed on the way out instead of being left behind."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         resolve_auto_precision(args)
         args.func(args)
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"depthkit: error: {as_flags(str(err), args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("depthkit: interrupted", file=sys.stderr)
+        print("depthkit: interrupted; nothing was left half-written", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, the traceback on request
         if os.environ.get("DEPTHKIT_DEBUG"):
