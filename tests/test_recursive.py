@@ -510,3 +510,9 @@ def test_loops_are_bounded():
     for bad in (0, MAX_LOOPS + 1, 100000, True, 2.0):
         with pytest.raises(DepthkitError, match="number of loops must be an integer in 1.."):
             check_loops(bad)
+
+
+def test_generation_refuses_to_run_past_the_context():
+    model = RecursiveModel.wrap(tiny_model("llama"), num_loops=2).eval()  # 512-token context
+    with pytest.raises(DepthkitError, match="500-token prompt plus 40 new tokens exceeds the model's context of 512"):
+        generate(model, torch.randint(0, 256, (1, 500)), 40)

@@ -116,6 +116,10 @@ def generate(model: RecursiveModel, input_ids: torch.Tensor, max_new_tokens: int
     require(exit_threshold is None or exit_threshold >= 0, f"exit threshold must be >= 0, got {exit_threshold}")
     require(exit_threshold is None or use_cache, "early exit reuses cached keys/values: it needs the KV cache")
     require(max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    context = getattr(model.base.config, "max_position_embeddings", None)
+    require(context is None or input_ids.shape[1] + max_new_tokens <= context,
+            f"a {input_ids.shape[1]}-token prompt plus {max_new_tokens} new tokens exceeds the model's context of "
+            f"{context} tokens; shorten the prompt or lower `max_new_tokens`")
     model.eval()
     report = LoopsReport(max_steps=model.config.num_steps(loops))
     ids, new_tokens = input_ids, []
