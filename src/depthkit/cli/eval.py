@@ -46,9 +46,9 @@ def register(subparsers) -> None:
 def add_ppl_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=positive_int, default=1024)
     parser.add_argument("--stride", type=positive_int, default=None,
-        help="< window for sliding windows (default: window)")
+                        help="< window for sliding windows (default: window)")
     parser.add_argument("--max-tokens", type=non_negative_int, default=51200,
-        help="evaluate the first N tokens (0: all)")
+                        help="evaluate the first N tokens (0: all)")
     parser.add_argument("--batch-size", type=positive_int, default=1)
 
 

@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=non_negative_int, default=DEFAULTS.steps)
     parser.add_argument("--seq-len", type=positive_int, default=DEFAULTS.seq_len)
     parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size,
-        help="sequences per step and process")
+                        help="sequences per step and process")
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate (warm-up, cosine decay)")
     parser.add_argument("--warmup-steps", type=non_negative_int, default=DEFAULTS.warmup_steps)
     parser.add_argument("--lora-rank", type=non_negative_int, default=DEFAULTS.lora_rank)

@@ -87,12 +87,12 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, default=2.0)
     p.add_argument("--no-detach", action="store_true", help="do not detach the step r-1 loss (hinge form)")
     p.add_argument("--steps", type=non_negative_int, default=100,
-        help="optimizer steps (0 = convert/wrap and save only)")
+                   help="optimizer steps (0 = convert/wrap and save only)")
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--seq-len", type=positive_int, default=256)
     p.add_argument("--train-blocks", type=positive_int, default=400, help="training blocks of --seq-len tokens")
     p.add_argument("--eval-blocks", type=positive_int, default=8,
-        help="held-out blocks evaluated every --eval-every steps")
+                   help="held-out blocks evaluated every --eval-every steps")
     p.add_argument("--interleave", action="store_true",
                    help="take the training and held-out blocks in turn from every document of the corpus "
                         "(default: the first blocks of the documents concatenated)")

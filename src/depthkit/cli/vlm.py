@@ -39,7 +39,7 @@ def _register_train(commands) -> None:
     parser.add_argument("--num-pairs", type=positive_int, default=600)
     parser.add_argument("--photo-variants", type=positive_int, default=6)
     parser.add_argument("--eval-examples", type=positive_int, default=None,
-        help="held-out examples scored (default all)")
+                        help="held-out examples scored (default all)")
     parser.add_argument("--checkpoint-every", type=non_negative_int, default=0,
                         help="stage 2: save a reloadable checkpoint to <out>-checkpoints/step-N every N steps")
     parser.add_argument("--seed", type=int, default=0)
