@@ -13,8 +13,10 @@ a tiny config in `depthkit.models.tiny` for the tests.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -86,6 +88,13 @@ class BlockParts:
 
     def role(self, name: str) -> nn.Module | None:
         return getattr(self, name)
+
+
+@functools.cache
+def accepts(function: Callable, name: str) -> bool:
+    """Whether `function` declares a parameter `name` (read once per function: callers are on hot paths,
+    such as every decoding step)."""
+    return name in inspect.signature(function).parameters
 
 
 def module_prefix(model: nn.Module, target: nn.Module) -> str:
@@ -183,7 +192,7 @@ class ArchitectureAdapter:
         """Rotary (cos, sin) tables per attention type of the model (Gemma 3 has a base per type)."""
         rotary = self.rotary_embedding(model)
         kinds = set(getattr(model.config, "layer_types", None) or ()) | {"full_attention"}
-        if "layer_type" in inspect.signature(type(rotary).forward).parameters:
+        if accepts(type(rotary).forward, "layer_type"):
             return {kind: rotary(hidden, position_ids, kind) for kind in kinds & set(model.config.layer_types)}
         return dict.fromkeys(kinds, rotary(hidden, position_ids=position_ids))
 

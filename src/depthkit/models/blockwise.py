@@ -8,27 +8,24 @@ depth) and push it through the blocks in order: memory is one block plus its act
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 from torch import nn
 from transformers import Cache, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from depthkit.models.adapters import ArchitectureAdapter, get_adapter
+from depthkit.models.adapters import ArchitectureAdapter, accepts, get_adapter
 
 
-@cache
 def cache_keyword(function: Callable) -> str:
     """The name under which `function` (a decoder layer's forward, a mask builder) takes the KV cache.
 
     transformers renamed `past_key_values` to `cache` during v5 (5.24 warns that the old name goes in
     5.40); passing the name the installed version declares works on both sides of the rename.
     """
-    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+    return "cache" if accepts(function, "cache") else "past_key_values"
 
 
 def cache_kwargs(layer: nn.Module, kv_cache: Cache | None) -> dict:
