@@ -42,8 +42,11 @@ def tokenizer():
         (dict(ratio=0.5, method="sleb", selction_blocks=2), "has no option selction_blocks"),
         (dict(ratio=0.5, method="sleb", selection_blocks=2.5), "must be a whole number"),
         (dict(ratio=0.5, method="sleb", selection_blocks=0), "selection_blocks must be >= 1"),
-        (dict(ratio=0.5, method="laco", relax="lots"), "laco option relax: cannot read"),
-        (dict(ratio=0.5, method="laco", relax=0), "relax > 0"),
+        (dict(ratio=0.5, method="laco", threshold="lots"), "laco option threshold: cannot read"),
+        (dict(ratio=0.5, method="laco", merge_layers=1), "merge_layers >= 2"),
+        (dict(ratio=0.5, method="laco", merge="sum"), "merge must be one of rdsc, drop"),
+        (dict(ratio=0.5, method="laco", bisect=True, threshold_floor=0.9), "threshold_floor <= threshold"),
+        (dict(ratio=0.5, method="laco", threshold=float("nan")), "cosines, in -1..1"),
         (dict(ratio=0.5, batch_size=0), "batch_size must be >= 1"),
     ],
 )
@@ -189,7 +192,7 @@ def test_cli_compresses_saves_and_lists(capsys, tmp_path):
     assert code == 0
     for method in ("shortgpt", "sleb", "laco", "attn_drop", "flatten", "flatten_unpruned"):
         assert f"| {method} " in stdout
-    for name in ("layers_per_merge", "attention_per_block", "selection_blocks", "qk_norm", "batch_size"):
+    for name in ("merge_layers", "attention_per_block", "selection_blocks", "qk_norm", "batch_size"):
         assert name in stdout
 
 

@@ -7,6 +7,7 @@ reads back (its `kind` says which evaluation it is).
 from __future__ import annotations
 
 import argparse
+import sys
 
 from depthkit.cli.common import add_data_args, add_model_args, data_spec, non_negative_int, positive_int, report
 from depthkit.data.blocks import sequence_prefix, token_stream
@@ -16,6 +17,7 @@ from depthkit.evaluate.summary import model_summary
 from depthkit.evaluate.tasks import DEPTHKIT_TASKS
 from depthkit.evaluate.zeroshot import zero_shot
 from depthkit.models.loading import load_model
+from depthkit.models.skipping import skip_zeroed_attention
 
 HELP = "evaluate a model"
 
@@ -81,8 +83,18 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from err
 
 
+def load_for_evaluation(name: str, dtype: str, device: str):
+    """The model and tokenizer, with attention sublayers that attention drop zeroed really skipped
+    (`skip_zeroed_attention`): evaluation measures the dropped model's own speed and cache."""
+    model, tokenizer = load_model(name, dtype, device)
+    skipped = skip_zeroed_attention(model)
+    if skipped:
+        print(f"depthkit: skipping the zeroed attention of blocks {skipped} (attention drop)", file=sys.stderr)
+    return model, tokenizer
+
+
 def run_ppl(args: argparse.Namespace) -> None:
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    model, tokenizer = load_for_evaluation(args.model, args.dtype, args.device)
     payload = evaluate_ppl(model, tokenizer, args.model, args)
     row = {key: payload[key] for key in ("model", "data", "window", "stride", "tokens_scored", "perplexity", "seconds")}
     report(payload, [row], args.json)
@@ -99,7 +111,7 @@ def evaluate_ppl(model, tokenizer, name: str, args: argparse.Namespace) -> dict:
 
 
 def run_zeroshot(args: argparse.Namespace) -> None:
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    model, tokenizer = load_for_evaluation(args.model, args.dtype, args.device)
     payload = evaluate_zeroshot(model, tokenizer, args.model, args)
     report(payload, payload["rows"], args.json)
 
@@ -112,7 +124,7 @@ def evaluate_zeroshot(model, tokenizer, name: str, args: argparse.Namespace) -> 
 
 
 def run_speed(args: argparse.Namespace) -> None:
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    model, tokenizer = load_for_evaluation(args.model, args.dtype, args.device)
     payload = evaluate_speed(model, tokenizer, args.model, args)
     report(payload, payload["rows"], args.json)
 

@@ -19,12 +19,12 @@ from depthkit.cli.eval import (
     evaluate_ppl,
     evaluate_speed,
     evaluate_zeroshot,
+    load_for_evaluation,
 )
 from depthkit.data.corpora import MIX_COMPONENTS
 from depthkit.errors import DepthkitError
 from depthkit.evaluate.behaviour import BehaviourSuite
 from depthkit.evaluate.report import merge_results, read_result, summary_rows, write_report
-from depthkit.models.loading import load_model
 from depthkit.utils.io import atomic_output_dir, check_output_dir, format_table, write_json
 
 HELP = "compare models: zero-shot accuracy, perplexity, speed, behaviour"
@@ -92,7 +92,7 @@ def model_record(spec: str, label: str | None, evals: list[str], args: argparse.
     """A model's record: read from JSON results, or evaluated now."""
     if _is_json_results(spec):
         return merge_results([read_result(p.strip()) for p in spec.split(",") if p.strip()], label)
-    model, tokenizer = load_model(spec, args.dtype, args.device)
+    model, tokenizer = load_for_evaluation(spec, args.dtype, args.device)
     label = label or Path(spec.rstrip("/")).name
     print(f"== {label}: {', '.join(evals)}")
     payloads = [EVALS[e](model, tokenizer, spec, args) for e in evals]

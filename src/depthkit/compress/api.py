@@ -49,6 +49,8 @@ class CompressionReport:
     seconds: float
     saveable: bool
     details: dict[str, Any] = field(default_factory=dict)
+    paper: str = ""
+    deviations: list[str] = field(default_factory=list)
     depthkit_version: str = depthkit.__version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,7 +102,7 @@ def compress(
         num_layers_before=depth, num_layers_after=num_blocks(model), blocks_requested=num_remove,
         ratio=ratio, target_layers=target_layers, parameters_before=before,
         parameters_after=count_parameters(model), calibration=calibration, seconds=seconds,
-        saveable=outcome.saveable, details=outcome.details,
+        saveable=outcome.saveable, details=outcome.details, paper=runner.paper, deviations=runner.deviations(),
     )
 
 
@@ -156,6 +158,7 @@ def compress_checkpoint(
             parameters_after={"total": writer.parameters, "effective": writer.effective_parameters},
             calibration=calibration, seconds=time.perf_counter() - began, saveable=True,
             details=outcome.details | {"offload": "disk", "peak_memory_mb": peak_memory_mb()},
+            paper=runner.paper, deviations=runner.deviations(),
         )
         card = report.to_dict()
         writer.write_text(CARD_JSON, json_text(card))
@@ -240,6 +243,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         {"field": "effective parameters", "value": f"{before['effective']:,} -> {after['effective']:,}"},
         {"field": "calibration", "value": "{data}, {sequences} x {tokens_per_sequence} tokens".format(
             **card["calibration"])},
+        {"field": "paper", "value": card.get("paper") or "(depthkit's own method)"},
         {"field": "wall time", "value": f"{card['seconds']:.1f} s"},
         {"field": "depthkit", "value": card["depthkit_version"]},
     ]
@@ -247,7 +251,11 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines = [f"# Compression card: {card['method']}", ""]
     if warning:
         lines += [f"> **WARNING: {warning}.**", ""]
-    lines += [format_table(rows), "", "## Method details", "", "```json",
+    lines += [format_table(rows), ""]
+    if card.get("deviations"):
+        lines += ["## Deviations from the paper and its authors' code", "",
+                  *(f"- {line}" for line in card["deviations"]), ""]
+    lines += ["## Method details", "", "```json",
               json.dumps(card["details"], indent=2, default=str), "```", ""]
     return "\n".join(lines)
 

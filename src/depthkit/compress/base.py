@@ -92,6 +92,8 @@ class CompressionMethod:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # The publication the method follows ("" for depthkit's own); the card names it.
+    paper: ClassVar[str] = ""
     options_class: ClassVar[type[MethodOptions]] = MethodOptions
     # False for methods whose result is never a standard checkpoint, so `--out` is refused up front.
     produces_checkpoint: ClassVar[bool] = True
@@ -103,6 +105,11 @@ class CompressionMethod:
     @classmethod
     def option_help(cls) -> dict[str, str]:
         return cls.options_class.help()
+
+    def deviations(self) -> list[str]:
+        """How this run differs from the paper and its authors' code, one sentence each: the card
+        lists them so a baseline is never weaker than published without saying so."""
+        return []
 
     def compress(
         self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int

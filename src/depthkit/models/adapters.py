@@ -160,13 +160,13 @@ class ArchitectureAdapter:
 
     def set_layer_index(self, layer: nn.Module, index: int) -> None:
         """The KV-cache slot a layer reads and writes (its position in the stack, or a loop's slot)."""
-        _resolve(layer, self.layout.attention).layer_idx = index
+        self.attention_module(layer).layer_idx = index
         if hasattr(layer, "layer_idx"):
             layer.layer_idx = index
 
     def layer_type(self, layer: nn.Module, config: PretrainedConfig) -> str:
         """`full_attention` or `sliding_attention` (the key of the mask and rotary tables it uses)."""
-        attention = _resolve(layer, self.layout.attention)
+        attention = self.attention_module(layer)
         for holder, name in ((layer, "attention_type"), (attention, "layer_type"), (layer, "layer_type")):
             value = getattr(holder, name, None)
             if isinstance(value, str):
@@ -212,6 +212,10 @@ class ArchitectureAdapter:
             values[role] = _resolve(layer, path) if path is not None else None
         return BlockParts(**values)
 
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        """The block's attention module (what holds the projections and the cache slot)."""
+        return _resolve(layer, self.layout.attention)
+
     def replace_part(self, layer: nn.Module, role: str, module: nn.Module) -> None:
         """Put `module` in the place of the block's `role` (e.g. a wider projection)."""
         path = getattr(self.layout, role)
@@ -232,7 +236,7 @@ class ArchitectureAdapter:
     def attention_update(self, layer: nn.Module, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
         """What the attention branch adds to the residual stream (post-norm included)."""
         parts = self.block(layer)
-        update = _resolve(layer, self.layout.attention)(parts.attn_norm(hidden), **kwargs)[0]
+        update = self.attention_module(layer)(parts.attn_norm(hidden), **kwargs)[0]
         return parts.attn_post_norm(update) if parts.attn_post_norm is not None else update
 
     def mlp_update(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -5,14 +5,16 @@ its residual-stream input against its output, measured once on calibration token
 with the lowest importance (highest similarity) are dropped in one shot; MLPs are all kept.
 
 Design choices, recorded on the compression card:
-- Budget. Removing k blocks is matched by dropping `attention_per_block` x k attention sublayers
-  (default 2). Parameters cannot be matched: an attention sublayer of SmolLM2-135M holds 0.55M of
-  a block's 3.2M parameters, so matching 6 blocks would need 35 of its 30 attention sublayers.
+- Budget. As in LLM-Drop's comparisons, `--ratio`/`--target-layers` count attention sublayers one
+  for one: removing k blocks' worth drops k attention sublayers (`attention_per_block`, default 1;
+  the old 2 per block is `attention_per_block=2`). Parameters are not matched: an attention
+  sublayer of SmolLM2-135M holds 0.55M of a block's 3.2M parameters.
 - Checkpoint. A plain LLaMA/Qwen/Mistral config cannot express a block without attention, so a
   dropped sublayer is stored with ALL-ZERO q/k/v/o weights (and biases): its output is exactly
-  zero, the model computes what the method intends, and it reloads in plain transformers. But
-  the depth, the file size and the speed are unchanged: the zeroed attention is still computed.
-  `effective` parameter counts leave the zeroed tensors out; throughput does not improve.
+  zero, the model computes what the method intends, and it reloads in plain transformers, where
+  the zeroed attention is still computed (same depth, size and speed). depthkit's runtime
+  (`depthkit eval`, the benchmarks: `models/skipping.py`) skips those sublayers entirely, with no
+  KV cache for them, as LLM-Drop's own modeling code does: that is the speed reported.
 
 With `--offload disk` the scores come from one pass over the checkpoint's files, one block in
 memory at a time (the same code reads the model through a `BlockSource`), and every block is then
@@ -38,8 +40,9 @@ from depthkit.models.blockwise import BlockContext, run_block
 from depthkit.models.streaming import StreamingModel, StreamingWriter
 
 NO_SPEEDUP_WARNING = (
-    "attention sublayers are zeroed, not removed: the checkpoint keeps its depth, size and speed "
-    "(plain Hugging Face configs cannot express a block without attention)"
+    "attention sublayers are zeroed, not removed: in plain transformers the checkpoint keeps its depth, size "
+    "and speed (a plain config cannot express a block without attention); depthkit's runtime (`depthkit eval`) "
+    "skips them"
 )
 
 
@@ -95,13 +98,30 @@ def zero_attention(adapter: ArchitectureAdapter, layer: nn.Module) -> nn.Module:
 
 @dataclass
 class AttentionDropOptions(MethodOptions):
-    attention_per_block: float = option(2.0, "attention sublayers dropped per requested block (default 2)")
+    attention_per_block: float = option(1.0, "attention sublayers dropped per requested block (default 1: one for "
+                                             "one, as LLM-Drop compares; 2 was depthkit's old budget)")
 
 
 @register_method("attn_drop")
 class AttentionDrop(CompressionMethod):
-    description = "drop (zero) the attention sublayers closest to identity; depth and speed unchanged"
+    description = "drop the attention sublayers closest to identity (zeroed in the checkpoint, skipped by depthkit)"
     options_class = AttentionDropOptions
+    paper = ("He et al., 2024, What Matters in Transformers? Not All Attention is Needed (LLM-Drop, "
+             "attention drop)")
+
+    def deviations(self) -> list[str]:
+        found = [
+            "calibration: the authors' scripts use 256 sequences of 2048 tokens of C4 validation; here the "
+            "calibration on the card",
+            "the checkpoint stores dropped sublayers as zeros (the authors ship modeling code that removes them); "
+            "depthkit's runtime skips them, plain transformers computes them",
+            "on post-norm blocks (Gemma) the similarity is taken after the attention post-norm (what joins the "
+            "residual stream); the authors' hook reads the attention module's output",
+        ]
+        if self.settings.attention_per_block != 1:
+            found.append(f"{self.settings.attention_per_block} attention sublayers per requested block, not one "
+                         "for one")
+        return found
 
     def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
         details = self.choose(LoadedModel(model), calib_ids, num_remove)

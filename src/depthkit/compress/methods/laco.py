@@ -1,33 +1,35 @@
-"""LaCo-style layer collapse (Yang et al., 2024, "LaCo: Large Language Model Pruning via Layer Collapse").
+"""LaCo layer collapse (Yang et al., 2024, "LaCo: Large Language Model Pruning via Layer Collapse").
 
-RDSC merge ("Reserving-Differences-while-Seeking-Common"): layers l+1..l+c are folded into layer l
-by adding their parameter differences, `theta_l* = theta_l + sum_k (theta_{l+k} - theta_l)`, then
-deleted. Merged are the linear weights and biases of attention and MLP; the norms of layer l are
-kept (summing norm scales is not meaningful, and LaCo's own code merges the projections).
+RDSC merge ("Reserving-Differences-while-Seeking-Common"): the C - 1 layers after layer l are folded
+into it by adding their parameter differences, `theta_l* = theta_l + sum_k (theta_{l+k} - theta_l)`,
+then deleted. Merged are every weight and bias of attention and MLP; the norms of layer l are kept.
+The authors' released notebooks apply the differences with an in-place `add_` that reads the
+already-updated base, so what they compute (and what their published numbers measured) is layer
+l's norms with the projections of the group's LAST layer: a drop of layers l..l+C-2. `merge=drop`
+is that computation, `merge=rdsc` (default) the paper's formula.
 
-Search (the paper's Algorithm 1): start with the group at the top of the model and walk down. A
-merge is accepted when the average per-token cosine similarity between the last-layer
-representations (final norm applied) of the merged model and the current model on calibration
-sequences is at least `threshold`; after an acceptance the walk continues below the new merged
-layer (`interval` blocks further down), after a rejection one block lower. The paper stops when
-the walk reaches the bottom; depthkit must hit the requested number of removed blocks, so when a
-sweep ends short of it, the threshold is relaxed (by `relax`, and at least down to the best
-similarity rejected in that sweep, which guarantees progress) and a new sweep starts from the top.
-A layer takes part in one merge only, as in the paper's single walk (on SmolLM2, merging a merged
-layer again destroyed the model: perplexity 1.2e7); only when no unmerged group is left are merged
-layers merged again. The thresholds used are recorded on the card.
+Search (the paper's Algorithm 1, as in the released notebooks): start at layer H - C and walk down.
+A candidate merges the current layers l..l+C-1 (fewer near the top); it is accepted when the cosine
+similarity of the final representation of the merged model and of the ORIGINAL model, each
+sequence flattened to one vector and averaged over calibration sequences, exceeds `threshold`.
+After an acceptance the walk moves `interval` layers down (so with interval < C the next group
+contains the merged layer: overlapping re-merges, as in the paper), after a rejection one layer.
+The walk ends at `lowest_layer`, or as soon as the requested number of blocks is removed. If the
+threshold cannot reach the requested depth, LaCo merges less: the card says how deep the model
+got (`target_reached`). With `bisect=true` the walk is repeated with the threshold bisected down to
+`threshold_floor` (default 0.45, the lowest threshold in the authors' notebooks) and the highest
+threshold that reaches the requested depth is kept.
 
 With `--offload disk` the same walk runs on the checkpoint's files (`_LaCoSearch`): a candidate
 reads the layers of its group, merges them and runs the blocks above it one at a time from disk;
 an accepted merge is kept as its recipe (`Merge`) and rebuilt from the files whenever it is run
-again. Memory holds at most the layers_per_merge + 1 blocks one merge combines and the merged
-block, plus the cached states of the selection sequences: no part of LaCo needs the whole model.
-The price is reading (each candidate reads every block above it, a merged one as its whole group).
+again. Memory holds at most the C blocks one merge combines and the merged block, plus the cached
+states of the selection sequences.
 
-Measured on SmolLM2-135M (30 blocks, `benchmarks/compare_methods.py`): RDSC merges of 3 layers keep a
-last-layer cosine of only ~0.5, far below what dropping blocks keeps: in a small model the layers'
-parameter differences are not small, so summing them is destructive. Note that with
-`layers_per_merge=1` RDSC gives theta_l + (theta_{l+1} - theta_l) = theta_{l+1}: dropping block l.
+Measured on SmolLM2-135M (30 blocks): RDSC of 4 layers keeps a final-representation cosine far
+below the paper's 0.65 (the layers' parameter differences are not small in a small model), so at
+the paper's threshold LaCo removes fewer blocks than asked; `compare_methods` reports the depth it
+reached beside its quality.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from depthkit.analysis.metrics import token_cosine
 from depthkit.compress.base import option, register_method
 from depthkit.compress.common import (
     BlockSearch,
@@ -50,11 +51,13 @@ from depthkit.compress.common import (
     SearchOptions,
     selection_subset,
 )
-from depthkit.errors import require
+from depthkit.errors import require, warn
+
+MERGES = ("rdsc", "drop")
 
 
 def merged_parameter_names(layer: nn.Module) -> list[str]:
-    """Parameters RDSC merges: every weight/bias of the block except normalisation weights."""
+    """Parameters a merge combines: every weight/bias of the block except normalisation weights."""
     return [name for name, _ in layer.named_parameters() if "norm" not in name]
 
 
@@ -70,49 +73,137 @@ def rdsc_merge(base: nn.Module, others: list[nn.Module]) -> nn.Module:
     return merged
 
 
+@torch.no_grad()
+def drop_merge(base: nn.Module, others: list[nn.Module]) -> nn.Module:
+    """What the released LaCo code computes: `base`'s norms with the last of `others`' projections."""
+    merged = copy.deepcopy(base)
+    params, last = dict(merged.named_parameters()), dict(others[-1].named_parameters())
+    for name in merged_parameter_names(merged):
+        params[name].copy_(last[name])
+    return merged
+
+
+MERGE_FUNCTIONS = {"rdsc": rdsc_merge, "drop": drop_merge}
+
+
+def sequence_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over sequences of the cosine of two (sequences, tokens, dim) tensors, each sequence
+    flattened to one vector (the LaCo notebooks' similarity), in float32."""
+    a, b = a.reshape(a.shape[0], -1).float(), b.reshape(b.shape[0], -1).float()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
 @dataclass
 class LaCoOptions(SearchOptions):
-    layers_per_merge: int = option(2, "layers folded into one per merge, C (default 2)")
-    threshold: float = option(0.9, "minimum cosine of last-layer representations to accept a merge (default 0.9)")
-    relax: float = option(0.05, "threshold decrease per extra sweep when the target is not reached (default 0.05)")
-    interval: int = option(1, "blocks left untouched below an accepted merge (default 1)")
-    lowest_layer: int = option(1, "lowest layer a merge may start at (default 1)")
+    merge_layers: int = option(4, "layers combined into one per merge, C (default 4, the paper's)")
+    threshold: float = option(0.65, "accept a merge when the final-representation cosine with the original model "
+                                    "exceeds this, T (default 0.65, the paper's)")
+    interval: int = option(2, "layers the walk moves down after an accepted merge, I (default 2, the paper's)")
+    lowest_layer: int = option(0, "lowest layer a merge may start at, L (default 0)")
+    highest_layer: int = option(-1, "highest layer, H: the walk starts at H - C (default -1: the last layer)")
+    merge: str = option("rdsc", "rdsc: the paper's sum of differences (default); drop: what the released code "
+                                "computes (the group's last layer's projections)")
+    bisect: bool = option(False, "if the threshold cannot reach the requested depth, bisect it down to "
+                                 "threshold_floor (default false: merge less and say so)")
+    threshold_floor: float = option(0.45, "lowest threshold `bisect` tries (default 0.45, the lowest the "
+                                          "authors' notebooks use)")
 
     def validate(self) -> None:
         super().validate()
-        require(self.layers_per_merge >= 1 and self.relax > 0 and self.interval >= 0 and self.lowest_layer >= 0,
-                "laco options: layers_per_merge >= 1, relax > 0, interval >= 0, lowest_layer >= 0")
+        require(self.merge_layers >= 2 and self.interval >= 1 and self.lowest_layer >= 0 and self.highest_layer >= -1,
+                "laco options: merge_layers >= 2, interval >= 1, lowest_layer >= 0, highest_layer >= -1")
+        require(self.merge in MERGES, f"laco option merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
+        require(-1.0 <= self.threshold <= 1.0 and -1.0 <= self.threshold_floor <= 1.0,
+                "laco options: threshold and threshold_floor are cosines, in -1..1")
+        require(not self.bisect or self.threshold_floor <= self.threshold,
+                f"laco options: bisect needs threshold_floor <= threshold, got {self.threshold_floor} "
+                f"and {self.threshold}")
 
 
 @register_method("laco")
 class LaCo(SearchMethod):
-    description = "LaCo layer collapse: merge runs of layers by adding parameter differences (RDSC)"
+    description = "LaCo layer collapse: walk down merging runs of layers (RDSC) while the output stays similar"
     options_class = LaCoOptions
+    paper = "Yang et al., 2024, LaCo: Large Language Model Pruning via Layer Collapse (EMNLP 2024 Findings)"
+
+    def deviations(self) -> list[str]:
+        opts = self.settings
+        found = [
+            "defaults C=4, I=2, T=0.65 are the paper's settings for its 7B-13B models (32-40 layers); the released "
+            "notebooks use C=3, T=0.6 (Baichuan2-13B) and C=7, T=0.45 (Llama2-13B), both with I=1; nobody tuned "
+            "them for a model of this size",
+            "calibration: the notebooks compare 5 short Wikipedia sentence openings; here the first "
+            f"{opts.selection_blocks} calibration sequences (card: calibration)",
+            "the walk stops once the requested number of blocks is removed (the paper walks on to L)",
+            "biases (Qwen-style blocks) are merged like weights; the notebooks merge the projection weights of "
+            "models without biases",
+        ]
+        if opts.merge == "drop":
+            found.append("merge=drop: the released code's in-place update, i.e. each group keeps its last layer's "
+                         "projections, not the paper's RDSC sum")
+        if opts.bisect:
+            found.append(f"bisect: the threshold was lowered (down to at most {opts.threshold_floor}) until the "
+                         "requested depth was reached; the paper keeps T fixed and merges less")
+        return found
 
     def search(
         self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int
     ) -> tuple[BlockSearch, dict[str, Any]]:
         opts = self.settings
-        depth = len(source.layers())
-        require(opts.lowest_layer + num_remove < depth,
-                f"laco cannot remove {num_remove} blocks above lowest_layer {opts.lowest_layer} of {depth}")
-        search = _LaCoSearch(source, selection_subset(calib_ids, opts.selection_blocks), opts.batch_size)
-        thresholds = search.collapse(num_remove, opts)
+        ids = selection_subset(calib_ids, opts.selection_blocks)
+        search, tried = self._walk(source, ids, num_remove, opts.threshold), [opts.threshold]
+        if opts.bisect and search.removed < num_remove:
+            search, tried = self._bisect(source, ids, num_remove, search, tried)
+        if search.removed < num_remove:
+            warn(f"laco reached {search.depth()} blocks, not the {len(search.originals) - num_remove} "
+                 f"requested: no further merge kept the output similar above threshold {search.threshold}"
+                 + ("" if opts.bisect else " (option bisect=true lowers it)"))
         return search, {
             "merges": search.merges,
             "removed_blocks": sorted(i for group in search.groups for i in group[1:]),
             "merged_groups": [group for group in search.groups if len(group) > 1],
-            "thresholds": thresholds,
-            "selection_tokens": list(search.ids.shape),
+            "threshold": search.threshold,
+            "thresholds_tried": tried,
+            "blocks_removed": search.removed,
+            "target_reached": search.removed == num_remove,
+            "selection_tokens": list(ids.shape),
         }
+
+    def _walk(self, source: BlockSource, ids: torch.Tensor, num_remove: int, threshold: float) -> _LaCoSearch:
+        search = _LaCoSearch(source, ids, self.settings, threshold)
+        search.walk(num_remove)
+        return search
+
+    def _bisect(
+        self, source: BlockSource, ids: torch.Tensor, num_remove: int, best: _LaCoSearch, tried: list[float],
+        steps: int = 6,
+    ) -> tuple[_LaCoSearch, list[float]]:
+        """The highest threshold in [floor, threshold] whose walk reaches the requested depth (if the
+        floor's does); else the walk at the floor, which merges the most LaCo is allowed to."""
+        low, high = self.settings.threshold_floor, self.settings.threshold
+        floor = self._walk(source, ids, num_remove, low)
+        tried.append(low)
+        if floor.removed < num_remove:
+            return (floor if floor.removed > best.removed else best), tried
+        best = floor
+        for _ in range(steps):
+            middle = (low + high) / 2
+            candidate = self._walk(source, ids, num_remove, middle)
+            tried.append(middle)
+            if candidate.removed == num_remove:
+                best, low = candidate, middle
+            else:
+                high = middle
+        return best, tried
 
 
 @dataclass(frozen=True)
 class Merge:
-    """The recipe of a merged block: RDSC of `base` and `others`, entries of `_LaCoSearch.blocks`."""
+    """The recipe of a merged block: `kind` merge of `base` and `others`, entries of `_LaCoSearch.blocks`."""
 
     base: Any
     others: tuple[Any, ...]
+    kind: str = "rdsc"
 
 
 class _LaCoSearch(BlockSearch):
@@ -121,17 +212,17 @@ class _LaCoSearch(BlockSearch):
     On a model in memory an accepted merge is kept as its module. On a streamed checkpoint it is
     kept as its `Merge` recipe and rebuilt from the original blocks, read from disk, whenever it
     is run (a merged layer merged again nests recipes): memory holds at most the blocks of one
-    merge and the merged block, never every merged block. Nothing of LaCo needs more.
+    merge and the merged block, never every merged block.
     """
 
-    def __init__(self, source: BlockSource, ids: torch.Tensor, batch_size: int) -> None:
-        super().__init__(source, ids, batch_size)
+    def __init__(self, source: BlockSource, ids: torch.Tensor, opts: LaCoOptions, threshold: float) -> None:
+        super().__init__(source, ids, opts.batch_size)
+        self.opts, self.threshold = opts, threshold
         self.keep_merged = isinstance(source, LoadedModel)
-        self.reference = self.final(self.states[-1])
+        self.reference = self.final(self.states[-1])  # the original model's: never updated
         self.groups = [[i] for i in range(self.depth())]  # original blocks behind each current block
         self.merges: list[dict] = []
         self.removed = 0
-        self.remerge = False  # allowed only once no group of unmerged layers is left to try
 
     def load(self, position: int) -> nn.Module:
         return self.build(self.blocks[position])
@@ -140,62 +231,49 @@ class _LaCoSearch(BlockSearch):
         """The module of a `blocks` entry: an original block, a kept merged one, or a recipe's merge.
 
         Nested recipes are built first, so each is a single block before the plain layers of this
-        merge are read: a merge never holds more than the layers_per_merge + 1 blocks it combines.
+        merge are read: a merge never holds more than the C blocks it combines plus its result.
         """
         if not isinstance(block, Merge):
             return block if isinstance(block, nn.Module) else self.originals[block]
         entries = [block.base, *block.others]
         nested = {i: self.build(entry) for i, entry in enumerate(entries) if isinstance(entry, Merge)}
         parts = [nested.pop(i) if i in nested else self.build(entry) for i, entry in enumerate(entries)]
-        return rdsc_merge(parts[0], parts[1:])
+        return MERGE_FUNCTIONS[block.kind](parts[0], parts[1:])
 
-    def collapse(self, num_remove: int, opts: LaCoOptions) -> list[float]:
-        """Sweep, relaxing the threshold, until `num_remove` blocks are merged away; the thresholds used."""
-        threshold, thresholds = opts.threshold, []
-        with tqdm(total=num_remove, desc="laco", leave=False) as bar:
-            while self.removed < num_remove:
-                thresholds.append(threshold)
-                best_rejected = self.sweep(threshold, opts.layers_per_merge, opts.interval, opts.lowest_layer,
-                                           num_remove, bar)
-                self.remerge = self.remerge or best_rejected == float("-inf")
-                threshold = min(threshold - opts.relax, best_rejected)
-        return thresholds
-
-    def sweep(self, threshold: float, per_merge: int, interval: int, lowest: int, target: int, bar) -> float:
-        """One walk from the top down; returns the best similarity it rejected (-inf if none)."""
-        best_rejected = float("-inf")
-        # Never start below `lowest`: with lowest + remaining < depth (checked up front, kept by every
-        # merge) each sweep evaluates at least one candidate, so relaxing the threshold makes progress.
-        start = max(self.depth() - 1 - per_merge, lowest)
-        while start >= lowest and self.removed < target:
-            count = min(per_merge, target - self.removed, self.depth() - 1 - start)
-            if not self.remerge and any(len(g) > 1 for g in self.groups[start : start + 1 + count]):
-                start -= 1  # a layer takes part in one merge only (merging merges compounds the damage)
-                continue
-            block, similarity = self._candidate(start, count)
-            if similarity < threshold:
-                best_rejected = max(best_rejected, similarity)
-                start -= 1
-                continue
-            self._accept(start, count, block, similarity, threshold)
-            bar.update(count)
-            start = min(start - interval - per_merge, self.depth() - 1 - per_merge)
-        return best_rejected
+    def walk(self, target: int) -> None:
+        """Algorithm 1 from layer H - C down to L, stopping early once `target` blocks are removed."""
+        opts = self.opts
+        highest = self.depth() - 1 if opts.highest_layer < 0 else min(opts.highest_layer, self.depth() - 1)
+        layer = highest - opts.merge_layers
+        with tqdm(total=target, desc=f"laco T={self.threshold:.3g}", leave=False) as bar:
+            while layer >= opts.lowest_layer and self.removed < target:
+                count = min(opts.merge_layers - 1, self.depth() - layer - 1, target - self.removed)
+                if count < 1:
+                    layer -= 1
+                    continue
+                block, similarity = self._candidate(layer, count)
+                if similarity <= self.threshold:
+                    layer -= 1
+                    continue
+                self._accept(layer, count, block, similarity)
+                bar.update(count)
+                layer -= opts.interval
+                if layer >= self.depth():
+                    layer = self.depth() - 1 - opts.merge_layers
 
     def _candidate(self, start: int, count: int) -> tuple[Any, float]:
         """Positions start..start+count merged: the entry that stands for the merge, and its similarity."""
-        recipe = Merge(self.blocks[start], tuple(self.blocks[start + 1 : start + 1 + count]))
+        recipe = Merge(self.blocks[start], tuple(self.blocks[start + 1 : start + 1 + count]), self.opts.merge)
         merged = self.build(recipe)
         hidden = self.run(merged, self.states[start])
         block = merged if self.keep_merged else recipe  # streamed: dropped now, rebuilt when run again
         del merged
         hidden = self.run_from(start + 1 + count, hidden)
-        return block, float(token_cosine(self.final(hidden), self.reference).mean())
+        return block, sequence_cosine(self.final(hidden), self.reference)
 
-    def _accept(self, start: int, count: int, block: Any, similarity: float, threshold: float) -> None:
+    def _accept(self, start: int, count: int, block: Any, similarity: float) -> None:
         group = [i for g in self.groups[start : start + 1 + count] for i in g]
         self.groups[start : start + 1 + count] = [group]
-        self.merges.append({"blocks": group, "similarity": similarity, "threshold": threshold})
+        self.merges.append({"blocks": group, "similarity": similarity})
         self.removed += count
         self.replace(start, start + 1 + count, [block])
-        self.reference = self.final(self.states[-1])
