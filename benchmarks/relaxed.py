@@ -33,7 +33,7 @@ from recursion import benchmark_data  # noqa: E402
 
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.recursive import RecursiveModel  # noqa: E402
-from depthkit.recursive.relaxed import INITS, SHARINGS, relax  # noqa: E402
+from depthkit.recursive.relaxed import INITS, LOOP_NORMS, SHARINGS, relax  # noqa: E402
 from depthkit.recursive.train import TrainSettings, step_perplexities, train  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shared", type=int, default=10, help="K: shared layers the model is converted to")
     p.add_argument("--sharing", default="cycle", choices=SHARINGS)
     p.add_argument("--init", default="stepwise", choices=INITS)
+    p.add_argument("--loop-norms", default="shared", choices=LOOP_NORMS,
+                   help="per-loop norms from the shared layer (the method) or the original layers (flagged)")
     p.add_argument("--ranks", default="0,64,192", help="comma-separated per-loop LoRA ranks (0: strict sharing)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per variant (the shared budget)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -71,7 +73,7 @@ def build(args: argparse.Namespace, rank: int | None) -> RecursiveModel:
     base, _ = load_model(args.model, dtype="float32")
     if rank is None:
         return RecursiveModel.wrap(base, num_loops=1, feedback="vanilla")
-    return relax(base, args.shared, args.sharing, args.init, rank, args.seed)
+    return relax(base, args.shared, args.sharing, args.init, rank, args.seed, args.loop_norms)
 
 
 def run_variant(name: str, rank: int | None, args: argparse.Namespace, train_ids, eval_ids) -> dict:
@@ -93,6 +95,9 @@ def run_variant(name: str, rank: int | None, args: argparse.Namespace, train_ids
             "curve": [{"step": e["step"], "perplexity": e["perplexity"][-1]} for e in result.evaluations]}
 
 
+ORIGINAL_NORMS_FLAG = " (FLAGGED: better than the method, which starts them from the shared layer)"
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     original = next(v for v in result["variants"] if v["rank"] is None)
@@ -104,7 +109,9 @@ def markdown(result: dict) -> str:
     return "\n".join([
         "# Relaxed Recursive Transformers: conversion and uptraining", "",
         f"Model: {s['model']}, converted to {s['shared']} shared layers ({s['sharing'].upper()} sharing, "
-        f"{s['init']} initialisation); per variant {s['steps']} AdamW steps x {s['batch_size']} x {s['seq_len']} "
+        f"{s['init']} initialisation, per-loop norms from the {s.get('loop_norms', 'original')} layers"
+        f"{'' if s.get('loop_norms') == 'shared' else ORIGINAL_NORMS_FLAG}"
+        f"); per variant {s['steps']} AdamW steps x {s['batch_size']} x {s['seq_len']} "
         f"tokens of the six Austen novels' calib splits (same blocks, same order), lr {s['lr']:g}, cosine schedule, "
         f"{s['mixed_precision']} autocast, embeddings/head frozen; the original model trains its layers, the "
         "converted ones their shared layers and per-loop LoRA. Held-out: "

@@ -229,9 +229,27 @@ def test_full_rank_relaxation_reproduces_the_original(arch, sharing, shared, ini
     uniform = {"layer_types": ["sliding_attention"] * 6} if arch.startswith("gemma") else {}
     base = tiny_model(arch, num_layers=6, **uniform)
     reference = base(ids()).logits
-    model = relax(base, shared, sharing, init, rank="full")
+    model = relax(base, shared, sharing, init, rank="full", loop_norms="original")
     assert len(model.layers) == shared
     torch.testing.assert_close(model(ids()).logits, reference, atol=1e-5, rtol=0)
+
+
+def test_loop_norms_start_from_the_shared_layer_unless_asked_for_the_original():
+    """MoR / Relaxed Recursive: a loop's norms are the shared layer's; the original copy is an option."""
+    base = tiny_model("llama", num_layers=4)
+    with torch.no_grad():
+        for index, layer in enumerate(get_adapter(base).layers(base)):
+            get_adapter(base).block(layer).attn_norm.weight.fill_(1.0 + index)
+    originals = [get_adapter(base).block(layer).attn_norm.weight.clone() for layer in get_adapter(base).layers(base)]
+    for loop_norms in ("shared", "original"):
+        model = relax(copy.deepcopy(base), 2, "cycle", "lower", rank=2, loop_norms=loop_norms)
+        assert model.config.source["loop_norms"] == loop_norms
+        for index, (k, loop) in enumerate(sharing_plan("cycle", 4, 2).assignment):
+            norm = model.adapters.norms[f"{k}_attn_norm_loop{loop}"]
+            expected = originals[index] if loop_norms == "original" else originals[k]
+            torch.testing.assert_close(norm.float(), expected.float())
+    with pytest.raises(DepthkitError, match="unknown loop_norms"):
+        relax(copy.deepcopy(base), 2, rank=2, loop_norms="mine")
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)

@@ -27,7 +27,7 @@ from depthkit.recursive.config import CONNECTOR_NORMS, FEEDBACKS, FUSIONS, PROJE
 from depthkit.recursive.generate import DEFAULT_THRESHOLD, early_exit_nll, generate
 from depthkit.recursive.loss import LOSSES
 from depthkit.recursive.model import BASE_DIR, LAYER_PICKS, RecursiveModel, truncate_layers
-from depthkit.recursive.relaxed import INITS, SHARINGS, relax, sharing_plan
+from depthkit.recursive.relaxed import INITS, LOOP_NORMS, SHARINGS, relax, sharing_plan
 from depthkit.recursive.train import PARTS, TrainSettings, step_perplexities, train
 from depthkit.utils.io import check_output_dir, format_table, write_json
 from depthkit.utils.precision import MIXED_PRECISIONS
@@ -56,6 +56,9 @@ def _register_train(p: argparse.ArgumentParser) -> None:
                                                           "instead of looping the whole decoder")
     p.add_argument("--sharing", default="cycle", choices=SHARINGS)
     p.add_argument("--init", default="stepwise", choices=INITS)
+    p.add_argument("--loop-norms", default="shared", choices=LOOP_NORMS,
+                   help="with --relax: each loop's norms start from the shared layer's (the method's, default) "
+                        "or copy the original layer's (better than the method; the saved config records it)")
     p.add_argument("--loop-lora-rank", default="0",
                    help="per-loop LoRA rank (int or 'full'): the relaxation's, or one LoRA per loop of the "
                         "looped decoder without --relax")
@@ -137,7 +140,7 @@ def build_model(args: argparse.Namespace):
     rank = _rank(args.loop_lora_rank)
     if args.relax:
         check_relax_options(args, len(get_adapter(base).layers(base)))  # before the conversion's SVDs
-        model = relax(base, args.relax, args.sharing, args.init, rank, args.seed)
+        model = relax(base, args.relax, args.sharing, args.init, rank, args.seed, args.loop_norms)
     else:
         loops = DEFAULT_LOOPS if args.loops is None else args.loops
         model = RecursiveModel.wrap(

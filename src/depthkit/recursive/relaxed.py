@@ -9,8 +9,11 @@ A shared layer is initialised Stepwise (source layers `round(linspace(first, las
 
 Relaxation: each (shared layer, loop) gets a LoRA on every projection initialised from the
 truncated SVD of the residual `W_orig - W_shared` (B = U_r S_r, A = V_r^T), plus that loop's own
-RMSNorm weights and bias deltas (tiny, and needed for exactness). Full rank reproduces the
-original model; rank 0 is the strict recursive model (everything shared).
+RMSNorm weights and bias deltas. The per-loop norms start from the SHARED layer's norms
+(`loop_norms="shared"`, as Mixture-of-Recursions and the Relaxed Recursive paper relax only through
+LoRA); `loop_norms="original"` copies each original layer's norms instead, which makes a rank-r
+model better than the method itself (results and cards flag it). Full rank with original norms
+reproduces the original model; rank 0 is the strict recursive model (everything shared).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from depthkit.recursive.model import RecursiveModel, stepwise_picks
 
 SHARINGS = ("cycle", "sequence", "middle")
 INITS = ("stepwise", "lower", "average", "random")
+LOOP_NORMS = ("shared", "original")
 
 
 @dataclass
@@ -106,8 +110,10 @@ def build_shared_layer(originals: list[nn.Module], sources: list[int], init: str
 
 
 def relax(base: PreTrainedModel, num_shared: int, sharing: str = "cycle", init: str = "stepwise",
-          rank: int | str = 0, seed: int = 0) -> RecursiveModel:
-    """Convert `base` in place to `num_shared` shared layers with per-loop LoRA of `rank` ("full" = exact)."""
+          rank: int | str = 0, seed: int = 0, loop_norms: str = "shared") -> RecursiveModel:
+    """Convert `base` in place to `num_shared` shared layers with per-loop LoRA of `rank` ("full" with
+    `loop_norms="original"` = exact), each loop's norms starting from `loop_norms`."""
+    require(loop_norms in LOOP_NORMS, f"unknown loop_norms '{loop_norms}'; choose from {', '.join(LOOP_NORMS)}")
     adapter = get_adapter(base)
     originals = list(adapter.layers(base))
     plan = sharing_plan(sharing, len(originals), num_shared)
@@ -120,22 +126,25 @@ def relax(base: PreTrainedModel, num_shared: int, sharing: str = "cycle", init: 
     config = RecursiveConfig(
         block=plan.block, prelude=plan.prelude, coda=plan.coda, order=plan.order, num_loops=plan.loops,
         feedback="vanilla", loop_lora_rank=rank, relaxed_loops=plan.loops,
-        source={"sharing": sharing, "init": init, "original_layers": len(originals),
+        source={"sharing": sharing, "init": init, "loop_norms": loop_norms, "original_layers": len(originals),
                 "assignment": [list(a) for a in plan.assignment], "init_sources": sources},
     )
     model = RecursiveModel(base, config)
-    init_relaxation(model, originals, plan)
+    init_relaxation(model, originals, plan, loop_norms)
     return model
 
 
 @torch.no_grad()
-def init_relaxation(model: RecursiveModel, originals: list[nn.Module], plan: SharingPlan) -> None:
-    """Set every loop's LoRA to the truncated SVD of `W_orig - W_shared` and copy its own norms/biases."""
+def init_relaxation(model: RecursiveModel, originals: list[nn.Module], plan: SharingPlan,
+                    loop_norms: str = "shared") -> None:
+    """Set every loop's LoRA to the truncated SVD of `W_orig - W_shared` (with its bias delta) and its
+    norms to the shared layer's (or, with `loop_norms="original"`, the original layer's)."""
     adapter = model.adapter
     for index, (k, loop) in enumerate(plan.assignment):
         if k not in plan.block:
             continue
         source, target = adapter.block(originals[index]), adapter.block(model.layers[k])
+        norm_source = source if loop_norms == "original" else target
         for name in PROJECTIONS:
             key = lora_key(k, name, loop)
             if key in model.adapters.relax:
@@ -143,7 +152,7 @@ def init_relaxation(model: RecursiveModel, originals: list[nn.Module], plan: Sha
         for name in NORMS:
             key = lora_key(k, name, loop)
             if key in model.adapters.norms:
-                model.adapters.norms[key].copy_(getattr(source, name).weight.float())
+                model.adapters.norms[key].copy_(getattr(norm_source, name).weight.float())
 
 
 def set_svd_lora(lora: nn.Module, original: nn.Linear, shared: nn.Linear) -> None:
