@@ -285,6 +285,23 @@ class ArchitectureAdapter:
     def intermediate_size(config: PretrainedConfig) -> int:
         return config.intermediate_size
 
+    def set_heads_per_group(self, layer: nn.Module, heads: int) -> None:
+        """Query heads per KV head of `layer`'s attention (transformers repeats the keys that often)."""
+        self.attention_module(layer).num_key_value_groups = heads
+
+    def set_widths(self, model: PreTrainedModel, heads: int, intermediate: int) -> None:
+        """Make `heads` query heads and `intermediate` MLP neurons per block the model's (width pruning):
+        the config (with `head_dim` written out, since it no longer follows from hidden / heads) and
+        the per-module copies transformers keeps (query heads per KV head)."""
+        config = model.config
+        config.head_dim = self.head_dim(config)
+        config.num_attention_heads, config.intermediate_size = heads, intermediate
+        for layer in self.layers(model):
+            self.set_heads_per_group(layer, heads // self.num_kv_heads(config))
+            mlp = _resolve(layer, self.layout.mlp)
+            if hasattr(mlp, "intermediate_size"):
+                mlp.intermediate_size = intermediate
+
 
 ADAPTERS: dict[str, ArchitectureAdapter] = {}
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from depthkit.compress.base import option
+from depthkit.compress.base import MethodOptions, option
 from depthkit.compress.common import SearchOptions
 from depthkit.compress.flatten.channels import CRITERIA
 from depthkit.compress.flatten.merge import QK_NORM_DEFAULT, QK_NORM_MODES, flatten_layers
@@ -27,23 +27,18 @@ from depthkit.models.adapters import get_adapter
 from depthkit.models.streaming import StreamingModel, StreamingWriter
 
 __all__ = [
-    "FlattenOptions", "flatten_gpt", "flatten_gpt_streaming", "flatten_layers", "select_groups",
+    "FlattenOptions", "PruneOptions", "flatten_gpt", "flatten_gpt_streaming", "flatten_layers", "select_groups",
     "flatten_and_prune",
 ]
 
 
 @dataclass
-class FlattenOptions(SearchOptions):
-    """User options of the flatten methods (`selection_blocks`: the first N calibration sequences
-    choose the pairs; least squares uses all of them)."""
+class PruneOptions(MethodOptions):
+    """How blocks are pruned and refit: shared by FlattenGPT (wide blocks back to one block's width)
+    and width pruning (every block to fewer heads and neurons)."""
 
-    selection: str = option("greedy", "pair selection: greedy (least calibration-loss increase, default) | local "
-                            "(flattening error) | similarity (input/output cosine); with --offload disk: local "
-                            "(default) | similarity, one pass")
-    shortlist: int = option(8, "greedy: candidates (smallest local flattening error) whose loss is measured; "
-                               "0 = all (default 8)")
-    max_group: int = option(2, "most original blocks flattened into one block (default 2)")
-    criterion: str = option("ols", "MLP neuron (and default KV-group) criterion: ols (default) | nystrom | magnitude")
+    criterion: str = option("ols", "MLP neuron (and default KV-group) criterion: ols (default) | nystrom | magnitude "
+                                   "| activation")
     attn_criterion: str | None = option(None, "KV-group criterion (defaults to criterion)")
     target: str = option("sequential", "least-squares target: sequential (default) | original | parallel")
     # The refit is pulled towards the kept channels' own weights, 0.3 x the mean channel energy strong:
@@ -55,12 +50,9 @@ class FlattenOptions(SearchOptions):
                                          "weights, default) | zero")
     qk_norm: str = option(QK_NORM_DEFAULT, "blocks whose q/k norms differ (Qwen3, Gemma 3): average (approximate, "
                                      "repaired by least squares; default) | exact (refuse)")
-    groups: list[list[int]] | None = option(None, "explicit groups of original block indices, e.g. [[0],[1,2],...]: "
-                                                  "skips the selection")
 
     def validate(self) -> None:
         super().validate()
-        _choice("selection", self.selection, SELECTIONS)
         _choice("criterion", self.criterion, CRITERIA)
         if self.attn_criterion is not None:
             _choice("attn_criterion", self.attn_criterion, CRITERIA)
@@ -68,16 +60,35 @@ class FlattenOptions(SearchOptions):
         _choice("qk_norm", self.qk_norm, QK_NORM_MODES)
         _choice("ridge_prior", self.ridge_prior, RIDGE_PRIORS)
         require(self.ridge >= 0, f"ridge must be >= 0, got {self.ridge}")
+
+    def prune_settings(self, refit: bool = True) -> PruneSettings:
+        return PruneSettings(
+            self.criterion, self.attn_criterion, self.target, self.ridge, self.batch_size, self.qk_norm,
+            self.ridge_prior, refit,
+        )
+
+
+@dataclass
+class FlattenOptions(PruneOptions, SearchOptions):
+    """User options of the flatten methods (`selection_blocks`: the first N calibration sequences
+    choose the pairs; least squares uses all of them)."""
+
+    selection: str = option("greedy", "pair selection: greedy (least calibration-loss increase, default) | local "
+                            "(flattening error) | similarity (input/output cosine); with --offload disk: local "
+                            "(default) | similarity, one pass")
+    shortlist: int = option(8, "greedy: candidates (smallest local flattening error) whose loss is measured; "
+                               "0 = all (default 8)")
+    max_group: int = option(2, "most original blocks flattened into one block (default 2)")
+    groups: list[list[int]] | None = option(None, "explicit groups of original block indices, e.g. [[0],[1,2],...]: "
+                                                  "skips the selection")
+
+    def validate(self) -> None:
+        super().validate()
+        _choice("selection", self.selection, SELECTIONS)
         require(self.shortlist >= 0, f"shortlist must be >= 0, got {self.shortlist}")
         require(self.groups is None or (isinstance(self.groups, list) and all(
             isinstance(g, list) and g and all(isinstance(i, int) for i in g) for g in self.groups)),
             f"groups must be a JSON list of lists of block indices, e.g. [[0],[1,2],[3]], got {self.groups!r}")
-
-    def prune_settings(self) -> PruneSettings:
-        return PruneSettings(
-            self.criterion, self.attn_criterion, self.target, self.ridge, self.batch_size, self.qk_norm,
-            self.ridge_prior,
-        )
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -15,6 +15,8 @@ and R are needed, so they are accumulated chunk by chunk. Criteria:
 
 - `magnitude`: keep the units whose contribution has the most energy, sum_j C_jj ||W_:j||^2
   (activation-weighted weight magnitude).
+- `activation`: keep the units whose activations have the most energy, sum_j C_jj (Minitron's
+  activation importance: a head's output norm, a neuron's activation norm; no weights involved).
 - `nystrom`: pivoted Cholesky of the contribution correlation D C D (D = diag ||W_:j||): the next
   unit is the one with the largest variance left unexplained by the units already kept, i.e. the
   columns that best span the correlation (a Nystrom approximation).
@@ -29,7 +31,7 @@ import torch
 
 from depthkit.errors import require
 
-CRITERIA = ("magnitude", "nystrom", "ols")
+CRITERIA = ("magnitude", "nystrom", "ols", "activation")
 
 
 class GramAccumulator:
@@ -193,8 +195,8 @@ def select_units(
     """Indices (sorted) of the `keep` units to keep; `weight` is the unpruned output projection."""
     require(criterion in CRITERIA, f"criterion must be one of {', '.join(CRITERIA)}, got '{criterion}'")
     norms = weight.double().pow(2).sum(0)  # ||W_:j||^2 per input channel
-    if criterion == "magnitude":
-        energy = C.diagonal() * norms
+    if criterion in ("magnitude", "activation"):
+        energy = C.diagonal() * norms if criterion == "magnitude" else C.diagonal()
         scores = torch.stack([energy[idx].sum() for idx in units])
         return sorted(scores.topk(keep).indices.tolist())
     scale = norms.sqrt()

@@ -17,6 +17,7 @@ For a group of original blocks g_1..g_k on input x, the ridge targets are (optio
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,16 @@ class PruneSettings:
     batch_size: int
     qk_norm: str
     ridge_prior: str
+    refit: bool = True  # False: keep the chosen channels' weights as they are (no least squares)
+
+
+@dataclass(frozen=True)
+class Widths:
+    """What a pruned block keeps: KV groups, query heads per kept group, MLP neurons."""
+
+    kv_groups: int
+    heads_per_group: int
+    neurons: int
 
 
 class BlockRunner:
@@ -140,12 +151,13 @@ class _OutputFit:
     """
 
     def __init__(self, linear: nn.Linear, post_norm: nn.Module | None, rows: Callable[[int, int], torch.Tensor],
-                 sequences: int, adapter: ArchitectureAdapter):
-        """`rows(start, stop)`: the float32 branch target of those calibration sequences."""
+                 sequences: int, adapter: ArchitectureAdapter, refit: bool = True):
+        """`rows(start, stop)`: the float32 branch target of those calibration sequences. Without
+        `refit` the post-norm keeps its gain (nothing is fitted)."""
         self.linear, self.post_norm, self.adapter, self.rows = linear, post_norm, adapter, rows
         self.bias = _bias(linear)
         self.gain, self.tokens = None, 0
-        if post_norm is not None:
+        if post_norm is not None and refit:
             energy = 0.0
             for start in range(0, sequences, 8):  # a few sequences at a time: never a float copy of all
                 chunk = rows(start, min(start + 8, sequences))
@@ -175,58 +187,91 @@ class _OutputFit:
 
 
 class GroupPruner:
-    """Prunes one wide block (attention then MLP) given its input and its targets."""
+    """Prunes one (possibly wide) block, attention then MLP, given its input and its targets.
+
+    The block keeps `Widths`: by default the original model's (a flattened block back to one
+    block's width); width pruning asks for fewer query heads per KV group and fewer neurons.
+    """
 
     def __init__(self, model: PreTrainedModel, runner: BlockRunner, settings: PruneSettings):
         self.model, self.runner, self.settings = model, runner, settings
         self.adapter = get_adapter(model)
         config = model.config
-        self.kv_groups = self.adapter.num_kv_heads(config)
-        self.heads_per_group = self.adapter.num_heads(config) // self.kv_groups
+        self.heads_per_group = self.adapter.num_heads(config) // self.adapter.num_kv_heads(config)
         self.head_dim = self.adapter.head_dim(config)
-        self.neurons = self.adapter.intermediate_size(config)
+        self.original = Widths(self.adapter.num_kv_heads(config), self.heads_per_group,
+                               self.adapter.intermediate_size(config))
 
-    def prune_attention(self, wide: nn.Module, x: torch.Tensor, attn_target: torch.Tensor) -> dict:
+    def _select(self, gram: GramAccumulator, weight: torch.Tensor, units: list[torch.Tensor], keep: int,
+                criterion: str, lam: float) -> list[int]:
+        """All units when all are kept, else the `keep` best by `criterion`."""
+        if keep >= len(units):
+            return list(range(len(units)))
+        return select_units(gram.C, gram.R, weight, units, keep, criterion, lam)
+
+    def prune_attention(self, wide: nn.Module, x: torch.Tensor, attn_target: torch.Tensor, widths: Widths) -> dict:
         parts = self.adapter.block(wide)
         fit = _OutputFit(parts.attn_out, parts.attn_post_norm, lambda start, stop: attn_target[start:stop],
-                         len(x), self.adapter)
+                         len(x), self.adapter, self.settings.refit)
         gram = gram_of_input(parts.attn_out, lambda: self.runner.attention(wide, x), fit.target, len(x))
         fit.rescale(gram)
-        group_cols = self.heads_per_group * self.head_dim
-        units = [torch.arange(g * group_cols, (g + 1) * group_cols) for g in range(gram.C.shape[0] // group_cols)]
+        head_dim, per_group = self.head_dim, self.heads_per_group
+        group_cols = per_group * head_dim
+        groups = [torch.arange(g * group_cols, (g + 1) * group_cols) for g in range(gram.C.shape[0] // group_cols)]
         lam = ridge_lambda(gram.C, self.settings.ridge)
         criterion = self.settings.attn_criterion or self.settings.criterion
-        kept = select_units(gram.C, gram.R, parts.attn_out.weight, units, self.kv_groups, criterion, lam)
-        columns = torch.cat([units[g] for g in kept])
-        kv_rows = torch.cat([torch.arange(g * self.head_dim, (g + 1) * self.head_dim) for g in kept])
-        _keep_rows(parts.query, columns)  # query rows of a group's heads = attn_out columns of that group
+        kept = self._select(gram, parts.attn_out.weight, groups, widths.kv_groups, criterion, lam)
+        heads = {}
+        for g in kept:  # query heads within each kept group (all of them unless width pruning asks fewer)
+            units = [groups[g][h * head_dim : (h + 1) * head_dim] for h in range(per_group)]
+            heads[g] = self._select(gram, parts.attn_out.weight, units, widths.heads_per_group, criterion, lam)
+        columns = torch.cat([groups[g][h * head_dim : (h + 1) * head_dim] for g in kept for h in heads[g]])
+        kv_rows = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in kept])
+        _keep_rows(parts.query, columns)  # query rows of a kept head = attn_out columns of that head
         _keep_rows(parts.key, kv_rows)
         _keep_rows(parts.value, kv_rows)
-        _refit(parts.attn_out, gram, columns, lam, self.settings.ridge_prior)
+        self._fit_output(parts.attn_out, gram, columns, lam)
         fit.set_post_norm()
-        return {"kept_kv_groups": kept}
+        self.adapter.set_heads_per_group(wide, widths.heads_per_group)
+        details = {"kept_kv_groups": kept}
+        if widths.heads_per_group < per_group:
+            details["kept_heads"] = {str(g): heads[g] for g in kept}
+        return details
 
-    def prune_mlp(self, wide: nn.Module, y: torch.Tensor, goal: torch.Tensor) -> dict:
+    def prune_mlp(self, wide: nn.Module, y: torch.Tensor, goal: torch.Tensor, widths: Widths) -> dict:
         """Prune the MLP, whose input is y (x + pruned attention) and target `goal - y`."""
         parts = self.adapter.block(wide)
         fit = _OutputFit(parts.mlp_out, parts.mlp_post_norm,
-                         lambda start, stop: goal[start:stop].float() - y[start:stop].float(), len(y), self.adapter)
+                         lambda start, stop: goal[start:stop].float() - y[start:stop].float(), len(y), self.adapter,
+                         self.settings.refit)
         gram = gram_of_input(parts.mlp_out, lambda: self.runner.mlp(wide, y), fit.target, len(y))
         fit.rescale(gram)
         units = list(torch.arange(gram.C.shape[0]).unsqueeze(1))
         lam = ridge_lambda(gram.C, self.settings.ridge)
         kept = torch.tensor(
-            select_units(gram.C, gram.R, parts.mlp_out.weight, units, self.neurons, self.settings.criterion, lam)
+            self._select(gram, parts.mlp_out.weight, units, widths.neurons, self.settings.criterion, lam)
         )
         _keep_rows(parts.gate, kept)
         _keep_rows(parts.up, kept)
-        _refit(parts.mlp_out, gram, kept, lam, self.settings.ridge_prior)
+        self._fit_output(parts.mlp_out, gram, kept, lam)
         fit.set_post_norm()
-        return {"kept_neurons_from_first_block": int((kept < self.neurons).sum())}
+        return {"kept_neurons_from_first_block": int((kept < self.original.neurons).sum())}
 
-    def prune(self, layers: list[nn.Module], x: torch.Tensor, x_ref: torch.Tensor | None) -> tuple[nn.Module, dict]:
-        """The pruned block replacing `layers` on input x (x_ref: original model's state)."""
-        wide = flatten_layers(self.model, layers, self.settings.qk_norm)
+    def _fit_output(self, linear: nn.Linear, gram: GramAccumulator, columns: torch.Tensor, lam: float) -> None:
+        """The output projection on the kept channels: refit by ridge least squares, or just kept."""
+        if self.settings.refit:
+            _refit(linear, gram, columns, lam, self.settings.ridge_prior)
+        else:
+            linear.in_features = len(columns)
+            linear.weight = nn.Parameter(linear.weight.detach()[:, columns].clone(), requires_grad=False)
+
+    def prune(self, layers: list[nn.Module], x: torch.Tensor, x_ref: torch.Tensor | None,
+              widths: Widths | None = None) -> tuple[nn.Module, dict]:
+        """The pruned block replacing `layers` (one block, or a group flattened first) on input x
+        (x_ref: original model's state), keeping `widths` (default: the original block's)."""
+        widths = widths or self.original
+        wide = flatten_layers(self.model, layers, self.settings.qk_norm) if len(layers) > 1 else copy.deepcopy(
+            layers[0])
         if self.settings.target == "parallel":
             attn_goal = self.runner.attention(wide, x).float()
             goal = self.runner.block(wide, x)
@@ -236,10 +281,10 @@ class GroupPruner:
             if source is not x:
                 attn_goal += source.float() - x.float()
         flatten_error = relative_error(self.runner.block(wide, x), goal, x)
-        details = self.prune_attention(wide, x, attn_goal)
+        details = self.prune_attention(wide, x, attn_goal, widths)
         del attn_goal  # float32, as large as two bf16 activations: not needed for the MLP
         y = x + self.runner.attention(wide, x)
-        details |= self.prune_mlp(wide, y, goal)
+        details |= self.prune_mlp(wide, y, goal, widths)
         details |= {
             "flatten_error": flatten_error,
             "pruned_error": relative_error(self.runner.block(wide, x), goal, x),
@@ -287,8 +332,15 @@ def pruned_blocks(
     hidden: torch.Tensor,
     settings: PruneSettings,
     progress: bool = True,
+    widths: Widths | None = None,
+    propagate: bool = True,
 ) -> Iterator[tuple[nn.Module, dict | None]]:
     """The compressed blocks in order, each with its record (None for blocks kept as they are).
+
+    With `widths` every block, single ones too, is pruned to those widths (width pruning);
+    without, only groups of 2+ blocks are flattened and pruned back to the original widths.
+    `propagate=False` feeds every block the ORIGINAL model's state instead of the compressed
+    model's (importance measured once on the original, as one-shot methods do).
 
     `hidden` is block 0's input (the embedded calibration tokens). `layers[i]` is original block i.
     It is read only while its group is processed, so `layers` may load blocks from disk on access
@@ -301,16 +353,16 @@ def pruned_blocks(
     runner = BlockRunner(model, x, settings.batch_size)
     pruner = GroupPruner(model, runner, settings)
     x_ref = x if settings.target == "original" else None
-    for group in tqdm(groups, desc="flatten + prune", disable=not progress):
+    for group in tqdm(groups, desc="flatten + prune" if widths is None else "prune", disable=not progress):
         originals = [layers[i] for i in group]
-        if len(group) == 1:
+        if len(group) == 1 and widths is None:
             block, record = originals[0], None
         else:
-            block, details = pruner.prune(originals, x, x_ref)
+            block, details = pruner.prune(originals, x, x_ref, widths)
             record = {"group": group} | details
         if x_ref is not None:
             x_ref = runner.sequential(originals, x_ref)[1]
-        x = runner.block(block, x)
+        x = runner.block(block, x) if propagate else runner.sequential(originals, x)[1]
         yield block, record
 
 

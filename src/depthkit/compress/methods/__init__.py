@@ -1,3 +1,3 @@
 """The built-in compression methods: importing this package registers every one of them."""
 
-from depthkit.compress.methods import attn_drop, flatten, laco, shortgpt, sleb  # noqa: F401
+from depthkit.compress.methods import attn_drop, flatten, laco, shortgpt, sleb, width  # noqa: F401
