@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import depthkit
 from depthkit.compress.base import get_method
 from depthkit.compress.common import lm_loss
 from depthkit.compress.flatten import FlattenOptions, flatten_gpt, flatten_layers, select_groups
@@ -208,3 +209,20 @@ def test_string_options_are_converted():
     options = FlattenOptions.from_dict({"ridge": "0.01", "selection_blocks": "4", "groups": "[[0, 1], [2]]"})
     assert options.ridge == 0.01 and options.selection_blocks == 4 and options.groups == [[0, 1], [2]]
 
+
+
+def test_paper_preset_fills_in_the_papers_recipe_and_refuses_conflicts():
+    paper = FlattenOptions.from_dict({"preset": "paper"}, "flatten")
+    assert (paper.selection, paper.criterion, paper.target, paper.ridge_prior) == (
+        "similarity", "nystrom", "parallel", "zero")
+    same = FlattenOptions.from_dict({"preset": "paper", "criterion": "nystrom", "batch_size": 2}, "flatten")
+    assert same.batch_size == 2
+    with pytest.raises(DepthkitError, match="criterion conflict with preset paper"):
+        FlattenOptions.from_dict({"preset": "paper", "criterion": "ols"}, "flatten")
+    with pytest.raises(DepthkitError, match="preset must be one of"):
+        FlattenOptions.from_dict({"preset": "papers"}, "flatten")
+    model = tiny_model("qwen3", num_layers=6)
+    report = depthkit.compress(model, "flatten", ratio=0.34, calib_ids=random_ids(model, batch=4, length=16),
+                               preset="paper")
+    assert report.num_layers_after == 4 and report.details["options"]["preset"] == "paper"
+    assert report.deviations and "paper's recipe" in report.deviations[0] and "2602.08858" in report.paper

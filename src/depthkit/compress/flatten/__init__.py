@@ -68,10 +68,25 @@ class PruneOptions(MethodOptions):
         )
 
 
+# Named recipes: `preset=paper` is FlattenGPT as the paper describes it (arXiv 2602.08858; no official
+# code): pairs by the cosine of the pair's input and output, channels spanning the activation
+# correlation (Nystrom), least squares toward the flattened block's own output with a plain ridge.
+# `depthkit` (the defaults above) is the stronger reconstruction measured in benchmarks/domains.py.
+PRESETS: dict[str, dict[str, Any]] = {
+    "depthkit": {},
+    "paper": {"selection": "similarity", "criterion": "nystrom", "target": "parallel", "ridge_prior": "zero",
+              "ridge": 1e-3},
+}
+
+
 @dataclass
 class FlattenOptions(PruneOptions, SearchOptions):
     """User options of the flatten methods (`selection_blocks`: the first N calibration sequences
-    choose the pairs; least squares uses all of them)."""
+    choose the pairs; least squares uses all of them). `preset` fills in a named recipe's options;
+    setting one of them to another value as well is an error."""
+
+    preset: str = option("depthkit", "named recipe: depthkit (the defaults) | paper (the paper's recipe: "
+                                     "similarity pairs, Nystrom channels, refit to the flattened output)")
 
     selection: str = option("greedy", "pair selection: greedy (least calibration-loss increase, default) | local "
                             "(flattening error) | similarity (input/output cosine); with --offload disk: local "
@@ -81,6 +96,16 @@ class FlattenOptions(PruneOptions, SearchOptions):
     max_group: int = option(2, "most original blocks flattened into one block (default 2)")
     groups: list[list[int]] | None = option(None, "explicit groups of original block indices, e.g. [[0],[1,2],...]: "
                                                   "skips the selection")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any], method: str = "") -> FlattenOptions:
+        preset = options.get("preset", "depthkit")
+        _choice("preset", preset, tuple(PRESETS))
+        recipe = PRESETS[preset]
+        conflicts = sorted(name for name in recipe if name in options and str(options[name]) != str(recipe[name]))
+        require(not conflicts, f"{method} option(s) {', '.join(conflicts)} conflict with preset {preset}, which sets "
+                               + ", ".join(f"{name}={recipe[name]}" for name in conflicts))
+        return super().from_dict({**recipe, **options}, method)
 
     def validate(self) -> None:
         super().validate()

@@ -10,13 +10,24 @@ from transformers import PreTrainedModel
 
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, register_method
 from depthkit.compress.common import selection_subset
-from depthkit.compress.flatten import FlattenOptions, flatten_gpt, flatten_gpt_streaming
+from depthkit.compress.flatten import PRESETS, FlattenOptions, flatten_gpt, flatten_gpt_streaming
 from depthkit.models.streaming import StreamingModel, StreamingWriter
 
 
 class _FlattenBase(CompressionMethod):
     prune: ClassVar[bool] = True
     options_class = FlattenOptions
+    paper = "FlattenGPT: Depth Compression for Transformer with Layer Flattening (arXiv 2602.08858, 2026)"
+
+    def deviations(self) -> list[str]:
+        if self.settings.preset == "paper":
+            return ["the paper's recipe as depthkit reads it (no official code is public): the Nystrom choice "
+                    "spans the contribution correlation (activations weighted by the output projection's column "
+                    "norms), the ridge strength is depthkit's (1e-3 of the mean channel energy)"]
+        return ["depthkit's recipe, not the paper's (`preset=paper` gives that): pairs chosen by the calibration "
+                "loss they add, channels by greedy least squares, the refit aimed at the original pair's "
+                "sequential output and pulled towards the kept weights (chosen by leave-one-domain-out "
+                "cross-validation, benchmarks/domains.py)"]
 
     def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
         """Pairs are chosen on the first `selection_blocks` sequences; least squares uses all of them."""
@@ -38,7 +49,9 @@ class FlattenGPT(_FlattenBase):
     ) -> CompressionOutcome:
         """Pairs from one streamed scoring pass (selection `local` unless `similarity` is asked),
         then the same front-to-back flatten + prune, each block written as soon as it is done."""
-        options = FlattenOptions.from_dict({"selection": "local"} | self.options, self.name)
+        preset_selection = "selection" in PRESETS[self.settings.preset]
+        options = FlattenOptions.from_dict(({} if preset_selection else {"selection": "local"}) | self.options,
+                                           self.name)
         details = flatten_gpt_streaming(source, selection_subset(calib_ids, options.selection_blocks),
                                         calib_ids, num_remove, options, writer)
         return CompressionOutcome(details=details)
