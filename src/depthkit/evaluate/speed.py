@@ -104,7 +104,7 @@ def _prompt(model: PreTrainedModel, batch: int, length: int, seed: int) -> torch
     return torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
 
 
-def _decode(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, extra: dict) -> tuple[float, float]:
+def time_decode(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, extra: dict) -> tuple[float, float]:
     """(time to first token, time of `new_tokens` greedy steps on the KV cache), one run."""
     device = ids.device
     _sync(device)
@@ -156,8 +156,8 @@ def measure_speed(
     for batch in decode_batch_sizes:
         ids = _prompt(model, batch, prompt_len, seed).to(device)
         for _ in range(warmup):
-            _decode(model, ids, new_tokens, extra)
-        firsts, steps = zip(*(_decode(model, ids, new_tokens, extra) for _ in range(repeats)))
+            time_decode(model, ids, new_tokens, extra)
+        firsts, steps = zip(*(time_decode(model, ids, new_tokens, extra) for _ in range(repeats)))
         decode.append({"batch_size": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
                        "time_to_first_token_s": asdict(Spread.of(firsts)),
                        "tokens_per_s": asdict(Spread.of(steps).per_second(batch * new_tokens))})

@@ -118,7 +118,7 @@ def _column_pivots(
         fit = None if residual is None else residual[pool] @ residual[pool].T
         picked = _pool_greedy(cols[pool].clone(), fit, b)
         # Factor columns of the picked pivots: K[:, S] G^-T with G G^T = K[S, S] (exact Cholesky).
-        chol = torch.linalg.cholesky(cols[pool[picked]][:, picked])
+        chol = _stable_cholesky(cols[pool[picked]][:, picked])
         block_factor = torch.linalg.solve_triangular(chol, cols[:, picked].T, upper=False).T
         factor[:, k : k + b] = block_factor
         diag = diag - block_factor.pow(2).sum(1)
@@ -128,6 +128,17 @@ def _column_pivots(
         chosen[pool[picked]] = True
         order += pool[picked].tolist()
     return torch.tensor(order)
+
+
+def _stable_cholesky(matrix: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of a positive semi-definite block; where rounding has left it just short of
+    definite (more pivots than the calibration activations have rank), a growing diagonal jitter."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    jitter = 1e-10 * float(matrix.diagonal().abs().mean().clamp_min(1e-30))
+    while int(info) != 0:
+        factor, info = torch.linalg.cholesky_ex(matrix + jitter * torch.eye(len(matrix), dtype=matrix.dtype))
+        jitter *= 10
+    return factor
 
 
 def _pool_greedy(K: torch.Tensor, M: torch.Tensor | None, count: int) -> torch.Tensor:
