@@ -35,6 +35,11 @@ def _influences(blocks: Iterator[tuple[int, torch.Tensor, torch.Tensor]], total:
 @register_method("shortgpt")
 class ShortGPT(CompressionMethod):
     description = "drop the k blocks with the lowest block influence (1 - cos(in, out)), one shot"
+    paper = ("Men et al., 2024, ShortGPT: Layers in Large Language Models are More Redundant Than You Expect")
+
+    def deviations(self) -> list[str]:
+        return ["calibration: the calibration on the card, not the paper's own sample set; Block Influence as the "
+                "paper defines it (1 - mean token cosine of a block's input and output, on the original model)"]
 
     def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
         scores = block_influences(model, calib_ids, self.settings.batch_size)
