@@ -28,7 +28,8 @@ from depthkit.errors import DepthkitError
 # The projections of a block by role: inputs read the normed hidden state, outputs write the residual.
 ATTENTION_INPUTS = ("query", "key", "value")
 MLP_INPUTS = ("gate", "up")
-PROJECTION_ROLES = (*ATTENTION_INPUTS, "attn_out", *MLP_INPUTS, "mlp_out")
+ATTENTION_PROJECTIONS = (*ATTENTION_INPUTS, "attn_out")
+PROJECTION_ROLES = (*ATTENTION_PROJECTIONS, *MLP_INPUTS, "mlp_out")
 # Norms by role: before each branch (always), after each branch's output and per head on q/k (optional).
 NORM_ROLES = ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm", "q_norm", "k_norm")
 ROLES = PROJECTION_ROLES + NORM_ROLES

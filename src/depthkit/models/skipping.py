@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from depthkit.models.adapters import get_adapter
+from depthkit.models.adapters import ATTENTION_PROJECTIONS, get_adapter
 
 
 class SkippedAttention(nn.Module):
@@ -40,8 +40,8 @@ class SkippedAttention(nn.Module):
 def is_zeroed_attention(model: PreTrainedModel, layer: nn.Module) -> bool:
     """True when every weight and bias of `layer`'s query, key, value and output projections is zero."""
     parts = get_adapter(model).block(layer)
-    projections = (parts.query, parts.key, parts.value, parts.attn_out)
-    return all(not bool(param.detach().any()) for proj in projections for param in proj.parameters())
+    return all(not bool(param.detach().any())
+               for role in ATTENTION_PROJECTIONS for param in parts.role(role).parameters())
 
 
 def skip_zeroed_attention(model: PreTrainedModel) -> list[int]:

@@ -300,10 +300,13 @@ def flatten_and_prune(
     settings: PruneSettings,
     prune: bool = True,
     progress: bool = True,
+    widths: Widths | None = None,
+    propagate: bool = True,
 ) -> list[dict]:
-    """Replace every group of 2+ blocks by one flattened (and, if `prune`, pruned) block, in place.
+    """Replace every group of 2+ blocks by one flattened (and, if `prune`, pruned) block, in place;
+    with `widths` (and `propagate`), every block is pruned to them as `pruned_blocks` says.
 
-    Returns one record per flattened group: original indices, kept channels and the relative
+    Returns one record per pruned group: original indices, kept channels and the relative
     errors (squared error over the squared block update) of the unpruned and pruned block.
     """
     adapter = get_adapter(model)
@@ -316,7 +319,8 @@ def flatten_and_prune(
         ])
         return [{"group": g} for g in groups if len(g) > 1]
     new_layers, records = [], []
-    for block, record in pruned_blocks(model, original, groups, embed(model, fit_ids), settings, progress):
+    for block, record in pruned_blocks(model, original, groups, embed(model, fit_ids), settings, progress, widths,
+                                       propagate):
         new_layers.append(block)
         if record is not None:
             records.append(record)

@@ -35,7 +35,7 @@ from depthkit.analysis.metrics import token_cosine
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, MethodOptions, option, register_method
 from depthkit.compress.common import BlockSource, LoadedModel, lowest
 from depthkit.errors import require
-from depthkit.models.adapters import ArchitectureAdapter, get_adapter
+from depthkit.models.adapters import ATTENTION_PROJECTIONS, ArchitectureAdapter, get_adapter
 from depthkit.models.blockwise import BlockContext, run_block
 from depthkit.models.streaming import StreamingModel, StreamingWriter
 
@@ -89,7 +89,7 @@ def _run_with_attention_residual(
 def zero_attention(adapter: ArchitectureAdapter, layer: nn.Module) -> nn.Module:
     """Make `layer`'s attention output exactly zero (weights and biases of its four projections); returns it."""
     parts = adapter.block(layer)
-    for proj in (parts.query, parts.key, parts.value, parts.attn_out):
+    for proj in (parts.role(role) for role in ATTENTION_PROJECTIONS):
         proj.weight.zero_()
         if proj.bias is not None:
             proj.bias.zero_()

@@ -29,10 +29,9 @@ from transformers import PreTrainedModel
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, MethodOptions, option, register_method
 from depthkit.compress.common import num_blocks
 from depthkit.compress.flatten import PruneOptions
-from depthkit.compress.flatten.prune import Widths, pruned_blocks
+from depthkit.compress.flatten.prune import Widths, flatten_and_prune
 from depthkit.errors import require
 from depthkit.models.adapters import ArchitectureAdapter, get_adapter
-from depthkit.models.blockwise import embed
 
 HEADS_PER_GROUP_HELP = ("query heads kept per KV group (default: the kept fraction of parameters, rounded; the MLP "
                         "takes up the rest of the budget)")
@@ -106,15 +105,9 @@ class _WidthPruning(CompressionMethod):
         depth = num_blocks(model)
         options = self.prune_options()
         widths, budget = plan_widths(model, (depth - num_remove) / depth, options.heads_per_group)
-        adapter = get_adapter(model)
-        blocks, records = [], []
-        for block, record in pruned_blocks(model, list(adapter.layers(model)), [[i] for i in range(depth)],
-                                           embed(model, calib_ids), options.prune_settings(self.refit),
-                                           widths=widths, propagate=self.refit):
-            blocks.append(block)
-            records.append(record)
-        adapter.set_layers(model, blocks)
-        adapter.set_widths(model, widths.kv_groups * widths.heads_per_group, widths.neurons)
+        records = flatten_and_prune(model, [[i] for i in range(depth)], calib_ids, options.prune_settings(self.refit),
+                                    widths=widths, propagate=self.refit)
+        get_adapter(model).set_widths(model, widths.kv_groups * widths.heads_per_group, widths.neurons)
         return CompressionOutcome({"widths": budget, "blocks": records, "fit_tokens": int(calib_ids.numel())})
 
 
