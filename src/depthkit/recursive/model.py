@@ -162,6 +162,7 @@ class RecursiveModel(nn.Module):
         past_key_values: Cache | None = None,
         decode_all: bool = True,
         logits_to_keep: int = 0,
+        context: BlockContext | None = None,
     ) -> Iterator[StepOutput]:
         """Run the recursion step by step, yielding each step (a caller may stop early: early exit).
 
@@ -171,28 +172,35 @@ class RecursiveModel(nn.Module):
         loops = check_loops(self.config.num_loops if num_loops is None else num_loops)
         require((input_ids is None) != (inputs_embeds is None), "pass exactly one of input_ids and inputs_embeds")
         embeddings = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        context = block_context(self.base, embeddings, past_key_values)
+        context = context or block_context(self.base, embeddings, past_key_values)
         steps = self.config.num_steps(loops)
         try:
-            hidden = embeddings
-            for position, layer in enumerate(self.config.prelude):
-                hidden = self._apply_layer(layer, 0, position, hidden, context, past_key_values)
-            origin = step_input = hidden
+            origin = step_input = self.run_prelude(embeddings, context, past_key_values)
             for step in range(steps):
-                hidden, taps = self._run_step(step, loops, step_input, context, past_key_values)
+                hidden, taps = self.run_step(step, loops, step_input, context, past_key_values)
                 last = step == steps - 1
                 logits = None
                 if decode_all or last:
-                    logits = self.decode(self._run_coda(step, loops, hidden, context, past_key_values), logits_to_keep)
+                    logits = self.decode(self.run_coda(step, loops, hidden, context, past_key_values), logits_to_keep)
                 yield StepOutput(step, hidden, logits)
                 if not last:
                     step_input = self.next_input(hidden, taps, origin, step_input, modality_ids)
         finally:
-            for index, module in enumerate(self.layers):
-                self.adapter.set_layer_index(module, index)
+            self.reset_layer_indices()
 
-    def _run_step(self, step: int, loops: int, hidden: torch.Tensor, context: BlockContext,
-                  cache: Cache | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def reset_layer_indices(self) -> None:
+        """Give every layer back its own cache index (a loop's applications move it to their slots)."""
+        for index, module in enumerate(self.layers):
+            self.adapter.set_layer_index(module, index)
+
+    def run_prelude(self, hidden: torch.Tensor, context: BlockContext, cache: Cache | None) -> torch.Tensor:
+        """The layers that run once before the loop (none when the whole decoder loops)."""
+        for position, layer in enumerate(self.config.prelude):
+            hidden = self._apply_layer(layer, 0, position, hidden, context, cache)
+        return hidden
+
+    def run_step(self, step: int, loops: int, hidden: torch.Tensor, context: BlockContext,
+                 cache: Cache | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The block once; returns its output and the outputs of the connector's sampled layers."""
         wanted = set(self.connector.positions) if self.connector is not None else set()
         taps = {}
@@ -202,8 +210,9 @@ class RecursiveModel(nn.Module):
                 taps[position] = hidden
         return hidden, [taps[p] for p in self.connector.positions] if self.connector is not None else []
 
-    def _run_coda(self, step: int, loops: int, hidden: torch.Tensor, context: BlockContext,
-                  cache: Cache | None) -> torch.Tensor:
+    def run_coda(self, step: int, loops: int, hidden: torch.Tensor, context: BlockContext,
+                 cache: Cache | None) -> torch.Tensor:
+        """The layers that run once after each decoded step (none when the whole decoder loops)."""
         offset = len(self.config.step_applications(step, loops))
         for index, layer in enumerate(self.config.coda):
             hidden = self._apply_layer(layer, 0, self.slot(step, offset + index, loops), hidden, context, cache)

@@ -1,0 +1,55 @@
+"""`depthkit serve MODEL`: an OpenAI-compatible HTTP server with continuous (depth-wise) batching."""
+
+from __future__ import annotations
+
+import argparse
+
+from depthkit.cli.common import DTYPE_HELP, device_name, non_negative_float, positive_int
+
+HELP = "serve a plain or looped model over an OpenAI-compatible HTTP API (continuous batching)"
+
+
+def register(subparsers) -> None:
+    from depthkit.recursive.config import MAX_LOOPS
+    from depthkit.serve.engine import DEFAULT_CAPACITY, DEFAULT_ROWS, SCHEDULES
+
+    parser = subparsers.add_parser("serve", help=HELP, description=__doc__)
+    parser.add_argument("model", help="a plain checkpoint (folder, hub id or alias) or a folder written by "
+                                      "`depthkit recursive train`")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=positive_int, default=8000, help="TCP port")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the `model` name clients send (default: the folder's name or the id given)")
+    parser.add_argument("--rows", type=positive_int, default=DEFAULT_ROWS,
+                        help="sequences decoded together; more requests wait in a queue")
+    parser.add_argument("--context", type=positive_int, default=DEFAULT_CAPACITY,
+                        help="tokens per sequence (prompt + completion), capped at the model's context")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="depthwise",
+                        help="depthwise: one loop step per pass, rows at different steps share the block; "
+                             "lockstep: plain continuous batching, one whole token per pass")
+    parser.add_argument("--max-loops", type=positive_int, default=None,
+                        help=f"deepest recursion a request may ask for (`loops`), at most {MAX_LOOPS} "
+                             "(default: the model's own depth)")
+    parser.add_argument("--exit-threshold", type=non_negative_float, default=None,
+                        help="early-exit KL threshold for requests that do not set `exit_threshold` "
+                             "(default: none, every token runs all its loops)")
+    parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    parser.add_argument("--device", default="cpu", type=device_name, help="cpu, cuda or cuda:N")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from depthkit.serve.app import ServedModel, create_app
+    from depthkit.serve.engine import Engine
+    from depthkit.serve.models import eos_token_ids, load_servable, served_name
+
+    model, tokenizer = load_servable(args.model, args.dtype, args.device)
+    engine = Engine(model, eos_token_ids(model, tokenizer), rows=args.rows, capacity=args.context,
+                    schedule=args.schedule, max_loops=args.max_loops)
+    name = args.served_model_name or served_name(args.model)
+    app = create_app(ServedModel(engine, tokenizer, name, args.exit_threshold))
+    print(f"depthkit: serving {name} on http://{args.host}:{args.port}/v1 ({args.schedule} batching, {args.rows} rows, "
+          f"{engine.capacity}-token context, loops {model.config.num_loops}, max {engine.max_loops})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

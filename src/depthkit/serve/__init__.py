@@ -1,0 +1,1 @@
+"""Serving: an OpenAI-compatible HTTP server with continuous (and depth-wise) batching."""

@@ -1,0 +1,385 @@
+"""Continuous batching for plain and looped models, with depth-wise batching for early exit.
+
+Every model is served as a `RecursiveModel`: a plain checkpoint is one loop over its whole decoder.
+Each running sequence owns a row of the `SlotCache`; each iteration of the engine admits waiting
+requests into free rows (their prompt is prefilled at full depth on its own), then advances the
+running ones. Two schedules (`SCHEDULES`):
+
+- `lockstep` (plain continuous batching): the rows advance one TOKEN per iteration, all of its
+  loop steps in turn; a token that exits early leaves the batch for the remaining steps, so its row
+  idles until the slowest token of the iteration is done. New requests join between tokens.
+- `depthwise`: the rows advance one loop STEP per iteration. One pass of the shared block serves
+  rows at different steps of different tokens (each row's keys go to its own step's cache slot);
+  a row whose token is done (its last step, or early exit) samples and starts its next token at
+  step 0 in the next pass, and a finished sequence's row is refilled at once. Early exit then
+  saves compute instead of idle time (Relaxed Recursive Transformers' continuous depth-wise batching).
+
+Early exit follows `depthkit.recursive.generate` exactly (the KL rule between consecutive steps,
+earliest after step 2): a token that exits at step r gives the skipped steps' cache slots a copy of
+its step-r keys and values, so later tokens at those steps attend to its last computed state. The
+per-sequence outputs of both schedules are those of `generate` one sequence at a time, up to the
+rounding of batched arithmetic. With per-loop adapters (a relaxed model) rows at different steps
+need different weights, so a depth-wise pass runs one sub-batch per step present.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from depthkit.errors import require
+from depthkit.models.blockwise import BlockContext
+from depthkit.recursive.config import check_loops
+from depthkit.recursive.generate import kl_divergence
+from depthkit.recursive.model import RecursiveModel
+from depthkit.serve.cache import SlotCache, attention_masks
+
+SCHEDULES = ("depthwise", "lockstep")
+DEFAULT_ROWS = 16
+DEFAULT_CAPACITY = 2048
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationParams:
+    """What a request asks for (OpenAI's fields, plus depthkit's loop controls)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    loops: int | None = None  # recursion depth R (None: the model's)
+    exit_threshold: float | None = None  # KL threshold of early exit (None: always R loops)
+
+
+@dataclass
+class Event:
+    """What the engine reports to a request: a new token, or the end (with why and loop counts)."""
+
+    token: int | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Sequence:
+    """A request in the engine: its prompt, what it generated, and where its current token stands."""
+
+    prompt: list[int]
+    params: GenerationParams
+    emit: Callable[[Event], None] = lambda event: None
+    tokens: list[int] = field(default_factory=list)
+    steps_used: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: str | None = None
+    row: int = -1
+    loops: int = 0
+    step: int = 0
+    pending: int = 0  # the token whose loop steps are being computed
+    hidden: torch.Tensor | None = None  # the current step's input (1, 1, hidden)
+    origin: torch.Tensor | None = None  # the prelude's output for the pending token
+    previous: torch.Tensor | None = None  # log-probs of the last decoded step (early exit)
+    generator: torch.Generator | None = None
+
+    @property
+    def position(self) -> int:
+        """Absolute position of the pending token (the prompt and every earlier token before it)."""
+        return len(self.prompt) + len(self.tokens) - 1
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the engine to stop this sequence (thread-safe: read at the next iteration)."""
+        self.cancelled = reason
+
+
+class Engine:
+    """Serves one model to many sequences; `start()` runs it in a background thread."""
+
+    def __init__(self, model: RecursiveModel, eos_token_ids: set[int], rows: int = DEFAULT_ROWS,
+                 capacity: int | None = None, schedule: str = "depthwise", max_loops: int | None = None):
+        require(schedule in SCHEDULES, f"unknown schedule '{schedule}'; choose from {', '.join(SCHEDULES)}")
+        require(rows >= 1, f"rows must be >= 1, got {rows}")
+        config = model.config
+        self.model, self.schedule, self.eos = model.eval(), schedule, set(eos_token_ids)
+        self.max_loops = check_loops(max_loops or config.num_loops)
+        require(config.order == "cycle" or schedule == "lockstep",
+                "a SEQUENCE-order model has one step per token: serve it with the lockstep schedule")
+        context = getattr(model.base.config, "max_position_embeddings", None) or DEFAULT_CAPACITY
+        self.capacity = min(capacity or DEFAULT_CAPACITY, context)
+        last = config.num_steps(self.max_loops) - 1
+        slots = model.slot(last, 0, self.max_loops) + len(model.step_slots(last, self.max_loops))
+        self.cache = SlotCache(slots, rows, self.capacity)
+        self.per_loop_weights = bool(len(model.adapters.relax) or len(model.adapters.norms))
+        self.free_rows = list(range(rows))[::-1]
+        self.running: list[Sequence] = []
+        self.waiting: deque[Sequence] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # -- requests ----------------------------------------------------------------------------
+    def check(self, prompt_tokens: int, params: GenerationParams) -> None:
+        """Refuse what this engine cannot serve, before it is queued (a clear message per case)."""
+        require(prompt_tokens >= 1, "the prompt is empty")
+        require(params.max_tokens >= 1, f"max_tokens must be >= 1, got {params.max_tokens}")
+        require(prompt_tokens + params.max_tokens <= self.capacity,
+                f"a {prompt_tokens}-token prompt plus max_tokens={params.max_tokens} exceeds the context of "
+                f"{self.capacity} tokens")
+        loops = params.loops if params.loops is not None else self.model.config.num_loops
+        require(isinstance(loops, int) and 1 <= loops <= self.max_loops,
+                f"loops must be an integer in 1..{self.max_loops} (the server's maximum), got {loops!r}")
+        require(params.exit_threshold is None or params.exit_threshold >= 0,
+                f"exit_threshold must be >= 0, got {params.exit_threshold}")
+        require(params.temperature >= 0, f"temperature must be >= 0, got {params.temperature}")
+        require(0 < params.top_p <= 1, f"top_p must be in (0, 1], got {params.top_p}")
+
+    def submit(self, sequence: Sequence) -> Sequence:
+        self.check(len(sequence.prompt), sequence.params)
+        with self._lock:
+            self.waiting.append(sequence)
+        self._wake.set()
+        return sequence
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # -- running -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Serve in a background thread (once: a second call while it runs does nothing)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve_forever, name="depthkit-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _serve_forever(self) -> None:
+        while not self._stop:
+            if not self.busy:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                self.iteration()
+            except Exception as err:  # one bad batch must not take the server down
+                log.exception("engine iteration failed")
+                self._fail_all(f"{type(err).__name__}: {err}")
+
+    def run_until_idle(self) -> None:
+        """Serve every submitted sequence to its end in the calling thread (benchmarks, tests)."""
+        while self.busy:
+            self.iteration()
+
+    @torch.inference_mode()
+    def iteration(self) -> None:
+        """Admit waiting requests into free rows, then advance the running ones (see `SCHEDULES`)."""
+        self._drop_cancelled()
+        try:
+            if self.schedule == "depthwise" or all(s.step == 0 for s in self.running):
+                self._admit()
+            if self.schedule == "depthwise":
+                self._advance(self.running)
+                return
+            batch = list(self.running)
+            while batch:
+                done = self._advance(batch)
+                batch = [s for s in batch if s not in done and s.finish_reason is None]
+        finally:
+            self.model.reset_layer_indices()
+
+    def _drop_cancelled(self) -> None:
+        for sequence in [s for s in self.running if s.cancelled]:
+            self._finish(sequence, sequence.cancelled)
+
+    def _admit(self) -> None:
+        while self.free_rows:
+            with self._lock:
+                if not self.waiting:
+                    return
+                sequence = self.waiting.popleft()
+            if sequence.cancelled:
+                sequence.emit(Event(finish_reason=sequence.cancelled))
+                continue
+            sequence.row = self.free_rows.pop()
+            self.running.append(sequence)
+            self._prefill(sequence)
+
+    def _fail_all(self, message: str) -> None:
+        for sequence in list(self.running):
+            self._finish(sequence, "error", message)
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for sequence in waiting:
+            sequence.emit(Event(finish_reason="error", error=message))
+
+    # -- model passes ------------------------------------------------------------------------
+    def _context(self, hidden: torch.Tensor, positions: torch.Tensor) -> BlockContext:
+        """Rotary tables and per-row causal masks for queries at `positions` (rows, queries)."""
+        base = self.model.base
+        eager = getattr(base.config, "_attn_implementation", "sdpa") == "eager"
+        masks = attention_masks(positions, int(positions.max()) + 1, getattr(base.config, "sliding_window", None),
+                                eager, hidden.dtype)
+        tables = self.model.adapter.position_embeddings(base, hidden, positions)
+        return BlockContext(positions, tables, masks, self.model.adapter, base.config)
+
+    def _step_offset(self, step: int) -> int:
+        return self.model.slot(step, 0, self.max_loops) - self.model.slot(0, 0, self.max_loops)
+
+    def _prefill(self, sequence: Sequence) -> None:
+        """The prompt at full depth in the sequence's row; every step's coda too when it may exit
+        early (later tokens exiting at that step attend to the prompt there)."""
+        params = sequence.params
+        sequence.loops = params.loops if params.loops is not None else self.model.config.num_loops
+        sequence.generator = torch.Generator().manual_seed(params.seed if params.seed is not None
+                                                           else int(torch.randint(0, 2**62, (1,))))
+        ids = torch.tensor([sequence.prompt], device=self._device)
+        embeddings = self.model.embed(ids)
+        positions = torch.arange(len(sequence.prompt), device=self._device).unsqueeze(0)
+        self.cache.bind([sequence.row], [0])
+        early = params.exit_threshold is not None and bool(self.model.config.coda)
+        *_, last = self.model.iter_steps(inputs_embeds=embeddings, num_loops=sequence.loops,
+                                         past_key_values=self.cache, decode_all=early, logits_to_keep=1,
+                                         context=self._context(embeddings, positions))
+        self._emit_token(sequence, F.log_softmax(last.logits[0, -1].float(), dim=-1), steps=None)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _advance(self, batch: list[Sequence]) -> list[Sequence]:
+        """One loop step for every sequence of `batch` (each at its own step); returns the ones whose
+        token is complete."""
+        batch = list(batch)  # finishing sequences leave `self.running` while we work
+        if not batch:
+            return []
+        starting = [s for s in batch if s.step == 0]
+        if starting:
+            self._start_tokens(starting)
+        groups = [batch]
+        if self.per_loop_weights:
+            groups = [[s for s in batch if s.step == step] for step in sorted({s.step for s in batch})]
+        done = []
+        for group in groups:
+            done += self._step_group(group)
+        return done
+
+    def _start_tokens(self, sequences: list[Sequence]) -> None:
+        """Embed each sequence's pending token and run the prelude (the layers before the loop)."""
+        ids = torch.tensor([[s.pending] for s in sequences], device=self._device)
+        hidden = self.model.embed(ids)
+        context = self._bind(sequences, hidden, with_offsets=False)
+        hidden = self.model.run_prelude(hidden, context, self.cache)
+        for index, sequence in enumerate(sequences):
+            sequence.hidden = sequence.origin = hidden[index: index + 1]
+            sequence.previous = None
+
+    def _bind(self, sequences: list[Sequence], hidden: torch.Tensor, with_offsets: bool) -> BlockContext:
+        positions = torch.tensor([[s.position] for s in sequences], device=self._device)
+        offsets = [self._step_offset(s.step) for s in sequences] if with_offsets else None
+        self.cache.bind([s.row for s in sequences], [s.position for s in sequences], offsets)
+        return self._context(hidden, positions)
+
+    def _step_group(self, group: list[Sequence]) -> list[Sequence]:
+        """Run the block once over `group`; decode the rows whose step is decoded; move the rest on."""
+        model = self.model
+        # Rows at different steps: the layer index names step 0's slot and each row's offset shifts it;
+        # a group of one step (per-loop weights) runs that step's own adapters with no offset.
+        same_step = len({s.step for s in group}) == 1
+        step = group[0].step if same_step else 0
+        hidden = torch.cat([s.hidden for s in group])
+        context = self._bind(group, hidden, with_offsets=not same_step)
+        output, taps = model.run_step(step, self.max_loops, hidden, context, self.cache)
+        decoded = [i for i, s in enumerate(group) if s.params.exit_threshold is not None or s.step == s.loops - 1]
+        finished = set()
+        if decoded:
+            finished = self._decode(group, decoded, output, step, same_step)
+        moving = [i for i in range(len(group)) if i not in finished]
+        if moving:
+            index = torch.tensor(moving, device=output.device)
+            steps_in = torch.cat([group[i].hidden for i in moving])
+            origins = torch.cat([group[i].origin for i in moving])
+            inputs = model.next_input(output[index], [t[index] for t in taps], origins, steps_in, None)
+            for row, i in enumerate(moving):
+                group[i].hidden = inputs[row: row + 1]
+                group[i].step += 1
+        return [group[i] for i in finished]
+
+    def _decode(self, group: list[Sequence], decoded: list[int], output: torch.Tensor, step: int,
+                same_step: bool) -> set[int]:
+        """Coda + head for the decoded rows; returns the indices (in `group`) whose token is done."""
+        rows = [group[i] for i in decoded]
+        hidden = output[torch.tensor(decoded, device=output.device)]
+        context = self._bind(rows, hidden, with_offsets=not same_step)
+        logits = self.model.decode(self.model.run_coda(step, self.max_loops, hidden, context, self.cache), 1)
+        log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)
+        finished = set()
+        for index, sequence, probs in zip(decoded, rows, log_probs):
+            last = sequence.step == sequence.loops - 1
+            threshold = sequence.params.exit_threshold
+            exits = (not last and threshold is not None and sequence.previous is not None
+                     and float(kl_divergence(probs, sequence.previous)) < threshold)
+            if last or exits:
+                used = sequence.step + 1
+                if used < sequence.loops:
+                    self._reuse_latest_kv(sequence, used - 1)
+                self._emit_token(sequence, probs, steps=used)
+                finished.add(index)
+            else:
+                sequence.previous = probs
+        return finished
+
+    def _reuse_latest_kv(self, sequence: Sequence, exit_step: int) -> None:
+        model, loops = self.model, sequence.loops
+        sources = model.step_slots(exit_step, loops)
+        for step in range(exit_step + 1, model.config.num_steps(loops)):
+            self.cache.copy_position(sequence.row, sequence.position, sources, model.step_slots(step, loops))
+
+    # -- tokens ------------------------------------------------------------------------------
+    def _emit_token(self, sequence: Sequence, log_probs: torch.Tensor, steps: int | None) -> None:
+        """Sample the next token, report it, and end the sequence or queue the token's own pass."""
+        token = sample(log_probs, sequence.params, sequence.generator)
+        if steps is not None:
+            sequence.steps_used.append(steps)
+        sequence.step = 0
+        if token in self.eos:
+            self._finish(sequence, "stop")
+            return
+        sequence.tokens.append(token)
+        sequence.pending = token
+        sequence.emit(Event(token=token))
+        if sequence.cancelled:
+            self._finish(sequence, sequence.cancelled)
+        elif len(sequence.tokens) >= sequence.params.max_tokens:
+            self._finish(sequence, "length")
+
+    def _finish(self, sequence: Sequence, reason: str, error: str | None = None) -> None:
+        sequence.finish_reason = reason
+        if sequence in self.running:
+            self.running.remove(sequence)
+            self.free_rows.append(sequence.row)
+        sequence.hidden = sequence.origin = sequence.previous = None
+        sequence.emit(Event(finish_reason=reason, error=error))
+
+
+def sample(log_probs: torch.Tensor, params: GenerationParams, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0; otherwise nucleus sampling (`top_p`) at `temperature`."""
+    if params.temperature == 0:
+        return int(log_probs.argmax())
+    probs = torch.softmax(log_probs / params.temperature, dim=-1)
+    if params.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < params.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
