@@ -34,11 +34,15 @@ def prompts(seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, 200, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
 
 
-def serve_all(model: RecursiveModel, schedule: str, threshold: float | None = None, rows: int = 2) -> list[Sequence]:
-    """Every prompt through one engine with fewer rows than prompts (rows are reused)."""
+def serve_all(model: RecursiveModel, schedule: str, plans: list[tuple[float | None, str]] | None = None,
+              rows: int = 2) -> list[Sequence]:
+    """Every prompt through one engine with fewer rows than prompts (rows are reused); `plans` gives
+    each prompt its early exit (threshold, rule)."""
     engine = Engine(model, set(), rows=rows, capacity=64, schedule=schedule)
-    params = GenerationParams(max_tokens=NEW_TOKENS, temperature=0, exit_threshold=threshold)
-    sequences = [engine.submit(Sequence(p, params)) for p in prompts()]
+    plans = plans or [(None, "kl")] * len(PROMPT_LENGTHS)
+    sequences = [engine.submit(Sequence(p, GenerationParams(max_tokens=NEW_TOKENS, temperature=0,
+                                                            exit_threshold=threshold, exit_rule=rule)))
+                 for p, (threshold, rule) in zip(prompts(), plans)]
     engine.run_until_idle()
     assert engine.free_rows and len(engine.free_rows) == rows
     return sequences
@@ -61,18 +65,24 @@ def test_plain_model_batched_equals_transformers_alone(arch, one_thread):
         assert [s.tokens for s in serve_all(model, schedule)] == expected, schedule
 
 
+# Per prompt: full depth, then both exit rules at thresholds that stop early and that do not.
+EXIT_PLANS = [(None, "kl"), (1e-4, "kl"), (0.1, "hidden"), (0.01, "hidden")]
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_looped_model_batched_equals_generate_alone(arch, one_thread):
-    """Fixed depth and early exit (KV reuse included), prelude and coda around the loop, both schedules:
-    the same tokens and loop counts as `generate` decoding each sequence alone."""
+    """Fixed depth and early exit by either rule (KV reuse included), prelude and coda around the loop,
+    sequences at different steps in one pass, both schedules: the same tokens and loop counts as
+    `generate` decoding each sequence alone."""
     model = RecursiveModel.wrap(tiny_model(arch), ends=1, num_loops=3, connector_k=2)
-    for threshold in (None, 0.05):
-        alone = [generate(model, torch.tensor([p]), NEW_TOKENS, 3, threshold) for p in prompts()]
-        for schedule in SCHEDULES:
-            served = serve_all(model, schedule, threshold)
-            assert [s.tokens for s in served] == [r.new_tokens for r in alone], (schedule, threshold)
-            # the prompt's first token is decoded at full depth (not counted); each later one may exit early
-            assert [s.steps_used for s in served] == [r.loops.steps_used for r in alone]
+    alone = [generate(model, torch.tensor([p]), NEW_TOKENS, 3, threshold, exit_rule=rule)
+             for p, (threshold, rule) in zip(prompts(), EXIT_PLANS)]
+    assert sum(map(sum, (r.loops.steps_used for r in alone))) < 3 * sum(len(r.loops.steps_used) for r in alone)
+    for schedule in SCHEDULES:
+        served = serve_all(model, schedule, EXIT_PLANS)
+        assert [s.tokens for s in served] == [r.new_tokens for r in alone], schedule
+        # the prompt's first token is decoded at full depth (not counted); each later one may exit early
+        assert [s.steps_used for s in served] == [r.loops.steps_used for r in alone], schedule
 
 
 def test_relaxed_model_runs_each_loop_with_its_own_adapters(one_thread):
@@ -83,9 +93,9 @@ def test_relaxed_model_runs_each_loop_with_its_own_adapters(one_thread):
             lora.lora_B.normal_(0, 0.05)  # make the loops differ
     engine = Engine(model, set(), rows=2, capacity=64)
     assert engine.per_loop_weights
-    for threshold in (None, 0.05):
-        alone = [generate(model, torch.tensor([p]), NEW_TOKENS, None, threshold).new_tokens for p in prompts()]
-        assert [s.tokens for s in serve_all(model, "depthwise", threshold)] == alone
+    alone = [generate(model, torch.tensor([p]), NEW_TOKENS, None, threshold, exit_rule=rule).new_tokens
+             for p, (threshold, rule) in zip(prompts(), EXIT_PLANS)]
+    assert [s.tokens for s in serve_all(model, "depthwise", EXIT_PLANS)] == alone
 
 
 def test_depthwise_early_exit_needs_fewer_passes_than_lockstep(one_thread):
@@ -204,6 +214,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, None),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, None),
     ("/v1/completions", {"prompt": "x", "exit_threshold": -1}, 400, None),
+    ("/v1/completions", {"prompt": "x", "exit_rule": "magic"}, 400, None),
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, None),
     ("/v1/completions", {"prompt": "x", "stop": 5}, 400, None),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, None),

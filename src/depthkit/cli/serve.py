@@ -11,6 +11,7 @@ HELP = "serve a plain or looped model over an OpenAI-compatible HTTP API (contin
 
 def register(subparsers) -> None:
     from depthkit.recursive.config import MAX_LOOPS
+    from depthkit.recursive.generate import DEFAULT_EXIT_RULE, EXIT_RULES
     from depthkit.serve.engine import DEFAULT_CAPACITY, DEFAULT_ROWS, SCHEDULES
 
     parser = subparsers.add_parser("serve", help=HELP, description=__doc__)
@@ -33,6 +34,10 @@ def register(subparsers) -> None:
     parser.add_argument("--exit-threshold", type=non_negative_float, default=None,
                         help="early-exit KL threshold for requests that do not set `exit_threshold` "
                              "(default: none, every token runs all its loops)")
+    parser.add_argument("--exit-rule", choices=EXIT_RULES, default=DEFAULT_EXIT_RULE,
+                        help="early exit's distance between consecutive steps for requests that do not set "
+                             "`exit_rule`: hidden (relative change of the block's output; no LM head until the "
+                             "token exits) or kl (Huginn's KL between the steps' predictions; the head at every step)")
     parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     parser.add_argument("--device", default="cpu", type=device_name, help="cpu, cuda or cuda:N")
     parser.set_defaults(func=run)
@@ -49,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
     engine = Engine(model, eos_token_ids(model, tokenizer), rows=args.rows, capacity=args.context,
                     schedule=args.schedule, max_loops=args.max_loops)
     name = args.served_model_name or served_name(args.model)
-    app = create_app(ServedModel(engine, tokenizer, name, args.exit_threshold))
+    app = create_app(ServedModel(engine, tokenizer, name, args.exit_threshold, args.exit_rule))
     print(f"depthkit: serving {name} on http://{args.host}:{args.port}/v1 ({args.schedule} batching, {args.rows} rows, "
           f"{engine.capacity}-token context, loops {model.config.num_loops}, max {engine.max_loops})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -3,12 +3,18 @@
 Each application of a layer has its own slot in one `DynamicCache` (see `RecursiveModel.slot`),
 so step r of a new token attends to step r's keys and values of every earlier token.
 
-Early exit (Huginn): after each step r >= 2 of a new token, the KL divergence between the output
-distributions of steps r and r-1 is measured; below `threshold` the token stops and is predicted
-from step r. Its cache slots of the skipped steps r+1..R are filled with a copy of its latest
-(step r) keys and values, so later tokens at those steps still find an entry for it: the
-"reuse the latest cached KV" scheme. Because it needs two distributions, the earliest exit is
-after step 2. Exit decisions are per token, so early-exit decoding runs one sequence at a time.
+Early exit: after each step r >= 2 of a new token, a distance between steps r and r-1 is
+measured; below `threshold` the token stops and is predicted from step r. Two rules (`EXIT_RULES`):
+- `kl` (Huginn): the KL divergence between the two steps' next-token distributions. It needs the LM
+  head at EVERY step, which on a small model costs more than the loops it saves (SmolLM2's tied
+  49k x 576 head is about 8 of its layers).
+- `hidden`: the relative change of the block's output, ||h_r - h_{r-1}|| / ||h_r||, per token. It
+  needs no head until the token exits, so the steps it saves are saved compute.
+Its cache slots of the skipped steps r+1..R are filled with a copy of its latest (step r) keys and
+values, so later tokens at those steps still find an entry for it: the "reuse the latest cached KV"
+scheme. Every step's coda runs while a token may exit, so each step's coda slots are complete.
+Because it compares two steps, the earliest exit is after step 2. Exit decisions are per token, so
+early-exit decoding here runs one sequence at a time (`depthkit serve` batches them).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from depthkit.recursive.config import check_loops
 from depthkit.recursive.model import RecursiveModel
 
 DEFAULT_THRESHOLD = 5e-4
+EXIT_RULES = ("kl", "hidden")
+DEFAULT_EXIT_RULE = "kl"
 
 
 @dataclass
@@ -66,34 +74,48 @@ def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
+def hidden_change(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """||current - previous|| / ||current|| over the last dimension (the `hidden` exit rule's distance)."""
+    current, previous = current.float(), previous.float()
+    return (current - previous).norm(dim=-1) / current.norm(dim=-1).clamp_min(1e-12)
+
+
+def check_exit_rule(rule: str) -> str:
+    require(rule in EXIT_RULES, f"unknown exit rule '{rule}'; choose from {', '.join(EXIT_RULES)}")
+    return rule
+
+
 @torch.no_grad()
 def decode_step(model: RecursiveModel, input_ids: torch.Tensor, loops: int, cache: DynamicCache,
-                threshold: float | None = None, every_step: bool = False) -> DecodeStep:
+                threshold: float | None = None, every_step: bool = False, rule: str = DEFAULT_EXIT_RULE) -> DecodeStep:
     """Run new tokens through the recursion with the cache; exit early (one token only) if asked.
 
-    Without a threshold every step runs and only the last is decoded. With one, every step is
-    decoded (its coda and head), and the loop stops at the first step r >= 2 whose output is within
-    `threshold` (KL) of step r-1; the skipped steps' cache slots reuse step r's keys and values.
-    `every_step` runs every step's coda without exiting: a prompt prefilled for early-exit decoding
-    must give each step's coda slot the prompt's keys and values, or later tokens that exit at that
-    step would attend to themselves alone.
+    Without a threshold every step runs and only the last is decoded. With one, every step's coda
+    runs, and the loop stops at the first step r >= 2 whose `rule` distance to step r-1 is below
+    `threshold` (the `kl` rule decodes every step to measure it); the skipped steps' cache slots
+    reuse step r's keys and values. `every_step` runs every step's coda without exiting: a prompt
+    prefilled for early-exit decoding must give each step's coda slot the prompt's keys and values,
+    or later tokens that exit at that step would attend to themselves alone.
     """
     early = threshold is not None
+    kl = check_exit_rule(rule) == "kl"
     steps = model.config.num_steps(loops)
-    previous, used, log_probs = None, steps, None
-    for out in model.iter_steps(input_ids, loops, past_key_values=cache, decode_all=early or every_step,
-                                logits_to_keep=1):
-        if out.logits is None:
+    previous, used, out = None, steps, None
+    for out in model.iter_steps(input_ids, loops, past_key_values=cache, decode_all=early and kl,
+                                coda_all=early or every_step, logits_to_keep=1):
+        if not early:
             continue
-        log_probs = F.log_softmax(out.logits[:, -1].float(), dim=-1)
-        can_exit = early and previous is not None and out.step < steps - 1
-        if can_exit and float(kl_divergence(log_probs, previous)) < threshold:
-            used = out.step + 1
-            break
-        previous = log_probs
+        signal = F.log_softmax(out.logits[:, -1].float(), dim=-1) if kl else out.hidden[:, -1]
+        if previous is not None and out.step < steps - 1:
+            distance = kl_divergence(signal, previous) if kl else hidden_change(signal, previous)
+            if float(distance.max()) < threshold:
+                used = out.step + 1
+                break
+        previous = signal
     if used < steps:
         reuse_latest_kv(model, cache, used - 1, loops)
-    return DecodeStep(log_probs, used)
+    logits = out.logits if out.logits is not None else model.decode(out.final, 1)
+    return DecodeStep(F.log_softmax(logits[:, -1].float(), dim=-1), used)
 
 
 def reuse_latest_kv(model: RecursiveModel, cache: DynamicCache, exit_step: int, loops: int) -> None:
@@ -108,7 +130,7 @@ def reuse_latest_kv(model: RecursiveModel, cache: DynamicCache, exit_step: int, 
 @torch.no_grad()
 def generate(model: RecursiveModel, input_ids: torch.Tensor, max_new_tokens: int = 32, num_loops: int | None = None,
              exit_threshold: float | None = None, eos_token_id: int | None = None, use_cache: bool = True,
-             progress: bool = False) -> GenerationResult:
+             progress: bool = False, exit_rule: str = DEFAULT_EXIT_RULE) -> GenerationResult:
     """Greedy decoding at `num_loops` loops; cached (default) or by re-running the whole prefix."""
     loops = check_loops(model.config.num_loops if num_loops is None else num_loops)
     require(input_ids.dim() == 2 and input_ids.shape[1] >= 1, "input_ids must have shape (batch, length >= 1)")
@@ -131,7 +153,7 @@ def generate(model: RecursiveModel, input_ids: torch.Tensor, max_new_tokens: int
         elif index == 0:  # the prompt is prefilled at full depth
             log_probs = decode_step(model, pending, loops, cache, every_step=exit_threshold is not None).log_probs
         else:  # each new token may exit early
-            result = decode_step(model, pending, loops, cache, exit_threshold)
+            result = decode_step(model, pending, loops, cache, exit_threshold, rule=exit_rule)
             report.steps_used.append(result.steps_used)
             log_probs = result.log_probs
         pending = log_probs.argmax(-1, keepdim=True)
@@ -144,7 +166,8 @@ def generate(model: RecursiveModel, input_ids: torch.Tensor, max_new_tokens: int
 
 @torch.no_grad()
 def early_exit_nll(model: RecursiveModel, stream: torch.Tensor, loops: int, threshold: float | None,
-                   window: int = 256, max_windows: int = 2, progress: bool = True) -> tuple[float, LoopsReport]:
+                   window: int = 256, max_windows: int = 2, progress: bool = True,
+                   rule: str = DEFAULT_EXIT_RULE) -> tuple[float, LoopsReport]:
     """Teacher-forced mean NLL when every token may exit early (decoded token by token with the cache).
 
     This is the exact inference scheme (KV reuse for skipped steps included), not an estimate
@@ -160,7 +183,7 @@ def early_exit_nll(model: RecursiveModel, stream: torch.Tensor, loops: int, thre
         cache = DynamicCache()
         chunk = chunk.to(device)
         for t in range(chunk.numel() - 1):
-            step = decode_step(model, chunk[t: t + 1].view(1, 1), loops, cache, threshold)
+            step = decode_step(model, chunk[t: t + 1].view(1, 1), loops, cache, threshold, rule=rule)
             total -= float(step.log_probs[0, chunk[t + 1]])
             count += 1
             report.steps_used.append(step.steps_used)

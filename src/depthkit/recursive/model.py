@@ -41,11 +41,13 @@ LAYER_PICKS = ("first", "stepwise")
 
 @dataclass
 class StepOutput:
-    """One recursion step: its index (0-based), final hidden state and logits (None if not decoded)."""
+    """One recursion step: its index (0-based), the block's output, the logits (None if not decoded)
+    and what the LM head reads (the coda's output; None when the coda did not run at this step)."""
 
     step: int
     hidden: torch.Tensor
     logits: torch.Tensor | None
+    final: torch.Tensor | None = None
 
 
 @dataclass
@@ -163,11 +165,15 @@ class RecursiveModel(nn.Module):
         decode_all: bool = True,
         logits_to_keep: int = 0,
         context: BlockContext | None = None,
+        coda_all: bool = False,
     ) -> Iterator[StepOutput]:
         """Run the recursion step by step, yielding each step (a caller may stop early: early exit).
 
-        Only the last step is decoded unless `decode_all`. Stopping the iteration early leaves the
-        cache slots of the remaining steps unwritten for these positions; the caller fills them.
+        Only the last step is decoded unless `decode_all`. `coda_all` runs every step's coda without
+        its LM head (the caller decodes `final` if it stops there): each step's coda cache slots then
+        hold these positions, which later tokens exiting at that step attend to. Stopping the
+        iteration early leaves the cache slots of the remaining steps unwritten for these positions;
+        the caller fills them.
         """
         loops = check_loops(self.config.num_loops if num_loops is None else num_loops)
         require((input_ids is None) != (inputs_embeds is None), "pass exactly one of input_ids and inputs_embeds")
@@ -179,10 +185,12 @@ class RecursiveModel(nn.Module):
             for step in range(steps):
                 hidden, taps = self.run_step(step, loops, step_input, context, past_key_values)
                 last = step == steps - 1
-                logits = None
+                final = logits = None
+                if decode_all or coda_all or last:
+                    final = self.run_coda(step, loops, hidden, context, past_key_values)
                 if decode_all or last:
-                    logits = self.decode(self.run_coda(step, loops, hidden, context, past_key_values), logits_to_keep)
-                yield StepOutput(step, hidden, logits)
+                    logits = self.decode(final, logits_to_keep)
+                yield StepOutput(step, hidden, logits, final)
                 if not last:
                     step_input = self.next_input(hidden, taps, origin, step_input, modality_ids)
         finally:

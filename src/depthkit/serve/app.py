@@ -3,7 +3,8 @@
 Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions` and `POST /v1/chat/completions`
 (the model's chat template), both with `"stream": true` (server-sent events ending in `[DONE]`).
 depthkit's loop controls travel in the request body, where the OpenAI client's `extra_body` puts
-them: `loops` (recursion depth R) and `exit_threshold` (early exit; `null` turns it off).
+them: `loops` (recursion depth R), `exit_threshold` (early exit; `null` turns it off) and `exit_rule`
+(`kl` or `hidden`, see `depthkit.recursive.generate`).
 Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the HTTP
 status that fits (400 bad request, 404 unknown model), and never stops the engine serving others.
 A streaming client that disconnects cancels its sequence, which frees its row at the next step.
@@ -25,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from transformers import PreTrainedTokenizerBase
 
 from depthkit.errors import DepthkitError
+from depthkit.recursive.generate import DEFAULT_EXIT_RULE
 from depthkit.serve.engine import Engine, Event, GenerationParams, Sequence
 from depthkit.serve.text import TextStream
 
@@ -53,6 +55,7 @@ class ServedModel:
     tokenizer: PreTrainedTokenizerBase
     name: str
     default_exit_threshold: float | None = None
+    default_exit_rule: str = DEFAULT_EXIT_RULE
 
 
 def create_app(served: ServedModel) -> FastAPI:
@@ -157,7 +160,7 @@ def generation_params(body: dict[str, Any], served: ServedModel) -> GenerationPa
         top_p=_number(body.get("top_p", 1.0), "top_p", float),
         seed=None if body.get("seed") is None else _number(body["seed"], "seed", int),
         loops=None if body.get("loops") is None else _number(body["loops"], "loops", int),
-        exit_threshold=threshold)
+        exit_threshold=threshold, exit_rule=str(body.get("exit_rule") or served.default_exit_rule))
 
 
 def _number(value: Any, name: str, kind: type) -> int | float:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from depthkit.errors import require
 from depthkit.models.blockwise import BlockContext
 from depthkit.recursive.config import check_loops
-from depthkit.recursive.generate import kl_divergence
+from depthkit.recursive.generate import DEFAULT_EXIT_RULE, check_exit_rule, hidden_change, kl_divergence
 from depthkit.recursive.model import RecursiveModel
 from depthkit.serve.cache import SlotCache, attention_masks
 
@@ -55,7 +55,8 @@ class GenerationParams:
     top_p: float = 1.0
     seed: int | None = None
     loops: int | None = None  # recursion depth R (None: the model's)
-    exit_threshold: float | None = None  # KL threshold of early exit (None: always R loops)
+    exit_threshold: float | None = None  # early exit below this distance between steps (None: always R loops)
+    exit_rule: str = DEFAULT_EXIT_RULE  # the distance: `depthkit.recursive.generate.EXIT_RULES`
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Sequence:
     pending: int = 0  # the token whose loop steps are being computed
     hidden: torch.Tensor | None = None  # the current step's input (1, 1, hidden)
     origin: torch.Tensor | None = None  # the prelude's output for the pending token
-    previous: torch.Tensor | None = None  # log-probs of the last decoded step (early exit)
+    previous: torch.Tensor | None = None  # the last step's log-probs (`kl` rule) or block output (`hidden`)
     generator: torch.Generator | None = None
 
     @property
@@ -136,6 +137,7 @@ class Engine:
                 f"loops must be an integer in 1..{self.max_loops} (the server's maximum), got {loops!r}")
         require(params.exit_threshold is None or params.exit_threshold >= 0,
                 f"exit_threshold must be >= 0, got {params.exit_threshold}")
+        check_exit_rule(params.exit_rule)
         require(params.temperature >= 0, f"temperature must be >= 0, got {params.temperature}")
         require(0 < params.top_p <= 1, f"top_p must be in (0, 1], got {params.top_p}")
 
@@ -301,10 +303,9 @@ class Engine:
         hidden = torch.cat([s.hidden for s in group])
         context = self._bind(group, hidden, with_offsets=not same_step)
         output, taps = model.run_step(step, self.max_loops, hidden, context, self.cache)
-        decoded = [i for i, s in enumerate(group) if s.params.exit_threshold is not None or s.step == s.loops - 1]
-        finished = set()
-        if decoded:
-            finished = self._decode(group, decoded, output, step, same_step)
+        # Rows that may exit run every step's coda (its cache slots must be complete); others only the last.
+        coda = [i for i, s in enumerate(group) if s.params.exit_threshold is not None or s.step == s.loops - 1]
+        finished = self._decode(group, coda, output, step, same_step) if coda else set()
         moving = [i for i in range(len(group)) if i not in finished]
         if moving:
             index = torch.tensor(moving, device=output.device)
@@ -316,29 +317,38 @@ class Engine:
                 group[i].step += 1
         return [group[i] for i in finished]
 
-    def _decode(self, group: list[Sequence], decoded: list[int], output: torch.Tensor, step: int,
+    def _decode(self, group: list[Sequence], coda: list[int], output: torch.Tensor, step: int,
                 same_step: bool) -> set[int]:
-        """Coda + head for the decoded rows; returns the indices (in `group`) whose token is done."""
-        rows = [group[i] for i in decoded]
-        hidden = output[torch.tensor(decoded, device=output.device)]
-        context = self._bind(rows, hidden, with_offsets=not same_step)
-        logits = self.model.decode(self.model.run_coda(step, self.max_loops, hidden, context, self.cache), 1)
-        log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)
+        """The coda for rows `coda` (indices in `group`), the LM head for those that need it now (last
+        step, the `kl` rule, or a `hidden`-rule exit); returns the indices whose token is done."""
+        rows = [group[i] for i in coda]
+        hidden = output[torch.tensor(coda, device=output.device)]
+        final = self.model.run_coda(step, self.max_loops, hidden, self._bind(rows, hidden, not same_step), self.cache)
+        head = [k for k, sequence in enumerate(rows) if self._needs_head(sequence, hidden[k, -1])]
         finished = set()
-        for index, sequence, probs in zip(decoded, rows, log_probs):
-            last = sequence.step == sequence.loops - 1
-            threshold = sequence.params.exit_threshold
-            exits = (not last and threshold is not None and sequence.previous is not None
-                     and float(kl_divergence(probs, sequence.previous)) < threshold)
-            if last or exits:
-                used = sequence.step + 1
-                if used < sequence.loops:
-                    self._reuse_latest_kv(sequence, used - 1)
-                self._emit_token(sequence, probs, steps=used)
-                finished.add(index)
-            else:
-                sequence.previous = probs
+        if not head:
+            return finished
+        logits = self.model.decode(final[torch.tensor(head, device=final.device)], 1)
+        for k, probs in zip(head, F.log_softmax(logits[:, -1].float(), dim=-1)):
+            sequence = rows[k]
+            exits = sequence.step < sequence.loops - 1  # the `hidden` rule decided already
+            if sequence.params.exit_rule == "kl" and exits:
+                previous, sequence.previous = sequence.previous, probs
+                exits = previous is not None and float(kl_divergence(probs, previous)) < sequence.params.exit_threshold
+            if exits or sequence.step == sequence.loops - 1:
+                if exits:
+                    self._reuse_latest_kv(sequence, sequence.step)
+                self._emit_token(sequence, probs, steps=sequence.step + 1)
+                finished.add(coda[k])
         return finished
+
+    @staticmethod
+    def _needs_head(sequence: Sequence, block_output: torch.Tensor) -> bool:
+        """Whether this row's logits are needed at this step; a `hidden`-rule row decides its exit here."""
+        if sequence.step == sequence.loops - 1 or sequence.params.exit_rule == "kl":
+            return True
+        previous, sequence.previous = sequence.previous, block_output
+        return previous is not None and float(hidden_change(block_output, previous)) < sequence.params.exit_threshold
 
     def _reuse_latest_kv(self, sequence: Sequence, exit_step: int) -> None:
         model, loops = self.model, sequence.loops
