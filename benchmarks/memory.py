@@ -102,7 +102,9 @@ def child(args: argparse.Namespace) -> None:
     elif args.child == "streaming":
         from depthkit.compress.api import compress_checkpoint
 
-        report = compress_checkpoint(args.folder, args.out, args.method, ratio=args.ratio, calib_ids=ids, **options)
+        # FlattenGPT streamed with one-pass pairs, as in the recorded runs (re-scoring rereads every block per step)
+        streamed = options | ({"rescore": False} if args.method == "flatten" else {})
+        report = compress_checkpoint(args.folder, args.out, args.method, ratio=args.ratio, calib_ids=ids, **streamed)
         result["blocks"] = report.details.get("flattened_groups") or report.details.get("removed_blocks")
     result |= {"seconds": time.perf_counter() - began, **peak_memory_mb()}
     if args.eval and args.child != "baseline":

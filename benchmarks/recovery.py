@@ -90,7 +90,7 @@ def main() -> None:
     trained_on = mixture_sources(args.train_data)
     settings = RecoverySettings(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                                 lora_rank=args.lora_rank, eval_every=args.eval_every,
-                                eval_tokens=windows * args.seq_len * len(trained_on), save_every=max(args.steps, 1),
+                                eval_tokens=windows * args.seq_len * len(trained_on), checkpoint_every=0,
                                 distill_weight=args.distill_weight)
     original, tokenizer = load_model(args.original)
     heldout = {d: sample_blocks(tokenizer, DataSpec(d, "heldout"), windows, args.seq_len).flatten()

@@ -99,7 +99,7 @@ from depthkit.recursive import RecursiveModel, truncate_layers  # noqa: E402
 from depthkit.recursive.config import CONNECTOR_NORMS, RESIDUALS, default_of  # noqa: E402
 from depthkit.recursive.generate import early_exit_nll  # noqa: E402
 from depthkit.recursive.model import LAYER_PICKS  # noqa: E402
-from depthkit.recursive.train import TrainSettings, step_perplexities, train  # noqa: E402
+from depthkit.recursive.train import RecursiveTrainSettings, step_perplexities, train  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
 from depthkit.utils.precision import MIXED_PRECISIONS, resolve_mixed_precision  # noqa: E402
@@ -191,10 +191,10 @@ def run_variant(name: str, args, train_ids, eval_ids) -> tuple[RecursiveModel, d
     trainable = ("connector", "layers") if spec["feedback"] == "connector" else ("layers",)
     if len(model.adapters.relax):
         trainable += ("loop_lora",)
-    settings = TrainSettings(steps=args.steps, loops=loops, batch_size=args.batch_size, lr=args.lr,
-                             connector_lr=args.connector_lr, loss=spec["loss"], trainable=trainable, seed=args.seed,
-                             eval_every=args.eval_every or max(1, args.steps), warmup_steps=max(1, args.steps // 10),
-                             mixed_precision=args.mixed_precision)
+    settings = RecursiveTrainSettings(
+        steps=args.steps, loops=loops, batch_size=args.batch_size, lr=args.lr, connector_lr=args.connector_lr,
+        loss=spec["loss"], trainable=trainable, seed=args.seed, eval_every=args.eval_every or max(1, args.steps),
+        warmup_steps=max(1, args.steps // 10), mixed_precision=args.mixed_precision)
     result = train(model, train_ids, eval_ids if args.eval_every else None, settings)
     # one pass to the deepest step: steps 1..R of a deeper run are the R-step run's own steps
     evaluated = step_perplexities(model, eval_ids, max(loops, args.deeper) if loops > 1 else 1)

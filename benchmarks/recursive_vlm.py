@@ -56,7 +56,7 @@ from depthkit.vlm.batches import VQABatches  # noqa: E402
 from depthkit.vlm.data import VQAConfig, build_vqa, dataset_features  # noqa: E402
 from depthkit.vlm.evaluate import evaluate_steps, representation_stats  # noqa: E402
 from depthkit.vlm.model import VLM_CONNECTOR, build_vlm  # noqa: E402
-from depthkit.vlm.train import TrainSettings, train_stage1, train_stage2  # noqa: E402
+from depthkit.vlm.train import VLMTrainSettings, train_stage1, train_stage2  # noqa: E402
 
 STANDARD, VANILLA = "standard (R=1)", "vanilla recursive"
 SHARED, SPECIFIC = "RecursiveVLM shared connector", "RecursiveVLM modality-specific"
@@ -131,8 +131,9 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     train_set = VQABatches(vlm, dataset, "train", features)
     heldout = VQABatches(vlm, dataset, "heldout", features, limit=args.eval_examples or None)
     stats_set = VQABatches(vlm, dataset, "heldout", features, limit=args.stats_examples)
-    stage1 = train_stage1(vlm, train_set, TrainSettings(args.stage1_steps, args.batch_size, args.lr, loss="sum",
-                                                        seed=args.seed))
+    stage1_settings = VLMTrainSettings(steps=args.stage1_steps, batch_size=args.batch_size, lr=args.lr, loss="sum",
+                                       seed=args.seed)
+    stage1 = train_stage1(vlm, train_set, stage1_settings)
     aligned = copy.deepcopy(vlm.projector.state_dict())
     (stage1_quality,) = evaluate_steps(vlm, heldout, 1)
     results = {"settings": {**vars(args), "torch_threads": torch.get_num_threads()},
@@ -147,8 +148,9 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
         if spec["feedback"] == "connector":
             spec.update(scale_init=args.scale_init, residual=args.residual, connector_norm=args.connector_norm)
         vlm.projector.load_state_dict(aligned)
-        settings = TrainSettings(args.steps, args.batch_size, args.lr, loss=spec.pop("loss"), beta=args.beta,
-                                 seed=args.seed + 1)  # the same batches, in the same order, for every variant
+        # the same batches, in the same order, for every variant
+        settings = VLMTrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, loss=spec.pop("loss"),
+                                    beta=args.beta, seed=args.seed + 1)
         log = train_stage2(vlm, train_set, settings, lora_rank=args.lora_rank, desc=name, lora_init=lora_init,
                            **spec)
         quality = evaluate_steps(vlm, heldout, args.loops)

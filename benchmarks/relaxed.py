@@ -34,7 +34,7 @@ from recursion import benchmark_data  # noqa: E402
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.recursive import RecursiveModel  # noqa: E402
 from depthkit.recursive.relaxed import INITS, LOOP_NORMS, SHARINGS, relax  # noqa: E402
-from depthkit.recursive.train import TrainSettings, step_perplexities, train  # noqa: E402
+from depthkit.recursive.train import RecursiveTrainSettings, step_perplexities, train  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
 from depthkit.utils.precision import MIXED_PRECISIONS, resolve_mixed_precision  # noqa: E402
@@ -81,10 +81,10 @@ def run_variant(name: str, rank: int | None, args: argparse.Namespace, train_ids
     loops = model.config.num_loops
     before = step_perplexities(model, eval_ids, loops)[-1]
     trainable = ("layers", "loop_lora") if rank else ("layers",)
-    settings = TrainSettings(steps=args.steps, loops=loops, batch_size=args.batch_size, lr=args.lr, loss="last",
-                             trainable=trainable, eval_every=args.eval_every or max(1, args.steps),
-                             warmup_steps=max(1, args.steps // 10), mixed_precision=args.mixed_precision,
-                             seed=args.seed)
+    settings = RecursiveTrainSettings(
+        steps=args.steps, loops=loops, batch_size=args.batch_size, lr=args.lr, loss="last", trainable=trainable,
+        eval_every=args.eval_every or max(1, args.steps), warmup_steps=max(1, args.steps // 10),
+        mixed_precision=args.mixed_precision, seed=args.seed)
     result = train(model, train_ids, eval_ids if args.eval_every else None, settings)
     after = step_perplexities(model, eval_ids, loops)[-1]
     print(f"{name}: held-out ppl {before:.4g} -> {after:.4g} ({result.seconds:.0f} s)", flush=True)

@@ -43,3 +43,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def interrupt_training(monkeypatch, at_step: int) -> None:
+    """Make the shared training core raise KeyboardInterrupt at its `at_step`-th optimizer step
+    (counted over every run after this call), as a kill would; `monkeypatch.undo()` ends it."""
+    from depthkit.training.core import Trainer
+
+    real_update, calls = Trainer._update, []
+
+    def update(self, loss):
+        calls.append(1)
+        if len(calls) == at_step:
+            raise KeyboardInterrupt
+        return real_update(self, loss)
+
+    monkeypatch.setattr(Trainer, "_update", update)

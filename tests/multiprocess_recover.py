@@ -19,7 +19,7 @@ accelerator = Accelerator(cpu=True)
 phrase = torch.randint(0, 256, (48,), generator=torch.Generator().manual_seed(0))
 stream = phrase.repeat(200)
 settings = RecoverySettings(steps=6, seq_len=32, batch_size=2, lr=1e-2, warmup_steps=1, eval_every=6,
-                            eval_tokens=128, save_every=6)
+                            eval_tokens=128, checkpoint_every=6)
 card = recover(tiny_model("llama"), load_tokenizer("smollm2"), stream, stream[:512], settings, out,
                accelerator=accelerator, progress=False)
 if accelerator.is_main_process:

@@ -15,7 +15,7 @@ from depthkit.vlm.batches import VQABatches
 from depthkit.vlm.data import VQAConfig, build_vqa
 from depthkit.vlm.model import VisionLanguageModel
 from depthkit.vlm.projector import Projector
-from depthkit.vlm.train import TrainSettings, train
+from depthkit.vlm.train import VLMTrainSettings, train
 
 accelerator = Accelerator(cpu=True)
 tokenizer = load_tokenizer("smollm2")
@@ -28,7 +28,7 @@ features = {i: torch.rand(49, 1280, generator=generator) for i in dataset.image_
 vlm.make_recursive(2, "connector", lora_rank=2, scale_init=0.5)
 vlm.language_model.requires_grad_(False)
 vlm.projector.requires_grad_(True)
-log = train(vlm, VQABatches(vlm, dataset, "train", features), TrainSettings(steps=3, batch_size=4, lr=1e-2),
+log = train(vlm, VQABatches(vlm, dataset, "train", features), VLMTrainSettings(steps=3, batch_size=4, lr=1e-2),
             progress=False, accelerator=accelerator)
 flat = torch.cat([p.detach().flatten() for p in vlm.trainable_parameters()])
 copies = [torch.zeros_like(flat) for _ in range(accelerator.num_processes)]

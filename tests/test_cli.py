@@ -1,5 +1,8 @@
 """Bad input through the command line: one clear line on stderr and exit code 2."""
 
+import argparse
+import json
+
 import pytest
 
 from depthkit.cli.main import main
@@ -140,9 +143,8 @@ def test_library_option_names_become_the_commands_flags(capsys, tmp_path):
     assert code == 2 and "--target-layers must be in 1..3" in err and "`" not in err
 
 
-def test_sigterm_removes_the_temporary_output_folder(tmp_path):
-    """`timeout`, Docker and schedulers send SIGTERM: a streamed compression stops without debris."""
-    import signal
+def interrupted_streamed_compression(tmp_path, signum):
+    """A streamed compression in a subprocess, sent `signum` once its temporary folder is owned."""
     import subprocess
     import sys
     import time
@@ -153,16 +155,188 @@ def test_sigterm_removes_the_temporary_output_folder(tmp_path):
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     tiny_model("llama", num_layers=16, vocab_size=len(tokenizer)).save_pretrained(tmp_path / "src")
     tokenizer.save_pretrained(tmp_path / "src")
-    out = tmp_path / "out"
     command = [sys.executable, "-m", "depthkit.cli.main", "compress", "--model", str(tmp_path / "src"), "--method",
                "sleb", "--ratio", "0.5", "--offload", "disk", "--calib", "austen", "--num-calib-blocks", "64",
-               "--out", str(out)]
+               "--out", str(tmp_path / "out")]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".out.tmp-*")) and process.poll() is None and time.monotonic() < deadline:
+    while not list(tmp_path.glob(".out.tmp-*/.depthkit-owner")) and process.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.01)
     assert process.poll() is None, "the compression ended before it could be interrupted"
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and "interrupted" in err
-    assert not list(tmp_path.glob(".out.tmp-*")) and not out.exists()
+    return process.returncode, err
+
+
+def test_sigterm_removes_the_temporary_output_folder(tmp_path):
+    """`timeout`, Docker and schedulers send SIGTERM: a streamed compression stops without debris."""
+    import signal
+
+    code, err = interrupted_streamed_compression(tmp_path, signal.SIGTERM)
+    assert code == 130 and "interrupted" in err
+    assert not list(tmp_path.glob(".out.tmp-*")) and not (tmp_path / "out").exists()
+
+
+def test_the_next_run_removes_what_a_sigkill_left(tmp_path, capsys):
+    """SIGKILL lets no handler run: its temporary folder stays, and the next run with the same --out removes it."""
+    import signal
+
+    code, _ = interrupted_streamed_compression(tmp_path, signal.SIGKILL)
+    assert code == -signal.SIGKILL and len(list(tmp_path.glob(".out.tmp-*"))) == 1
+    assert main(["compress", "--model", str(tmp_path / "src"), "--method", "shortgpt", "--target-layers", "8",
+                 "--offload", "disk", "--num-calib-blocks", "2", "--calib-block-len", "32", "--out",
+                 str(tmp_path / "out")]) == 0
+    assert "left by a killed run" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".out.tmp-*")) and (tmp_path / "out" / "config.json").exists()
+
+
+def subcommand_parsers(parser, path=("depthkit",)):
+    """Every (command path, parser) under `parser`, the parser itself included."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from subcommand_parsers(child, (*path, name))
+
+
+@pytest.mark.parametrize("command", sorted(__import__("depthkit.cli.main").cli.main.command_help()))
+def test_every_option_has_help_that_shows_its_default(command):
+    """`--help` of every subcommand documents every option, and shows each concrete default once."""
+    from depthkit.cli.main import build_parser
+
+    parser = next(child for path, child in subcommand_parsers(build_parser([command])) if path[1:] == (command,))
+    missing, undated = [], []
+    for path, sub in subcommand_parsers(parser, (command,)):
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if action.dest == "help" or isinstance(action, argparse._SubParsersAction):
+                continue
+            name = " ".join(path) + " " + (action.option_strings or [action.dest])[0]
+            text = formatter._get_help_string(action)
+            if not (action.help or "").strip():
+                missing.append(name)
+            elif action.default not in (None, [], False, True) and text.count("(default") != 1:
+                undated.append(f"{name}: {text}")
+    assert not missing, f"options without help: {missing}"
+    assert not undated, f"help that does not show its default exactly once: {undated}"
+
+
+DAMAGES = {
+    "truncated": lambda good: good[: len(good) // 2],
+    "random": lambda good: bytes(range(256)) * 16,
+    "empty": lambda good: b"",
+}
+LOADING_COMMANDS = {
+    "eval ppl": ["eval", "ppl"],
+    "eval zeroshot": ["eval", "zeroshot"],
+    "analyze": ["analyze", "--out", "{tmp}/analysis"],
+    "compress": ["compress", "--method", "shortgpt", "--ratio", "0.5", "--out", "{tmp}/compressed"],
+    "compress --offload disk": ["compress", "--method", "shortgpt", "--ratio", "0.5", "--offload", "disk", "--out",
+                                "{tmp}/streamed"],
+    "recover": ["recover", "--out", "{tmp}/recovered"],
+}
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    from depthkit.models.tiny import tiny_model
+
+    folder = tmp_path_factory.mktemp("model")
+    tiny_model("llama", num_layers=2).save_pretrained(folder)
+    return folder
+
+
+def damaged_copy(saved_model, tmp_path, damage: str):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved_model, folder)
+    if damage == "config":
+        (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+        return folder, f"{folder / 'config.json'} is not a valid model config"
+    weights = folder / "model.safetensors"
+    weights.write_bytes(DAMAGES[damage](weights.read_bytes()))
+    return folder, f"{weights} is not a valid safetensors file"
+
+
+@pytest.mark.parametrize("damage", [*DAMAGES, "config"])
+@pytest.mark.parametrize("command", LOADING_COMMANDS)
+def test_damaged_model_files_are_one_clear_line(capsys, saved_model, tmp_path, command, damage):
+    folder, message = damaged_copy(saved_model, tmp_path, damage)
+    argv = [arg.format(tmp=tmp_path) for arg in LOADING_COMMANDS[command]] + ["--model", str(folder)]
+    code, err = run_cli(capsys, *argv)
+    assert code == 2 and err.startswith("depthkit: error: ")
+    assert message in err and "re-fetch or re-save the model" in err and len(err.splitlines()) == 1
+    assert not [p for p in tmp_path.iterdir() if p.name != "model"]  # nothing written
+
+
+TEXTS = {
+    "latin-1": ("caf\xe9 au lait, cr\xe8me br\xfbl\xe9e\n" * 200).encode("latin-1"),
+    "binary": bytes(range(256)) * 64,
+    "nul bytes": b"\x00" * 4096,
+}
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("argv", [["eval", "ppl", "--model", "tiny:llama", "--data", "{file}"],
+                                  ["compress", "--model", "tiny:llama", "--method", "shortgpt", "--ratio", "0.5",
+                                   "--calib", "{file}"]], ids=["--data", "--calib"])
+def test_text_that_is_not_utf8_is_refused(capsys, tmp_path, argv, text):
+    path = tmp_path / "input.txt"
+    path.write_bytes(TEXTS[text])
+    code, err = run_cli(capsys, *[arg.format(file=path) for arg in argv])
+    expected = "is binary, not text" if text == "nul bytes" else "is not UTF-8 text"
+    assert code == 2 and f"{path} {expected}" in err and len(err.splitlines()) == 1
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """The hub unreachable as on an offline machine: the probe's connection fails at once."""
+    import urllib.error
+
+    import depthkit.utils.fetch as fetch
+
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", unreachable)
+    fetch.hub_reachable.cache_clear()
+    yield
+    fetch.hub_reachable.cache_clear()
+
+
+def test_a_hub_id_without_network_fails_at_once(capsys, no_network):
+    import time
+
+    began = time.monotonic()
+    code, err = run_cli(capsys, "eval", "ppl", "--model", "someorg/somemodel")
+    assert code == 2 and time.monotonic() - began < 5
+    assert err == ("depthkit: error: the Hugging Face hub is not reachable and 'someorg/somemodel' is not in the local "
+                   "hub cache; give a local model folder, tiny:llama or the offline default smollm2-135m-instruct")
+
+
+def test_a_hub_id_without_network_loads_from_the_hub_cache(monkeypatch, saved_model, no_network):
+    import huggingface_hub
+
+    from depthkit.models.loading import resolve_model_path
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo, name: str(saved_model / name) if repo == "someorg/cached" else None)
+    assert resolve_model_path("someorg/cached") == str(saved_model)
+
+
+def test_wikitext2_without_network_fails_at_once(capsys, no_network):
+    import time
+
+    began = time.monotonic()
+    code, err = run_cli(capsys, "eval", "ppl", "--model", "tiny:llama", "--window", "256", "--data", "wikitext2")
+    assert code == 2 and time.monotonic() - began < 5 and "WikiText-2 needs the Hugging Face hub" in err
+
+
+def test_eval_ppl_default_window_fits_a_short_context(tmp_path, capsys):
+    """The default window is 1024 tokens, or the model's context where it is shorter (tiny models: 512)."""
+    code, err = run_cli(capsys, "eval", "ppl", "--model", "tiny:llama", "--max-tokens", "1024",
+                        "--json", str(tmp_path / "ppl.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "ppl.json").read_text())["window"] == 512

@@ -46,7 +46,7 @@ def tokenizer():
         (dict(ratio=0.5, method="laco", merge_layers=1), "merge_layers >= 2"),
         (dict(ratio=0.5, method="laco", merge="sum"), "merge must be one of rdsc, drop"),
         (dict(ratio=0.5, method="laco", bisect=True, threshold_floor=0.9), "threshold_floor <= threshold"),
-        (dict(ratio=0.5, method="laco", threshold=float("nan")), "cosines, in -1..1"),
+        (dict(ratio=0.5, method="laco", threshold=float("nan")), "threshold must be a finite number"),
         (dict(ratio=0.5, batch_size=0), "batch_size must be >= 1"),
     ],
 )

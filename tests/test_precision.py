@@ -6,7 +6,7 @@ import torch
 from depthkit.cli.main import main
 from depthkit.errors import DepthkitError
 from depthkit.models.loading import load_model, resolve_dtype
-from depthkit.recursive.train import TrainSettings
+from depthkit.recursive.train import RecursiveTrainSettings
 from depthkit.utils.precision import (
     bf16_in_cpu_flags,
     dtype_name,
@@ -39,7 +39,7 @@ def test_named_dtypes_and_precisions_are_kept_as_asked():
     with pytest.raises(DepthkitError, match="choose from auto"):
         resolve_dtype("float8")
     with pytest.raises(DepthkitError, match="mixed precision must be one of auto"):
-        TrainSettings(mixed_precision="bf15").validate()
+        RecursiveTrainSettings(mixed_precision="bf15").validate()
 
 
 def test_models_load_in_the_auto_dtype_by_default():

@@ -13,9 +13,8 @@ from depthkit.models.adapters import get_adapter
 from depthkit.models.loading import load_tokenizer
 from depthkit.models.tiny import TINY_ARCHITECTURES, tiny_model
 from depthkit.recover import CARD_FILE, RecoverySettings, attach_lora, distillation_loss, recover, save_merged
-from depthkit.recover import trainer as trainer_module
 from depthkit.recover.trainer import evaluate, training_blocks
-from tests.conftest import random_ids
+from tests.conftest import interrupt_training, random_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +32,7 @@ def patterned_stream(length: int = 8192, period: int = 48, seed: int = 0) -> tor
 
 def small_settings(**overrides) -> RecoverySettings:
     values = dict(steps=20, seq_len=32, batch_size=4, lr=1e-2, warmup_steps=2, eval_every=10,
-                  eval_tokens=128, save_every=10)
+                  eval_tokens=128, checkpoint_every=10)
     values.update(overrides)
     return RecoverySettings(**values)
 
@@ -106,25 +105,17 @@ def test_card_perplexity_is_the_saved_models(tmp_path, tokenizer):
 
 def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, tokenizer, monkeypatch):
     stream = patterned_stream()
-    settings = small_settings(steps=16, save_every=5)
+    settings = small_settings(steps=16, checkpoint_every=5)
     straight = recover(tiny_model("mistral"), tokenizer, stream, stream[:512], settings, tmp_path / "a",
                        progress=False)
 
-    real_step, calls = trainer_module._step, []
-
-    def crash_at_25(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 13:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "_step", crash_at_25)
+    interrupt_training(monkeypatch, at_step=13)
     out = tmp_path / "b"
     with pytest.raises(KeyboardInterrupt):
         recover(tiny_model("mistral"), tokenizer, stream, stream[:512], settings, out, progress=False)
     assert not (out / "model").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["settings.json", "step-0000005", "step-0000010"]
-    monkeypatch.setattr(trainer_module, "_step", real_step)
+    monkeypatch.undo()
 
     with pytest.raises(DepthkitError, match="`resume`"):
         recover(tiny_model("mistral"), tokenizer, stream, stream[:512], settings, out, progress=False)
@@ -203,7 +194,7 @@ def test_recovery_of_a_truncated_smollm2_lowers_heldout_perplexity(tmp_path):
     train = token_stream(tokenizer, DataSpec("austen:mansfieldpark", "calib"))[:4096]
     heldout = token_stream(tokenizer, DataSpec("austen:persuasion", "heldout"))
     settings = RecoverySettings(steps=6, seq_len=128, batch_size=2, lr=2e-3, warmup_steps=1, eval_every=6,
-                                eval_tokens=512, save_every=6)
+                                eval_tokens=512, checkpoint_every=6)
     card = recover(model, tokenizer, train, heldout, settings, tmp_path, progress=False)
     assert card["perplexity_after"] < 0.95 * card["perplexity_before"]
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.bfloat16)

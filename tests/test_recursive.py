@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,7 +21,8 @@ from depthkit.recursive.config import RecursiveConfig
 from depthkit.recursive.generate import decode_step, generate
 from depthkit.recursive.loss import recursion_loss, step_losses, token_losses
 from depthkit.recursive.relaxed import init_sources, relax, sharing_plan
-from depthkit.recursive.train import TrainSettings, train
+from depthkit.recursive.train import RecursiveTrainSettings, train
+from tests.conftest import interrupt_training
 
 ATOL = 1e-5
 
@@ -383,26 +384,41 @@ def test_gradient_checkpointing_keeps_per_loop_adapters():
 def test_training_reduces_the_loss():
     model = RecursiveModel.wrap(tiny_model("llama"), num_loops=2, lora_rank=4)
     blocks = ids(8, 16)
-    result = train(model, blocks, blocks[:2], TrainSettings(steps=6, loops=2, batch_size=4, lr=1e-2,
+    result = train(model, blocks, blocks[:2], RecursiveTrainSettings(steps=6, loops=2, batch_size=4, lr=1e-2,
                    connector_lr=1e-2, trainable=("connector", "lora"), eval_every=6, mixed_precision="no"),
                    progress=False)
     first, last = result.evaluations[0]["perplexity"], result.evaluations[-1]["perplexity"]
     assert len(first) == 2 and last[-1] < first[-1]
 
 
-def test_training_checkpoints_reload(tmp_path):
-    model = RecursiveModel.wrap(tiny_model("qwen3"), num_loops=2)
-    blocks = ids(8, 16)
-    settings = TrainSettings(steps=3, loops=2, batch_size=4, lr=1e-2, connector_lr=1e-2, mixed_precision="no",
-                             checkpoint_every=2, checkpoint_dir=str(tmp_path / "ck"))
-    result = train(model, blocks, None, settings, progress=False)
-    assert [Path(c).name for c in result.checkpoints] == ["step-2", "step-3"]  # every 2 steps and at the end
-    reloaded = RecursiveModel.from_pretrained(result.checkpoints[-1])
-    torch.testing.assert_close(reloaded(blocks, 2).logits, model(blocks, 2).logits, atol=0, rtol=0)
-    assert not torch.equal(RecursiveModel.from_pretrained(result.checkpoints[0])(blocks, 2).logits,
-                           model(blocks, 2).logits)
-    with pytest.raises(DepthkitError, match="checkpoint_dir"):
-        train(model, blocks, None, TrainSettings(steps=1, checkpoint_every=1), progress=False)
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Killed at step 8 of 9 (mid-epoch: 5 batches per epoch), resumed from step 6: the same
+    history, evaluations and final weights as a run never interrupted."""
+    blocks = ids(20, 16)
+    settings = RecursiveTrainSettings(steps=9, loops=2, batch_size=4, lr=1e-2, connector_lr=1e-2, warmup_steps=2,
+                                      trainable=("connector", "lora"), eval_every=3, mixed_precision="no",
+                                      checkpoint_every=2)
+
+    def run(folder=None, resume=False, run_settings=settings):
+        model = RecursiveModel.wrap(tiny_model("qwen3"), num_loops=2, lora_rank=2)
+        result = train(model, blocks, blocks[:2], run_settings, progress=False, checkpoint_dir=folder, resume=resume)
+        return model, result
+
+    straight_model, straight = run()
+    folder = tmp_path / "run.checkpoints"
+    interrupt_training(monkeypatch, at_step=8)
+    with pytest.raises(KeyboardInterrupt):
+        run(folder)
+    monkeypatch.undo()
+    assert sorted(p.name for p in folder.iterdir()) == ["settings.json", "step-0000004", "step-0000006"]  # rotated
+    with pytest.raises(DepthkitError, match="earlier run"):
+        run(folder)  # a new run never mixes with another run's checkpoints
+    with pytest.raises(DepthkitError, match="beta: 2.0 -> 3.0"):
+        run(folder, resume=True, run_settings=replace(settings, beta=3.0))
+    model, resumed = run(folder, resume=True)
+    assert resumed.history == straight.history and resumed.evaluations == straight.evaluations
+    theirs = straight_model.state_dict()
+    assert all(torch.equal(value, theirs[key]) for key, value in model.state_dict().items())
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
@@ -491,6 +507,27 @@ def test_cli_trains_a_looped_middle_with_per_loop_lora_and_generates(tmp_path, c
                  "--loops", "3", "--json", str(tmp_path / "gen.json")]) == 0
     generated = json.loads((tmp_path / "gen.json").read_text())
     assert generated["completion"] and generated["loops"] == 3 and generated["max_steps"] == 3  # deeper than trained
+
+
+def test_cli_resumes_an_interrupted_run_from_its_own_checkpoints(tmp_path, capsys, monkeypatch):
+    from depthkit.cli.main import main
+
+    def train_command(out, *extra):
+        return main(["recursive", "train", "--model", "tiny:llama", "--steps", "5", "--checkpoint-every", "2",
+                     "--keep-checkpoints", "1", *_cli_text_args(tmp_path), "--out", str(out), *extra])
+
+    assert train_command(tmp_path / "straight") == 0
+    assert not (tmp_path / "straight.checkpoints").exists()  # removed once the model is saved
+    out = tmp_path / "looped"
+    interrupt_training(monkeypatch, at_step=4)
+    assert train_command(out) == 130  # as a Ctrl-C or SIGTERM at step 4
+    monkeypatch.undo()
+    assert not out.exists() and [p.name for p in (tmp_path / "looped.checkpoints").glob("step-*")] == ["step-0000002"]
+    assert train_command(out) == 2 and "earlier run" in capsys.readouterr().err
+    assert train_command(out, "--resume", "--lr", "1e-3") == 2 and "lr: 0.0001 -> 0.001" in capsys.readouterr().err
+    assert train_command(out, "--resume") == 0 and not (tmp_path / "looped.checkpoints").exists()
+    weights = sorted(p.relative_to(out) for p in out.rglob("*.safetensors"))
+    assert weights and all((out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes() for name in weights)
 
 
 def test_early_exit_prefill_fills_every_cache_slot():

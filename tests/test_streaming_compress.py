@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from depthkit.cli.main import main
 from depthkit.compress.api import CARD_JSON, compress, compress_checkpoint
 from depthkit.compress.base import streaming_methods
-from depthkit.compress.flatten.selection import one_pass_pairs
+from depthkit.compress.flatten.selection import one_pass_pairs, select_groups
 from depthkit.errors import DepthkitError
 from depthkit.models.adapters import get_adapter
 from depthkit.models.blockwise import embed
@@ -147,12 +147,43 @@ def test_one_pass_pairs_are_disjoint_and_scored_on_the_original(tmp_path, select
     assert in_memory == groups
 
 
-def test_default_streamed_flatten_writes_a_loadable_model(tmp_path):
-    model, folder = saved_tiny(tmp_path, "qwen2")
+FLATTEN_SELECTIONS = [{}, {"selection": "local"}, {"selection": "similarity"}, {"max_group": 3, "shortlist": 2},
+                      {"selection": "local", "rescore": False}, {"selection": "similarity", "rescore": False}]
+
+
+@pytest.mark.parametrize("options", FLATTEN_SELECTIONS, ids=["greedy", "local", "similarity", "greedy-triples",
+                                                             "local-once", "similarity-once"])
+def test_streamed_flatten_equals_in_memory(tmp_path, options):
+    """Same command, same model: every pair selection picks the same groups and weights streamed."""
+    model, folder = saved_tiny(tmp_path, "qwen2", num_layers=8)
     ids = random_ids(model, batch=4, length=16)
-    report = compress_checkpoint(folder, tmp_path / "out", "flatten", ratio=0.34, calib_ids=ids, dtype="float32")
-    assert report.details["options"]["selection"] == "local" and report.num_layers_after == 4
-    assert torch.isfinite(reloaded_logits(tmp_path / "out", ids)).all()
+    options = options | {"batch_size": 2}
+    streamed = compress_checkpoint(folder, tmp_path / "out", "flatten", target_layers=5, calib_ids=ids,
+                                   dtype="float32", **options)
+    in_memory = compress(model, "flatten", target_layers=5, calib_ids=ids, **options)
+    assert streamed.details["flattened_groups"] == in_memory.details["flattened_groups"]
+    assert streamed.details["selection_log"] == tolerant(in_memory.details["selection_log"])
+    assert streamed.details["options"] == in_memory.details["options"]
+    assert streamed.num_layers_after == 5
+    torch.testing.assert_close(reloaded_logits(tmp_path / "out", ids), model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_streamed_greedy_selection_holds_one_group(tmp_path, monkeypatch):
+    """Re-scored selection streamed: original blocks alive at once stay within one candidate pair."""
+    live, most = weakref.WeakSet(), [0]
+
+    def tracked(self, index):
+        layer = original(self, index)
+        live.add(layer)
+        most[0] = max(most[0], len(live))
+        return layer
+
+    original = StreamingModel.load_layer
+    monkeypatch.setattr(StreamingModel, "load_layer", tracked)
+    model, folder = saved_tiny(tmp_path, "llama", num_layers=8)
+    source = StreamingModel.open(folder, dtype="float32")
+    select_groups(source, random_ids(model, 4, 16), 3, "greedy", batch_size=2, progress=False)
+    assert most[0] <= 2
 
 
 def test_streaming_refuses_what_it_cannot_do(tmp_path):
@@ -161,8 +192,8 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path):
     assert streaming_methods() == ["attn_drop", "flatten", "laco", "shortgpt", "sleb"]
     with pytest.raises(DepthkitError, match="needs the whole model in memory"):
         compress_checkpoint(folder, tmp_path / "a", "flatten_unpruned", target_layers=4, calib_ids=ids)
-    with pytest.raises(DepthkitError, match="scored in one pass"):
-        compress_checkpoint(folder, tmp_path / "b", "flatten", target_layers=4, calib_ids=ids, selection="greedy")
+    with pytest.raises(DepthkitError, match="rescore=false scores disjoint pairs once"):
+        compress_checkpoint(folder, tmp_path / "b", "flatten", target_layers=4, calib_ids=ids, rescore=False)
     with pytest.raises(DepthkitError, match="ratio must be in"):
         compress_checkpoint(folder, tmp_path / "c", "shortgpt", ratio=1.5, calib_ids=ids)
     assert not any((tmp_path / name).exists() for name in "abc")

@@ -3,8 +3,6 @@ per-step evaluation, save/reload, the CLI's errors, and one fast end-to-end run 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -19,7 +17,8 @@ from depthkit.vlm.data import VQAConfig, build_vqa
 from depthkit.vlm.evaluate import evaluate_steps, representation_stats, step_inputs
 from depthkit.vlm.model import VISION_TOKEN, EncodedExample, VisionLanguageModel, build_vlm, collate, load_vlm
 from depthkit.vlm.projector import Projector
-from depthkit.vlm.train import TrainSettings, train_stage1, train_stage2
+from depthkit.vlm.train import VLMTrainSettings, train_stage1, train_stage2
+from tests.conftest import interrupt_training
 
 TINY_VQA = VQAConfig(seed=1, num_mnist=40, num_digits=20, num_pairs=12, photo_variants=2)
 
@@ -146,26 +145,53 @@ def test_evaluation_counts_and_perplexity(tokenizer, fake_features):
     assert stats["vision"][0]["cka_to_embeddings"] == pytest.approx(1.0)
 
 
-def test_training_lowers_the_loss_and_checkpoints_reload(tokenizer, fake_features, tmp_path):
+def test_training_lowers_the_loss(tokenizer, fake_features, tmp_path):
     dataset, features = fake_features
     vlm = build_vlm("tiny:llama", dtype="float32", with_encoder=False)
     train_set = VQABatches(vlm, dataset, "train", features)
-    log = train_stage1(vlm, train_set, TrainSettings(steps=12, batch_size=4, lr=3e-3, loss="sum"), progress=False)
+    log = train_stage1(vlm, train_set, VLMTrainSettings(steps=12, batch_size=4, lr=3e-3, loss="sum"), progress=False)
     assert np.mean(log.losses[-3:]) < np.mean(log.losses[:3])
-    settings = TrainSettings(steps=3, batch_size=4, checkpoint_every=2, checkpoint_dir=str(tmp_path / "periodic"))
-    log = train_stage2(vlm, train_set, settings, num_loops=2, lora_rank=2, progress=False)
+    log = train_stage2(vlm, train_set, VLMTrainSettings(steps=3, batch_size=4), num_loops=2, lora_rank=2,
+                       progress=False)
     assert len(log.step_losses[0]) == 2
-    assert [Path(c).name for c in log.checkpoints] == ["step-2", "step-3"]
-    batch = random_batch(vlm)
-    again = load_vlm(tmp_path / "periodic" / "step-3", with_encoder=False)  # the last periodic one is the final model
-    for ours, theirs in zip(vlm(batch), again(batch)):
-        torch.testing.assert_close(ours, theirs)
-    middle = load_vlm(tmp_path / "periodic" / "step-2", with_encoder=False)
-    assert any(not torch.allclose(a, b) for a, b in zip(vlm(batch), middle(batch)))
     with pytest.raises(DepthkitError, match="checkpoint"):
         load_vlm(tmp_path)
-    with pytest.raises(DepthkitError, match="checkpoint_dir"):
-        train_stage2(vlm, train_set, TrainSettings(steps=1, checkpoint_every=1), num_loops=2, progress=False)
+
+
+def test_interrupted_two_stage_training_resumes_to_the_same_weights(fake_features, tmp_path, monkeypatch):
+    """Both stages as `depthkit vlm train` runs them, killed in stage 2: the resumed run takes stage 1
+    from its last checkpoint and stage 2 from its own, and ends with the uninterrupted run's weights."""
+    dataset, features = fake_features
+
+    def run(folder=None, resume=False):
+        vlm = build_vlm("tiny:llama", dtype="float32", with_encoder=False)
+        train_set = VQABatches(vlm, dataset, "train", features)
+
+        def stage(name):
+            return {"checkpoint_dir": None if folder is None else folder / name, "resume": resume}
+
+        first = train_stage1(vlm, train_set, VLMTrainSettings(steps=4, batch_size=4, lr=3e-3, loss="sum",
+                                                               checkpoint_every=2),
+                             progress=False, checkpointing=stage("stage1"))
+        second = train_stage2(vlm, train_set, VLMTrainSettings(steps=5, batch_size=4, seed=1, checkpoint_every=2),
+                              num_loops=2, lora_rank=2, progress=False, checkpointing=stage("stage2"))
+        return vlm, [first.losses, second.step_losses]
+
+    straight, straight_losses = run()
+    folder = tmp_path / "vlm.checkpoints"
+    interrupt_training(monkeypatch, at_step=4 + 4)  # stage 2's 4th step
+    with pytest.raises(KeyboardInterrupt):
+        run(folder)
+    monkeypatch.undo()
+    assert [p.name for p in sorted(folder.rglob("step-*"))] == ["step-0000002", "step-0000004", "step-0000002"]
+    with pytest.raises(DepthkitError, match="earlier run"):
+        run(folder)
+    resumed, resumed_losses = run(folder, resume=True)
+    assert resumed_losses == straight_losses
+    theirs = dict(straight.named_parameters())
+    assert all(torch.equal(p, theirs[name]) for name, p in resumed.named_parameters() if p.requires_grad)
+    batch = random_batch(resumed)
+    assert all(torch.equal(a, b) for a, b in zip(resumed(batch), straight(batch)))
 
 
 def test_stage2_variants_can_start_from_one_lora(tokenizer, fake_features):
@@ -178,7 +204,7 @@ def test_stage2_variants_can_start_from_one_lora(tokenizer, fake_features):
     torch.manual_seed(3)
     unaligned = vlm.make_recursive(2, "connector", lora_rank=2).adapters.state_dict()
     assert any(not torch.equal(unaligned[k], start[k]) for k in start)
-    no_steps = TrainSettings(steps=0)
+    no_steps = VLMTrainSettings(steps=0)
     for feedback in ("vanilla", "connector"):
         train_stage2(vlm, train_set, no_steps, num_loops=2, feedback=feedback, lora_rank=2, lora_init=start,
                      progress=False)
@@ -226,8 +252,8 @@ def test_recursive_vlm_end_to_end_on_smollm2(tmp_path, capsys):
     features = dataset_features(dataset, vlm.encoder, progress=False)
     assert next(iter(features.values())).shape == (49, 1280)
     train_set = VQABatches(vlm, dataset, "train", features)
-    train_stage1(vlm, train_set, TrainSettings(steps=2, batch_size=4, loss="sum"), progress=False)
-    log = train_stage2(vlm, train_set, TrainSettings(steps=2, batch_size=4), num_loops=2, lora_rank=2,
+    train_stage1(vlm, train_set, VLMTrainSettings(steps=2, batch_size=4, loss="sum"), progress=False)
+    log = train_stage2(vlm, train_set, VLMTrainSettings(steps=2, batch_size=4), num_loops=2, lora_rank=2,
                        progress=False)
     assert all(np.isfinite(log.losses))
     quality = evaluate_steps(vlm, VQABatches(vlm, dataset, "heldout", features, limit=8), 2, progress=False)

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     parser.add_argument("--block-len", type=positive_int, default=256, help="tokens per sequence")
     parser.add_argument("--sample-tokens", type=positive_int, default=2048, help="tokens kept per layer for CKA")
     parser.add_argument("--out", default="runs/analyze", help="output folder")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder depthkit wrote")
     parser.set_defaults(func=run)
 
 

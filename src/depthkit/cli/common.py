@@ -11,7 +11,8 @@ from depthkit.data.blocks import SPLITS, DataSpec
 from depthkit.models.loading import DEFAULT_MODEL
 from depthkit.utils.io import format_table, write_json
 
-DTYPE_HELP = "auto (default: bfloat16 where the device multiplies it natively, else float32), bfloat16 or float32"
+DEVICE_HELP = "cpu, cuda, cuda:1, mps, ..."
+DTYPE_HELP = "auto (bfloat16 where the device multiplies it natively, else float32), bfloat16 or float32"
 
 
 def positive_int(text: str) -> int:
@@ -64,10 +65,10 @@ def device_name(text: str) -> str:
 def add_model_args(parser: argparse.ArgumentParser, flag: str = "--model") -> None:
     parser.add_argument(
         flag, default=DEFAULT_MODEL,
-        help=f"hub id, local folder, tiny:<model_type>, or the offline default ({DEFAULT_MODEL})",
+        help="hub id, local folder, tiny:<model_type>, or the offline default",
     )
     parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
-    parser.add_argument("--device", default="cpu", type=device_name, help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="cpu", type=device_name, help=DEVICE_HELP)
 
 
 def add_data_args(parser: argparse.ArgumentParser, flag: str = "--data", split: str = "heldout",
@@ -75,11 +76,10 @@ def add_data_args(parser: argparse.ArgumentParser, flag: str = "--data", split: 
     """`--data CORPUS` with `--<name>-split` and `--<name>-offset` to choose the slice."""
     name = flag.lstrip("-").replace("-", "_")
     parser.add_argument(flag, default=default, dest=name,
-                        help=f"corpus: austen[:book], shakespeare[:play], pydoc[:part], pycode[:module], wikitext2, "
-                             f"a .txt file/folder, or a mixture joined by + (mix: every offline corpus); "
-                             f"default {default}")
+                        help="corpus: austen[:book], shakespeare[:play], pydoc[:part], pycode[:module], wikitext2, "
+                             "a .txt file/folder, or a mixture joined by + (mix: every offline corpus)")
     parser.add_argument(f"{flag}-split", default=split, choices=SPLITS, dest=f"{name}_split",
-                        help=f"non-overlapping part of each document (default {split})")
+                        help="non-overlapping part of each document")
     parser.add_argument(f"{flag}-offset", type=non_negative_int, default=0, dest=f"{name}_offset",
                         help="skip this many tokens first")
 
@@ -94,3 +94,37 @@ def report(result: dict[str, Any], rows: list[dict[str, Any]], json_path: str | 
     print(format_table(rows))
     if json_path:
         print(f"wrote {write_json(json_path, result)}")
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser, defaults: Any, folder: str) -> None:
+    """`--checkpoint-every`, `--keep-checkpoints` and `--resume`, the same for every training command;
+    `defaults` is the command's settings (a `depthkit.training.TrainingSettings`), `folder` its checkpoints'."""
+    parser.add_argument("--checkpoint-every", type=non_negative_int, default=defaults.checkpoint_every, metavar="N",
+                        help=f"save a resumable checkpoint in {folder} every N optimizer steps and at the last "
+                             "(0: never)")
+    parser.add_argument("--keep-checkpoints", type=positive_int, default=defaults.keep_checkpoints, metavar="N",
+                        help=f"keep the N newest checkpoints (older ones are deleted; {folder} is removed once "
+                             "the output is written)")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"continue an interrupted run from its latest checkpoint in {folder} (same settings; "
+                             "without it, a new run refuses to start where another run's checkpoints are)")
+
+
+# Arguments that say where a run writes, on which device or how it checkpoints: not what it computes.
+_RUN_CONTROL = {"func", "out", "overwrite", "json", "device", "resume", "checkpoint_every", "keep_checkpoints"}
+
+
+def run_context(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments that define a training run: saved with its checkpoints, compared on resume."""
+    return {key: value for key, value in vars(args).items()
+            if key not in _RUN_CONTROL and not key.endswith("command")}
+
+
+def add_exit_rule_arg(parser: argparse.ArgumentParser) -> None:
+    """`--exit-rule`, shared by `recursive eval|generate` and `serve`."""
+    from depthkit.recursive.generate import DEFAULT_EXIT_RULE, EXIT_RULES
+
+    parser.add_argument("--exit-rule", choices=EXIT_RULES, default=DEFAULT_EXIT_RULE,
+                        help="early exit's distance between consecutive steps: kl (Huginn: the steps' next-token "
+                             "distributions; the LM head at every step) or hidden (relative change of the block's "
+                             "output; the head only when the token exits)")

@@ -50,14 +50,13 @@ def register(subparsers) -> None:
     parser.add_argument("--target-layers", type=int, default=None, help="blocks to keep (instead of --ratio)")
     add_data_args(parser, "--calib", split="calib", default=DEFAULT_CALIB)
     parser.add_argument("--num-calib-blocks", type=positive_int, default=DEFAULT_CALIB_BLOCKS,
-                        help=f"calibration sequences, sampled over the whole calibration text (default "
-                             f"{DEFAULT_CALIB_BLOCKS})")
+                        help="calibration sequences, sampled over the whole calibration text")
     parser.add_argument("--calib-block-len", type=positive_int, default=DEFAULT_CALIB_LEN,
-                        help=f"tokens per calibration sequence (default {DEFAULT_CALIB_LEN})")
+                        help="tokens per calibration sequence")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option (repeatable); values are read as int, float, bool or text")
     parser.add_argument("--out", default=None, help="save the compressed checkpoint here (a new folder)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder depthkit wrote")
     parser.add_argument("--offload", choices=("none", "disk"), default="none",
                         help="disk: stream blocks from the checkpoint on disk (needs --out; memory ~ one block)")
     add_data_args(parser, "--eval-data", split="heldout", default=None)

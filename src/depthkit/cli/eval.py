@@ -11,7 +11,7 @@ import sys
 
 from depthkit.cli.common import add_data_args, add_model_args, data_spec, non_negative_int, positive_int, report
 from depthkit.data.blocks import sequence_prefix, token_stream
-from depthkit.evaluate.perplexity import perplexity
+from depthkit.evaluate.perplexity import DEFAULT_WINDOW, default_window, perplexity
 from depthkit.evaluate.speed import measure_speed
 from depthkit.evaluate.summary import model_summary
 from depthkit.evaluate.tasks import DEPTHKIT_TASKS
@@ -46,12 +46,13 @@ def register(subparsers) -> None:
 
 
 def add_ppl_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--window", type=positive_int, default=1024)
+    parser.add_argument("--window", type=positive_int, default=None,
+                        help=f"tokens per scored window (default: {DEFAULT_WINDOW}, or the model's context if shorter)")
     parser.add_argument("--stride", type=positive_int, default=None,
                         help="< window for sliding windows (default: window)")
     parser.add_argument("--max-tokens", type=non_negative_int, default=51200,
                         help="evaluate the first N tokens (0: all)")
-    parser.add_argument("--batch-size", type=positive_int, default=1)
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass")
 
 
 def add_zeroshot_args(parser: argparse.ArgumentParser) -> None:
@@ -67,9 +68,9 @@ def add_zeroshot_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_speed_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-sizes", type=int_list, default=[1, 4], help="prefill batch sizes (default 1,4)")
-    parser.add_argument("--seq-lens", type=int_list, default=[128, 512], help="prefill lengths (default 128,512)")
-    parser.add_argument("--decode-batch-sizes", type=int_list, default=[1], help="decode batch sizes (default 1)")
+    parser.add_argument("--batch-sizes", type=int_list, default=[1, 4], help="prefill batch sizes")
+    parser.add_argument("--seq-lens", type=int_list, default=[128, 512], help="prefill lengths")
+    parser.add_argument("--decode-batch-sizes", type=int_list, default=[1], help="decode batch sizes")
     parser.add_argument("--prompt-len", type=positive_int, default=128, help="prompt length before decoding")
     parser.add_argument("--new-tokens", type=positive_int, default=32, help="greedy decode steps on the KV cache")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per measurement (median, min, max)")
@@ -103,7 +104,8 @@ def run_ppl(args: argparse.Namespace) -> None:
 def evaluate_ppl(model, tokenizer, name: str, args: argparse.Namespace) -> dict:
     """The `eval ppl` JSON result (`depthkit report` builds the same from its own arguments)."""
     spec = data_spec(args)
-    result = perplexity(model, token_stream(tokenizer, spec), window=args.window, stride=args.stride,
+    result = perplexity(model, token_stream(tokenizer, spec), window=args.window or default_window(model),
+                        stride=args.stride,
                         batch_size=args.batch_size, max_tokens=args.max_tokens or None,
                         prefix=sequence_prefix(tokenizer))
     return {"kind": "perplexity", "model": name, "dtype": args.dtype, "data": spec.describe(),

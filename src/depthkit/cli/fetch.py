@@ -18,7 +18,7 @@ def register(subparsers) -> None:
         "fetch", help=HELP,
         description=f"Fetch into the cache: `model` ({DEFAULT_MODEL}), `gemma3` ({GEMMA3}, under Google's Gemma "
                     "terms), a corpus, or `all` of them.")
-    parser.add_argument("what", nargs="?", default="all", choices=TARGETS)
+    parser.add_argument("what", nargs="?", default="all", choices=TARGETS, help="what to fetch")
     parser.add_argument("--force", action="store_true", help="fetch again even if cached")
     parser.set_defaults(func=run)
 

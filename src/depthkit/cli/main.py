@@ -37,11 +37,33 @@ def command_help() -> dict[str, str]:
     return found
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, so no help text has to repeat it (and none can
+    get it wrong). Not for flags (off unless given) nor for a default of None, whose meaning the
+    option's help says ("default: the saved one")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        shown = action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+        if not shown or default in (None, argparse.SUPPRESS, []) or isinstance(default, bool):
+            return text
+        value = ",".join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{text} (default: {value.replace('%', '%%')})".lstrip()
+
+
+class DepthkitParser(argparse.ArgumentParser):
+    """The parser of the command and of every subcommand (`add_subparsers` creates its own class),
+    so `DefaultsHelpFormatter` is set here once for all of them."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; with `argv`, only the command it names is imported and fully registered."""
-    parser = argparse.ArgumentParser(
-        prog="depthkit", description="Make transformers cheaper by working on their depth."
-    )
+    parser = DepthkitParser(prog="depthkit", description="Make transformers cheaper by working on their depth.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = command_help()
     chosen = next((arg for arg in argv if arg in commands), None) if argv is not None else None

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from depthkit.cli.common import DTYPE_HELP, add_data_args, data_spec, non_negative_int, positive_int
+from depthkit.cli.common import (
+    DTYPE_HELP,
+    add_checkpoint_args,
+    add_data_args,
+    data_spec,
+    non_negative_int,
+    positive_int,
+)
 from depthkit.data.blocks import DataSpec, sample_blocks, token_stream
 from depthkit.data.corpora import DEFAULT_CALIB
 from depthkit.errors import DepthkitError, require
@@ -41,23 +48,25 @@ def register(subparsers) -> None:
                         help="weight of the KL term, (1 - w) for cross-entropy (default 0.5 with --teacher)")
     parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
                         help="softens both distributions in the KL term")
-    parser.add_argument("--steps", type=non_negative_int, default=DEFAULTS.steps)
-    parser.add_argument("--seq-len", type=positive_int, default=DEFAULTS.seq_len)
+    parser.add_argument("--steps", type=non_negative_int, default=DEFAULTS.steps, help="optimizer steps")
+    parser.add_argument("--seq-len", type=positive_int, default=DEFAULTS.seq_len, help="tokens per training sequence")
     parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size,
                         help="sequences per step and process")
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate (warm-up, cosine decay)")
-    parser.add_argument("--warmup-steps", type=non_negative_int, default=DEFAULTS.warmup_steps)
-    parser.add_argument("--lora-rank", type=non_negative_int, default=DEFAULTS.lora_rank)
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=DEFAULTS.warmup_steps,
+                        help="linear learning-rate warm-up steps")
+    parser.add_argument("--lora-rank", type=non_negative_int, default=DEFAULTS.lora_rank,
+                        help="rank of the LoRA adapters")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x rank)")
-    parser.add_argument("--eval-every", type=non_negative_int, default=DEFAULTS.eval_every)
-    parser.add_argument("--save-every", type=non_negative_int, default=DEFAULTS.save_every)
+    parser.add_argument("--eval-every", type=non_negative_int, default=DEFAULTS.eval_every,
+                        help="steps between held-out evaluations")
     parser.add_argument("--allow-repeat", action="store_true",
                         help="cycle the training text when the steps need more than it has (else an error)")
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the adapters' initialisation and "
+                        "of the data order")
     parser.add_argument("--out", required=True, help="folder: OUT/model (result) and OUT/checkpoints")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    add_checkpoint_args(parser, DEFAULTS, "OUT/checkpoints")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/model")
-    parser.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/checkpoints after success")
     parser.set_defaults(func=run)
 
 
@@ -68,7 +77,8 @@ def settings_from_args(args: argparse.Namespace) -> RecoverySettings:
         steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=args.warmup_steps, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         distill_weight=weight, temperature=args.temperature, eval_every=args.eval_every,
-        eval_tokens=args.eval_tokens, save_every=args.save_every, allow_repeat=args.allow_repeat, seed=args.seed,
+        eval_tokens=args.eval_tokens, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, allow_repeat=args.allow_repeat, seed=args.seed,
     )
 
 
@@ -106,7 +116,7 @@ def run(args: argparse.Namespace) -> None:
                    sample_blocks(tokenizer, eval_spec, -(-settings.eval_tokens // settings.seq_len),
                                  settings.seq_len).flatten(),
                    settings, args.out, teacher=teacher, resume=args.resume, overwrite=args.overwrite,
-                   keep_checkpoints=args.keep_checkpoints, accelerator=accelerator, meta=meta)
+                   accelerator=accelerator, meta=meta)
     if not accelerator.is_main_process:
         return
     print(format_table([{"model": args.model, "held-out data": eval_spec.describe(), "steps": card["steps"],

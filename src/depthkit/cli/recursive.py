@@ -9,8 +9,11 @@ from pathlib import Path
 import torch
 
 from depthkit.cli.common import (
+    DEVICE_HELP,
     DTYPE_HELP,
+    add_checkpoint_args,
     add_data_args,
+    add_exit_rule_arg,
     add_model_args,
     data_spec,
     device_name,
@@ -18,21 +21,32 @@ from depthkit.cli.common import (
     non_negative_int,
     positive_int,
     report,
+    run_context,
 )
 from depthkit.data import interleaved_blocks, token_blocks, token_stream
 from depthkit.errors import DepthkitError
 from depthkit.models.adapters import get_adapter
 from depthkit.models.loading import load_model, load_tokenizer
-from depthkit.recursive.config import CONNECTOR_NORMS, FEEDBACKS, FUSIONS, PROJECTIONS, RESIDUALS, default_of
+from depthkit.recursive.config import (
+    CONFIG_FILE,
+    CONNECTOR_NORMS,
+    FEEDBACKS,
+    FUSIONS,
+    PROJECTIONS,
+    RESIDUALS,
+    default_of,
+)
 from depthkit.recursive.generate import DEFAULT_THRESHOLD, early_exit_nll, generate
 from depthkit.recursive.loss import LOSSES
 from depthkit.recursive.model import BASE_DIR, LAYER_PICKS, RecursiveModel, truncate_layers
 from depthkit.recursive.relaxed import INITS, LOOP_NORMS, SHARINGS, relax, sharing_plan
-from depthkit.recursive.train import PARTS, TrainSettings, step_perplexities, train
+from depthkit.recursive.train import PARTS, RecursiveTrainSettings, step_perplexities, train
+from depthkit.training import check_new_run, checkpoints_beside, remove_checkpoints
 from depthkit.utils.io import check_output_dir, format_table, write_json
 from depthkit.utils.precision import MIXED_PRECISIONS
 
 DEFAULT_LOOPS = default_of("num_loops")
+DEFAULTS = RecursiveTrainSettings()
 
 HELP = "recursive (looped) transformers: train, eval, generate"
 
@@ -40,7 +54,8 @@ HELP = "recursive (looped) transformers: train, eval, generate"
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("recursive", help=HELP)
     commands = parser.add_subparsers(dest="recursive_command", required=True, metavar="ACTION")
-    _register_train(commands.add_parser("train", help="build (wrap or relax) and train a recursive model"))
+    _register_train(commands.add_parser("train", help="build (wrap or relax) and train a recursive model",
+                                        conflict_handler="resolve"))
     _register_eval(commands.add_parser("eval", help="held-out perplexity at every step 1..R (+ early exit)"))
     _register_generate(commands.add_parser("generate", help="generate at any depth, with KV cache and early exit"))
 
@@ -48,17 +63,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # -- train -------------------------------------------------------------------------------------
 def _register_train(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    p.set_defaults(dtype="float32")
-    p.add_argument("--layers", type=positive_int, help="keep only N layers of the base model (cheap experiments)")
+    p.add_argument("--dtype", default="float32",  # replaces add_model_args' (the parser resolves conflicts)
+                   help="dtype of the weights (trained weights need float32; --mixed-precision autocasts the "
+                        "matmuls): " + DTYPE_HELP)
+    p.add_argument("--layers", type=positive_int, help="keep only N layers of the base model (cheap experiments; "
+                                                       "default: all)")
     p.add_argument("--layer-pick", default="first", choices=LAYER_PICKS,
                    help="which --layers to keep: the first N, or N evenly spaced ones (the last kept)")
     p.add_argument("--relax", type=positive_int, metavar="K", help="convert to K shared layers (Relaxed Recursive) "
                                                           "instead of looping the whole decoder")
-    p.add_argument("--sharing", default="cycle", choices=SHARINGS)
-    p.add_argument("--init", default="stepwise", choices=INITS)
+    p.add_argument("--sharing", default="cycle", choices=SHARINGS,
+                   help="with --relax: which original layers a shared layer stands for (cycle: every K-th; "
+                        "sequence: K consecutive runs; middle: the first and last layers stay unshared)")
+    p.add_argument("--init", default="stepwise", choices=INITS,
+                   help="with --relax: what each shared layer starts from (evenly spaced original layers, the "
+                        "lowest tied one, the average of those tied, or random)")
     p.add_argument("--loop-norms", default="shared", choices=LOOP_NORMS,
-                   help="with --relax: each loop's norms start from the shared layer's (the method's, default) "
-                        "or copy the original layer's (better than the method; the saved config records it)")
+                   help="with --relax: each loop's norms start from the shared layer's (the method's) or copy the "
+                        "original layer's (better than the method; the saved config records it)")
     p.add_argument("--loop-lora-rank", default="0",
                    help="per-loop LoRA rank (int or 'full'): the relaxation's, or one LoRA per loop of the "
                         "looped decoder without --relax")
@@ -70,10 +92,15 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ends", type=non_negative_int,
                    help="without --relax: run the first and last N layers once (prelude, and coda after every "
                         "step) and loop only the layers between (default 0; with --relax, --sharing middle)")
-    p.add_argument("--connector-k", type=positive_int, default=default_of("connector_k"))
-    p.add_argument("--connector-layers", help="comma-separated block positions (0-based) the connector reads")
-    p.add_argument("--projection", default=default_of("projection"), choices=PROJECTIONS)
-    p.add_argument("--fuse", default=default_of("fuse"), choices=FUSIONS)
+    p.add_argument("--connector-k", type=positive_int, default=default_of("connector_k"),
+                   help="block layers whose outputs the connector reads (evenly spaced, the last included)")
+    p.add_argument("--connector-layers",
+                   help="comma-separated block positions (0-based) the connector reads (default: --connector-k "
+                        "evenly spaced ones)")
+    p.add_argument("--projection", default=default_of("projection"), choices=PROJECTIONS,
+                   help="the connector's projection of what it reads")
+    p.add_argument("--fuse", default=default_of("fuse"), choices=FUSIONS,
+                   help="how the connector combines the layers it reads: a sum, or a sum with learned softmax weights")
     p.add_argument("--residual", default=default_of("residual"), choices=RESIDUALS,
                    help="what the connector adds onto: the prelude's output (the embeddings without --ends), this "
                         "step's input, or its output")
@@ -83,33 +110,47 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connector-norm", default=default_of("connector_norm"), choices=CONNECTOR_NORMS,
                    help="size the connector's update by the RMS of the residual it is added onto (token by token) "
                         "or by the input embeddings' RMS")
-    p.add_argument("--modalities", type=positive_int, default=1)
-    p.add_argument("--lora-rank", type=non_negative_int, default=0, help="LoRA shared by every loop (0 = none)")
-    p.add_argument("--train", default="connector,layers", help=f"comma-separated parts to train: {', '.join(PARTS)}")
-    p.add_argument("--loss", default="monotonic", choices=LOSSES)
-    p.add_argument("--beta", type=float, default=2.0)
+    p.add_argument("--modalities", type=positive_int, default=1,
+                   help="token types with their own connector norm and projection (a VLM has 2)")
+    p.add_argument("--lora-rank", type=non_negative_int, default=0, help="LoRA shared by every loop (0: none)")
+    p.add_argument("--train", default=",".join(DEFAULTS.trainable),
+                   help=f"comma-separated parts to train: {', '.join(PARTS)}")
+    p.add_argument("--loss", default=DEFAULTS.loss, choices=LOSSES,
+                   help="recursion loss over steps 1..R: monotonic (each step penalised for being worse than the "
+                        "one before), sum of every step's, or the last step's only")
+    p.add_argument("--beta", type=float, default=DEFAULTS.beta,
+                   help="monotonic loss: weight of a step's loss increase over the step before (>= 1)")
     p.add_argument("--no-detach", action="store_true", help="do not detach the step r-1 loss (hinge form)")
-    p.add_argument("--steps", type=non_negative_int, default=100,
-                   help="optimizer steps (0 = convert/wrap and save only)")
-    p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--steps", type=non_negative_int, default=DEFAULTS.steps,
+                   help="optimizer steps (0: convert/wrap and save only)")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size,
+                   help="sequences per optimizer step and process")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per training and held-out block")
     p.add_argument("--train-blocks", type=positive_int, default=400, help="training blocks of --seq-len tokens")
     p.add_argument("--eval-blocks", type=positive_int, default=8,
                    help="held-out blocks evaluated every --eval-every steps")
     p.add_argument("--interleave", action="store_true",
                    help="take the training and held-out blocks in turn from every document of the corpus "
                         "(default: the first blocks of the documents concatenated)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--connector-lr", type=float, default=1e-3)
-    p.add_argument("--eval-every", type=non_negative_int, default=50)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISIONS,
+    p.add_argument("--lr", type=float, default=DEFAULTS.lr,
+                   help="peak learning rate of everything but the connector (warm-up, cosine decay)")
+    p.add_argument("--connector-lr", type=float, default=DEFAULTS.connector_lr,
+                   help="peak learning rate of the connector")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=DEFAULTS.warmup_steps,
+                   help="linear learning-rate warm-up steps")
+    p.add_argument("--eval-every", type=positive_int, default=DEFAULTS.eval_every,
+                   help="steps between held-out evaluations of every recursion step")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, slower")
+    p.add_argument("--mixed-precision", default=DEFAULTS.mixed_precision, choices=MIXED_PRECISIONS,
                    help="autocast of training; auto: bf16 where the device multiplies it natively, else none")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                   help="seed of the data order and of --relax's initialisation")
     add_data_args(p, "--data", split="calib", default="austen")
     add_data_args(p, "--eval-data", split="heldout", default="austen:persuasion")
     p.add_argument("--out", required=True, help="output folder (base/ + recursive_config.json + safetensors)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder depthkit wrote")
+    add_checkpoint_args(p, DEFAULTS, "OUT.checkpoints/")
     p.add_argument("--json", help="also write the training history here")
     p.set_defaults(func=run_train)
 
@@ -173,20 +214,25 @@ def check_relax_options(args: argparse.Namespace, num_layers: int) -> None:
 
 def run_train(args: argparse.Namespace) -> None:
     check_output_dir(args.out, args.overwrite)
+    checkpoint_dir = checkpoints_beside(args.out)
+    check_new_run(checkpoint_dir, args.resume)  # before loading anything
     model, tokenizer = build_model(args)
-    settings = TrainSettings(
+    settings = RecursiveTrainSettings(
         steps=args.steps, loops=model.config.num_loops, batch_size=args.batch_size, lr=args.lr,
-        connector_lr=args.connector_lr, loss=args.loss, beta=args.beta, detach=not args.no_detach,
-        eval_every=args.eval_every,
+        connector_lr=args.connector_lr, warmup_steps=args.warmup_steps, loss=args.loss, beta=args.beta,
+        detach=not args.no_detach, eval_every=args.eval_every,
         trainable=tuple(t.strip() for t in args.train.split(",") if t.strip() and
                         (t.strip() != "connector" or model.connector is not None)),
-        gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision, seed=args.seed)
+        gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints)
     settings.validate()
     blocks = interleaved_blocks if args.interleave else token_blocks
     train_ids = blocks(tokenizer, data_spec(args, "--data"), args.train_blocks, args.seq_len) if args.steps else None
     eval_ids = blocks(tokenizer, data_spec(args, "--eval-data"), args.eval_blocks, args.seq_len)
-    result = train(model, train_ids, eval_ids, settings) if args.steps else None
+    result = train(model, train_ids, eval_ids, settings, checkpoint_dir=checkpoint_dir, resume=args.resume,
+                   context=run_context(args)) if args.steps else None
     model.save_pretrained(args.out, tokenizer, args.overwrite)
+    remove_checkpoints(checkpoint_dir)
     print(f"saved recursive model to {args.out}")
     if result is not None and result.evaluations:
         last = result.evaluations[-1]["perplexity"]
@@ -196,22 +242,25 @@ def run_train(args: argparse.Namespace) -> None:
 
 # -- eval --------------------------------------------------------------------------------------
 def load_recursive(folder: str, dtype: str, device: str):
-    """A saved recursive model and the tokenizer stored with its base."""
-    if not (Path(folder) / BASE_DIR).is_dir():
-        raise DepthkitError(f"{folder} is not a recursive model folder (no {BASE_DIR}/)")
-    model = RecursiveModel.from_pretrained(folder, dtype, device)
-    return model, load_tokenizer(str(Path(folder) / BASE_DIR))
+    """A saved recursive model and its tokenizer (beside it, or in `base/` in older folders)."""
+    path = Path(folder)
+    if not (path / CONFIG_FILE).is_file():
+        raise DepthkitError(f"{folder} is not a recursive model folder (no {CONFIG_FILE})")
+    model = RecursiveModel.from_pretrained(path, dtype, device)
+    return model, load_tokenizer(str(path / BASE_DIR if (path / BASE_DIR).is_dir() else path))
 
 
 def _register_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="folder written by `depthkit recursive train`")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
-    p.add_argument("--device", default="cpu", type=device_name)
+    p.add_argument("--device", default="cpu", type=device_name, help=DEVICE_HELP)
     p.add_argument("--loops", type=positive_int, help="recursion steps R (default: the saved one)")
-    p.add_argument("--blocks", type=positive_int, default=8)
-    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--blocks", type=positive_int, default=8, help="held-out blocks of --seq-len tokens scored")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per held-out block")
     p.add_argument("--exit-threshold", type=non_negative_float, action="append",
-                   help="also score with early exit at this KL threshold (repeatable; token by token, slower)")
+                   help="also score with early exit at this threshold of --exit-rule (repeatable; token by token, "
+                        "slower)")
+    add_exit_rule_arg(p)
     p.add_argument("--exit-tokens", type=positive_int, default=256, help="tokens scored per early-exit threshold")
     add_data_args(p, "--data", split="heldout", default="austen:persuasion")
     p.add_argument("--json", help="write the results here")
@@ -231,9 +280,11 @@ def run_eval(args: argparse.Namespace) -> None:
         stream = token_stream(tokenizer, data_spec(args))
         exits = []
         for threshold in [None, *args.exit_threshold]:
-            nll, loops_report = early_exit_nll(model, stream, loops, threshold, args.exit_tokens, 1)
+            nll, loops_report = early_exit_nll(model, stream, loops, threshold, args.exit_tokens, 1,
+                                               rule=args.exit_rule)
             exits.append({"threshold": threshold, "perplexity": math.exp(nll), **loops_report.to_dict()})
         result["early_exit"] = exits
+        result["exit_rule"] = args.exit_rule
         print(format_table([{"exit_threshold": e["threshold"] if e["threshold"] is not None else "none (all R)",
                              "ppl": e["perplexity"], "mean_steps": e["mean_steps"], "loops_saved": e["loops_saved"]}
                             for e in exits]))
@@ -244,13 +295,15 @@ def run_eval(args: argparse.Namespace) -> None:
 # -- generate ----------------------------------------------------------------------------------
 def _register_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="folder written by `depthkit recursive train`")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
-    p.add_argument("--device", default="cpu", type=device_name)
+    p.add_argument("--device", default="cpu", type=device_name, help=DEVICE_HELP)
     p.add_argument("--loops", type=positive_int, help="recursion steps R (default: the saved one)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=40)
+    p.add_argument("--max-new-tokens", type=positive_int, default=40, help="greedy tokens generated at most")
     p.add_argument("--exit-threshold", type=non_negative_float, nargs="?", const=DEFAULT_THRESHOLD,
-                   help=f"early exit when KL between consecutive steps < threshold (flag alone: {DEFAULT_THRESHOLD})")
+                   help=f"early exit when the --exit-rule distance between consecutive steps < threshold (flag alone: "
+                        f"{DEFAULT_THRESHOLD}; default: every token runs all R steps)")
+    add_exit_rule_arg(p)
     p.add_argument("--no-cache", action="store_true", help="re-run the whole prefix per token (reference)")
     p.add_argument("--json", help="write the result here")
     p.set_defaults(func=run_generate)
@@ -260,11 +313,11 @@ def run_generate(args: argparse.Namespace) -> None:
     model, tokenizer = load_recursive(args.checkpoint, args.dtype, args.device)
     ids = torch.tensor([tokenizer(args.prompt)["input_ids"]], device=args.device)
     result = generate(model, ids, args.max_new_tokens, args.loops, args.exit_threshold, tokenizer.eos_token_id,
-                      use_cache=not args.no_cache, progress=True)
+                      use_cache=not args.no_cache, progress=True, exit_rule=args.exit_rule)
     text = tokenizer.decode(result.new_tokens, skip_special_tokens=True)
     print(args.prompt + text)
     summary = {"prompt": args.prompt, "completion": text, "loops": args.loops or model.config.num_loops,
-               "exit_threshold": args.exit_threshold, **result.loops.to_dict()}
+               "exit_threshold": args.exit_threshold, "exit_rule": args.exit_rule, **result.loops.to_dict()}
     if args.exit_threshold is not None:
         print(f"early exit: {result.loops.to_dict()['mean_steps']:.2f} of {result.loops.max_steps} steps per token, "
               f"{100 * result.loops.saved_fraction:.1f}% of loops saved")

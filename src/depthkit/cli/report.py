@@ -11,7 +11,7 @@ import argparse
 import gc
 from pathlib import Path
 
-from depthkit.cli.common import DTYPE_HELP, add_data_args, device_name, positive_int
+from depthkit.cli.common import DEVICE_HELP, DTYPE_HELP, add_data_args, device_name, positive_int
 from depthkit.cli.eval import (
     add_ppl_args,
     add_speed_args,
@@ -53,9 +53,9 @@ def register(subparsers) -> None:
     parser.add_argument("--behaviour-blocks", type=positive_int, default=8, help="held-out blocks per domain")
     parser.add_argument("--behaviour-len", type=positive_int, default=256, help="tokens per behaviour block")
     parser.add_argument("--out", required=True, help="report folder (report.md, report.json, PNG charts)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder depthkit wrote")
     parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
-    parser.add_argument("--device", default="cpu", type=device_name)
+    parser.add_argument("--device", default="cpu", type=device_name, help=DEVICE_HELP)
     add_data_args(parser)
     add_ppl_args(parser)
     add_zeroshot_args(parser)

@@ -32,7 +32,7 @@ HELP = "the quick-start job: analysis, then FlattenGPT vs ShortGPT at 20%%"
 def register(subparsers) -> None:
     parser = subparsers.add_parser("run", help=HELP)
     add_model_args(parser)
-    parser.add_argument("--ratio", type=float, default=0.2, help="fraction of blocks removed (default 0.2)")
+    parser.add_argument("--ratio", type=float, default=0.2, help="fraction of blocks removed")
     parser.add_argument("--out", default="runs/quickstart",
                         help="output folder (replaced if depthkit wrote it; any other existing folder is refused)")
     parser.set_defaults(func=run)

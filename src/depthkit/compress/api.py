@@ -256,7 +256,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         lines += ["## Deviations from the paper and its authors' code", "",
                   *(f"- {line}" for line in card["deviations"]), ""]
     lines += ["## Method details", "", "```json",
-              json.dumps(card["details"], indent=2, default=str), "```", ""]
+              json_text(card["details"]).rstrip(), "```", ""]
     return "\n".join(lines)
 
 

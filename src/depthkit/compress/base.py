@@ -11,6 +11,7 @@ token blocks and how many blocks to remove, edits the model in place, and return
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -72,8 +73,9 @@ def _convert(method: str, name: str, value: Any, default: Any) -> Any:
             converted = type(default)(value)
             require(not isinstance(default, int) or converted == float(value),
                     f"{method} option {name} must be a whole number, got {value!r}")
+            require(math.isfinite(converted), f"{method} option {name} must be a finite number, got {value!r}")
             return converted
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise DepthkitError(f"{method} option {name}: cannot read {value!r}") from None
     return value
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from depthkit.errors import DepthkitError
 from depthkit.paths import cache_subdir
-from depthkit.utils.fetch import apt_download, extract_deb, pip_download, scratch_dir
+from depthkit.utils.fetch import apt_download, extract_deb, hub_reachable, pip_download, scratch_dir
 
 
 @dataclass(frozen=True)
@@ -256,13 +256,16 @@ def load_documents(spec: str) -> list[Document]:
 
 
 def _text_file(path: Path) -> Document:
-    """A user's text file as a document: text that is not UTF-8 (a binary file, Latin-1) and empty
-    files are errors, never replacement characters or a silent gap."""
+    """A user's text file as a document: text that is not UTF-8 (a binary file, Latin-1), binary
+    data that happens to decode (NUL bytes: no text file holds them) and empty files are errors,
+    never replacement characters, noise tokens or a silent gap."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise DepthkitError(f"{path} is not UTF-8 text (byte {err.start}); convert it, e.g. iconv -f latin1 "
                             "-t utf-8") from None
+    if "\x00" in text:
+        raise DepthkitError(f"{path} is binary, not text (it holds NUL bytes); give a UTF-8 text file")
     if not text.strip():
         raise DepthkitError(f"text file {path} is empty")
     return Document(path.stem, text)
@@ -280,15 +283,25 @@ def _offline_documents(source: str, member: str) -> list[Document]:
     return [Document(f.stem, f.read_text()) for f in files]
 
 
+def _no_wikitext2(reason: str) -> DepthkitError:
+    return DepthkitError(f"WikiText-2 needs the Hugging Face hub, which is not reachable here ({reason}); use an "
+                         "offline corpus such as austen or shakespeare")
+
+
 def _wikitext2() -> list[Document]:
-    """WikiText-2 (raw) test and train splits through `datasets` (needs the hub)."""
+    """WikiText-2 (raw) test and train splits through `datasets` (needs the hub).
+
+    Without a network `datasets` retries for half a minute before it fails: the hub is probed once
+    first (in explicit offline mode, `HF_HUB_OFFLINE=1`, `datasets` reads its cache at once).
+    """
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE and not hub_reachable():
+        raise _no_wikitext2("no answer")
     try:
         import datasets
 
         data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1")
     except Exception as err:  # noqa: BLE001 - any hub/network failure means the same to the user
-        raise DepthkitError(
-            f"WikiText-2 needs the Hugging Face hub, which is not reachable here ({type(err).__name__}); "
-            "use an offline corpus such as austen or shakespeare"
-        ) from err
+        raise _no_wikitext2(type(err).__name__) from err
     return [Document(f"wikitext2-{split}", "".join(data[split]["text"])) for split in ("train", "test")]

@@ -52,6 +52,15 @@ def window_labels(ids: torch.Tensor, start: int, window: int, stride: int) -> to
     return labels
 
 
+DEFAULT_WINDOW = 1024
+
+
+def default_window(model: PreTrainedModel) -> int:
+    """`DEFAULT_WINDOW` tokens, or the model's whole context where it is shorter (a tiny model's 512)."""
+    limit = getattr(getattr(model, "module", model).config, "max_position_embeddings", None)
+    return min(DEFAULT_WINDOW, limit) if limit else DEFAULT_WINDOW
+
+
 def check_context(model: PreTrainedModel, window: int) -> None:
     inner = getattr(model, "module", model)  # DDP / FSDP wrappers keep the model in `.module`
     limit = getattr(inner.config, "max_position_embeddings", None)
@@ -63,7 +72,7 @@ def check_context(model: PreTrainedModel, window: int) -> None:
 def perplexity(
     model: PreTrainedModel,
     stream: torch.Tensor,
-    window: int = 1024,
+    window: int = DEFAULT_WINDOW,
     stride: int | None = None,
     batch_size: int = 1,
     max_tokens: int | None = None,

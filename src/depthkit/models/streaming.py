@@ -49,12 +49,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from depthkit.errors import DepthkitError, require
 from depthkit.models.adapters import attention_implementation, get_adapter, module_prefix
 from depthkit.models.blockwise import BlockContext, block_context, run_block
-from depthkit.models.loading import resolve_dtype
+from depthkit.models.loading import checkpoint_config, resolve_dtype
 from depthkit.utils.io import atomic_output_dir
 
 SINGLE_FILE = "model.safetensors"
@@ -99,7 +99,7 @@ class StreamingModel:
         """Read the config, build the meta skeleton and load only the non-block weights."""
         folder = Path(folder)
         require((folder / "config.json").exists(), f"{folder} is not a Hugging Face model folder (no config.json)")
-        skeleton = meta_skeleton(AutoConfig.from_pretrained(folder))
+        skeleton = meta_skeleton(checkpoint_config(folder))
         stream = cls(folder, skeleton, torch.device(device), resolve_dtype(dtype, device))
         stream._materialise_non_layer()
         return stream

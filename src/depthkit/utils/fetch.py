@@ -7,13 +7,38 @@ it, and extract what we need into the cache.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from depthkit.errors import DepthkitError
+
+HUB_PROBE_SECONDS = 3.0
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers at all: asked once per process, with a short timeout.
+
+    Without a network `huggingface_hub` retries every request with a growing back-off (30 to 60 s)
+    before it fails; one probe says at once. `HF_HUB_OFFLINE=1` means no without asking.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(constants.ENDPOINT, timeout=HUB_PROBE_SECONDS).close()
+    except urllib.error.HTTPError:
+        return True  # an answer, even an error page, means the hub is there
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -5,8 +5,9 @@ Stage 2 trains the recursion: the projector, the Recursive Connector (if any) an
 by every loop, with the recursion loss over steps 1..R (`depthkit.recursive.loss`): the
 Monotonic Recursion Loss for RecursiveVLM, the last step only for vanilla recursion.
 
-The loop is plain PyTorch driven by `accelerate`, like `depthkit.recursive.train`: one CPU, one
-GPU or several processes (`accelerate launch`), each process taking its share of the batches.
+The loop is the shared training core (`depthkit.training`): warm-up + cosine schedule, clipping,
+`accelerate` (one CPU, one GPU or several processes, `accelerate launch`, each process taking its
+share of the batches) and resumable checkpoints, one folder per stage (`checkpoint_dir`).
 No autocast: the frozen LLM is already in the fast dtype of the device (bf16 where native, else
 float32; `depthkit.utils.precision`) and every trainable module is float32.
 """
@@ -14,38 +15,34 @@ float32; `depthkit.utils.precision`) and every trainable module is float32.
 from __future__ import annotations
 
 import itertools
-import math
-import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from tqdm import tqdm
 
 from depthkit.errors import require
-from depthkit.recursive.loss import recursion_loss
-from depthkit.recursive.train import check_checkpointing, save_periodic
+from depthkit.recursive.loss import LOSSES, recursion_loss
+from depthkit.training import Trainer, TrainingSettings
 from depthkit.vlm.batches import VQABatches
 from depthkit.vlm.model import VisionLanguageModel, VLMBatch, answer_targets, embedding_norm
 
 
 @dataclass
-class TrainSettings:
+class VLMTrainSettings(TrainingSettings):
+    """One stage of VLM training (recorded in the log, compared on resume)."""
+
     steps: int = 200
-    batch_size: int = 16
     lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup: int = 10
+    batch_size: int = 16
     loss: str = "monotonic"  # monotonic | sum | last (see depthkit.recursive.loss)
     beta: float = 2.0
-    seed: int = 0
-    checkpoint_every: int = 0  # save every N optimizer steps and at the end (0 = never)
-    checkpoint_dir: str | None = None  # checkpoints go to <checkpoint_dir>/step-<N> (`load_vlm` reloads them)
 
     def validate(self) -> None:
-        check_checkpointing(self.checkpoint_every, self.checkpoint_dir)
+        super().validate()
+        require(self.loss in LOSSES, f"unknown loss '{self.loss}'; choose from {', '.join(LOSSES)}")
 
 
 @dataclass
@@ -55,7 +52,6 @@ class TrainLog:
     trainable_parameters: int = 0
     losses: list[float] = field(default_factory=list)
     step_losses: list[list[float]] = field(default_factory=list)
-    checkpoints: list[str] = field(default_factory=list)
 
 
 def step_token_losses(vlm: torch.nn.Module, batch: VLMBatch, num_loops: int | None = None) -> list[torch.Tensor]:
@@ -64,54 +60,42 @@ def step_token_losses(vlm: torch.nn.Module, batch: VLMBatch, num_loops: int | No
     return [F.cross_entropy(logits.float(), targets, reduction="none") for logits in vlm(batch, num_loops)]
 
 
-def train(vlm: VisionLanguageModel, batches: VQABatches, settings: TrainSettings, progress: bool = True,
-          desc: str = "train", accelerator: Accelerator | None = None) -> TrainLog:
-    """AdamW on the VLM's trainable parameters with linear warm-up and cosine decay."""
+def train(vlm: VisionLanguageModel, batches: VQABatches, settings: VLMTrainSettings, progress: bool = True,
+          desc: str = "train", accelerator: Accelerator | None = None, checkpoint_dir: str | Path | None = None,
+          resume: bool = False, context: dict[str, Any] | None = None) -> TrainLog:
+    """AdamW on the VLM's trainable parameters with linear warm-up and cosine decay.
+
+    `checkpoint_dir`, `resume` and `context` (what else defines the run) are the training core's.
+    """
     settings.validate()
     params = vlm.trainable_parameters()
     require(params, "nothing to train: every parameter is frozen")
     accelerator = accelerator or Accelerator()
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, settings))
-    prepared, optimizer, schedule = accelerator.prepare(vlm, optimizer, schedule)
-    log = TrainLog(asdict(settings), trainable_parameters=sum(p.numel() for p in params))
+    trainer = Trainer(settings, accelerator, checkpoint_dir, resume, context=context)
+    (prepared,) = trainer.prepare(vlm, params)
     prepared.train()
-    start = time.perf_counter()
-    bar = tqdm(process_share(batches, settings, accelerator), total=settings.steps, desc=desc,
-               disable=not progress or not accelerator.is_main_process)
-    for step, batch in enumerate(bar, start=1):
+
+    def loss(batch: VLMBatch) -> tuple[torch.Tensor, dict[str, Any]]:
         losses = step_token_losses(prepared, batch.to(accelerator.device))
-        loss = recursion_loss(losses, torch.ones_like(losses[0], dtype=torch.bool), settings.loss, settings.beta)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        log.losses.append(float(loss.detach()))
-        log.step_losses.append([float(x.detach().mean()) for x in losses])
-        bar.set_postfix(loss=f"{log.losses[-1]:.3f}", last=f"{log.step_losses[-1][-1]:.3f}")
-        folder = save_periodic(partial(vlm.save, overwrite=True), step, settings.steps, settings.checkpoint_every,
-                               settings.checkpoint_dir, accelerator)
-        if folder:
-            log.checkpoints.append(folder)
+        value = recursion_loss(losses, torch.ones_like(losses[0], dtype=torch.bool), settings.loss, settings.beta)
+        means = [float(x.detach().mean()) for x in losses]
+        return value, {"loss": float(value.detach()), "last": means[-1], "step_losses": means}
+
+    def batches_from(start: int):
+        return itertools.islice(process_share(batches, settings, accelerator), start, None)
+
+    state = trainer.run(batches_from, loss, desc=desc, show=progress)
     vlm.eval()
-    log.seconds = time.perf_counter() - start
-    return log
+    return TrainLog(asdict(settings), state.seconds, sum(p.numel() for p in params),
+                    [record["loss"] for record in state.history], [record["step_losses"] for record in state.history])
 
 
-def process_share(batches: VQABatches, settings: TrainSettings, accelerator: Accelerator):
+def process_share(batches: VQABatches, settings: VLMTrainSettings, accelerator: Accelerator):
     """This process's `settings.steps` batches: every process draws the same seeded sequence of
     steps x processes batches and takes every n-th one, so n processes see n different batches."""
     world, rank = accelerator.num_processes, accelerator.process_index
     drawn = batches.shuffled(settings.batch_size, settings.steps * world, settings.seed)
     return itertools.islice(drawn, rank, None, world)
-
-
-def _lr_factor(step: int, settings: TrainSettings) -> float:
-    if step < settings.warmup:
-        return (step + 1) / settings.warmup
-    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def init_projector(vlm: VisionLanguageModel, batches: VQABatches, sample: int = 64) -> None:
@@ -120,29 +104,31 @@ def init_projector(vlm: VisionLanguageModel, batches: VQABatches, sample: int = 
     vlm.projector.match_norm(features.float(), embedding_norm(vlm.language_model))
 
 
-def train_stage1(vlm: VisionLanguageModel, batches: VQABatches, settings: TrainSettings,
-                 progress: bool = True) -> TrainLog:
-    """Projector alignment: the LLM (and any recursion) frozen, one pass."""
+def train_stage1(vlm: VisionLanguageModel, batches: VQABatches, settings: VLMTrainSettings,
+                 progress: bool = True, checkpointing: dict[str, Any] | None = None) -> TrainLog:
+    """Projector alignment: the LLM (and any recursion) frozen, one pass. `checkpointing`:
+    `checkpoint_dir`, `resume` and `context`, as `train` takes them."""
     vlm.make_recursive(num_loops=1, feedback="vanilla")
     vlm.language_model.requires_grad_(False)
     vlm.projector.requires_grad_(True)
     init_projector(vlm, batches)
-    return train(vlm, batches, settings, progress, desc="stage 1 (projector)")
+    return train(vlm, batches, settings, progress, desc="stage 1 (projector)", **(checkpointing or {}))
 
 
-def train_stage2(vlm: VisionLanguageModel, batches: VQABatches, settings: TrainSettings, num_loops: int = 3,
+def train_stage2(vlm: VisionLanguageModel, batches: VQABatches, settings: VLMTrainSettings, num_loops: int = 3,
                  feedback: str = "connector", modality_specific: bool = True, lora_rank: int = 8,
                  progress: bool = True, desc: str = "stage 2", lora_init: dict[str, torch.Tensor] | None = None,
-                 **options) -> TrainLog:
+                 checkpointing: dict[str, Any] | None = None, **options) -> TrainLog:
     """The recursion: projector + connector (if any) + a LoRA shared by all loops; the LLM stays frozen.
 
     `lora_init` (a `recursive.adapters` state dict) starts the LoRA from given weights: comparisons
     need it, because building a connector draws random numbers before the LoRA is built, so one
-    seed alone gives variants with and without a connector different LoRA starts.
+    seed alone gives variants with and without a connector different LoRA starts. `checkpointing`:
+    `checkpoint_dir`, `resume` and `context`, as `train` takes them (`options` go to `make_recursive`).
     """
     recursive = vlm.make_recursive(num_loops, feedback, modality_specific, lora_rank=lora_rank, **options)
     if lora_init is not None:
         recursive.adapters.load_state_dict(lora_init)
     vlm.language_model.requires_grad_(False)
     vlm.projector.requires_grad_(True)
-    return train(vlm, batches, settings, progress, desc=desc)
+    return train(vlm, batches, settings, progress, desc=desc, **(checkpointing or {}))

@@ -17,13 +17,12 @@ import torch
 from transformers import PreTrainedModel
 
 from depthkit.compress.base import MethodOptions, option
-from depthkit.compress.common import SearchOptions
+from depthkit.compress.common import BlockSource, LoadedModel, SearchOptions, num_blocks
 from depthkit.compress.flatten.channels import CRITERIA
 from depthkit.compress.flatten.merge import QK_NORM_DEFAULT, QK_NORM_MODES, flatten_layers
 from depthkit.compress.flatten.prune import RIDGE_PRIORS, TARGETS, PruneSettings, flatten_and_prune, pruned_blocks
 from depthkit.compress.flatten.selection import ONE_PASS_SELECTIONS, SELECTIONS, one_pass_pairs, select_groups
 from depthkit.errors import require
-from depthkit.models.adapters import get_adapter
 from depthkit.models.streaming import StreamingModel, StreamingWriter
 
 __all__ = [
@@ -89,8 +88,10 @@ class FlattenOptions(PruneOptions, SearchOptions):
                                      "similarity pairs, Nystrom channels, refit to the flattened output)")
 
     selection: str = option("greedy", "pair selection: greedy (least calibration-loss increase, default) | local "
-                            "(flattening error) | similarity (input/output cosine); with --offload disk: local "
-                            "(default) | similarity, one pass")
+                            "(flattening error) | similarity (input/output cosine)")
+    rescore: bool = option(True, "re-score the pairs after every flatten (default true); false: score every pair "
+                                 "once on the original model (local or similarity, pairs only): cheaper, above all "
+                                 "with --offload disk, where re-scoring reads the blocks again at every step")
     shortlist: int = option(8, "greedy: candidates (smallest local flattening error) whose loss is measured; "
                                "0 = all (default 8)")
     max_group: int = option(2, "most original blocks flattened into one block (default 2)")
@@ -110,6 +111,9 @@ class FlattenOptions(PruneOptions, SearchOptions):
     def validate(self) -> None:
         super().validate()
         _choice("selection", self.selection, SELECTIONS)
+        require(self.rescore or (self.selection in ONE_PASS_SELECTIONS and self.max_group == 2),
+                f"rescore=false scores disjoint pairs once: it needs selection {' or '.join(ONE_PASS_SELECTIONS)} "
+                f"and max_group 2, got selection {self.selection}, max_group {self.max_group}")
         require(self.shortlist >= 0, f"shortlist must be >= 0, got {self.shortlist}")
         require(self.groups is None or (isinstance(self.groups, list) and all(
             isinstance(g, list) and g and all(isinstance(i, int) for i in g) for g in self.groups)),
@@ -144,15 +148,9 @@ def flatten_gpt(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Compress `model` in place by `num_remove` blocks; returns the details for the card."""
-    num_layers = len(get_adapter(model).layers(model))
+    num_layers = num_blocks(model)
     began = time.perf_counter()
-    if options.groups is not None:
-        groups, log = _check_groups(options.groups, num_layers, num_remove), []
-    else:
-        groups, log = select_groups(
-            model, selection_ids, num_remove, options.selection, options.max_group,
-            options.batch_size, options.qk_norm, options.shortlist, progress,
-        )
+    groups, log = choose_groups(LoadedModel(model), selection_ids, num_remove, options, progress)
     selected = time.perf_counter()
     records = flatten_and_prune(model, groups, fit_ids, options.prune_settings(), prune, progress)
     return _details(options, prune, num_layers, groups, log, records, selection_ids, fit_ids, began, selected)
@@ -170,21 +168,13 @@ def flatten_gpt_streaming(
 ) -> dict[str, Any]:
     """FlattenGPT on a checkpoint read block by block, each new block written as soon as it is fitted.
 
-    Pairs come from one scoring pass over the original blocks (`one_pass_pairs`), since the
-    iterative selections re-run the whole model after every flatten. Memory: two original blocks,
-    one wide block and the calibration activations.
+    The same options choose the same groups as `flatten_gpt` in memory (`choose_groups`), so a
+    memory flag never changes the model. Memory: one group's original blocks, its wide block, the
+    selection sequences' states and the calibration activations.
     """
-    require(options.groups is not None or options.selection in ONE_PASS_SELECTIONS,
-            f"with `offload` disk pairs are scored in one pass: selection must be one of "
-            f"{', '.join(ONE_PASS_SELECTIONS)}, got '{options.selection}'")
-    require(options.max_group == 2, "with `offload` disk only pairs are flattened (max_group 2)")
     layers = source.layers()
     began = time.perf_counter()
-    if options.groups is not None:
-        groups, log = _check_groups(options.groups, len(layers), num_remove), []
-    else:
-        groups, log = one_pass_pairs(source.model, layers, source.embed(selection_ids), num_remove, options.selection,
-                                     options.batch_size, options.qk_norm, progress)
+    groups, log = choose_groups(source, selection_ids, num_remove, options, progress)
     selected = time.perf_counter()
     records = []
     blocks = pruned_blocks(source.model, layers, groups, source.embed(fit_ids), options.prune_settings(),
@@ -194,6 +184,21 @@ def flatten_gpt_streaming(
         if record is not None:
             records.append(record)
     return _details(options, True, len(layers), groups, log, records, selection_ids, fit_ids, began, selected)
+
+
+def choose_groups(
+    source: BlockSource, selection_ids: torch.Tensor, num_remove: int, options: FlattenOptions, progress: bool = True,
+) -> tuple[list[list[int]], list[dict]]:
+    """The groups to flatten and the selection log: given (`groups`), re-scored after every flatten
+    (`select_groups`) or scored once (`one_pass_pairs`, `rescore` false)."""
+    layers = source.layers()
+    if options.groups is not None:
+        return _check_groups(options.groups, len(layers), num_remove), []
+    if options.rescore:
+        return select_groups(source, selection_ids, num_remove, options.selection, options.max_group,
+                             options.batch_size, options.qk_norm, options.shortlist, progress)
+    return one_pass_pairs(source.model, layers, source.embed(selection_ids), num_remove, options.selection,
+                          options.batch_size, options.qk_norm, progress)
 
 
 def _details(

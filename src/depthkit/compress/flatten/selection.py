@@ -1,10 +1,10 @@
 """Which adjacent blocks to flatten: iterative pair selection on calibration tokens.
 
-Both criteria work on a `FlatteningState`: the current block list (original blocks and wide,
-unpruned flattened blocks), the groups of original indices each position stands for, and a cache
-of the hidden state entering every position. Flattening positions i, i+1 only changes what comes
-after i, so a candidate is scored by re-running the blocks from i on (never the whole model), and
-after a flatten only the cache from i on is refreshed.
+Every criterion works on a `FlatteningState`, a `BlockSearch` whose positions stand for groups of
+original blocks (one original block, or the wide block flattening a group) with the hidden state
+entering every position. Flattening positions i, i+1 only changes what comes after i, so a
+candidate is scored by re-running the blocks from i on (never the whole model), and after a
+flatten only the states from i on are refreshed.
 
 - `similarity`: flatten the pair whose input (before i) and output (after i+1) are most alike
   (mean token cosine): the pair that changes the residual stream least is the most redundant.
@@ -14,15 +14,20 @@ after a flatten only the cache from i on is refreshed.
   re-measured after every step. Costlier, and the spec's better choice; `shortlist` limits the
   end-to-end loss to the candidates with the smallest local flattening error.
 
-`one_pass_pairs` is the variant for checkpoints streamed from disk: every adjacent pair of the
+The state reads the model through a `BlockSource`, so the same selection, with the same result,
+runs on a model in memory and on a checkpoint streamed from disk (`--offload disk`): there a wide
+block is rebuilt from its original blocks whenever it runs, and memory holds one group's blocks,
+its wide block and the states of the selection sequences.
+
+`one_pass_pairs` is the cheaper variant (option `rescore=false`): every adjacent pair of the
 ORIGINAL model is scored in a single block-by-block pass (two blocks in memory), then the best
-non-overlapping pairs are flattened. It cannot re-score after each flatten, which is what the
-iterative selection above does with the whole model in memory.
+non-overlapping pairs are flattened, without re-scoring after each flatten.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,63 +35,64 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from depthkit.analysis.metrics import relative_error, token_cosine
-from depthkit.compress.common import lm_loss
+from depthkit.compress.common import BlockSearch, BlockSource, LoadedModel
 from depthkit.compress.flatten.merge import QK_NORM_DEFAULT, flatten_layers, same_attention
 from depthkit.errors import require
 from depthkit.models.adapters import get_adapter
-from depthkit.models.blockwise import block_context, embed, run_block
+from depthkit.models.blockwise import block_context, run_block
 
 SELECTIONS = ("similarity", "local", "greedy")
 ONE_PASS_SELECTIONS = ("similarity", "local")
 
 
-class FlatteningState:
-    """Current blocks, the original indices behind each, and the hidden state entering each."""
+class FlatteningState(BlockSearch):
+    """Current blocks as groups of original indices, and the hidden state entering each.
 
-    def __init__(self, model: PreTrainedModel, ids: torch.Tensor, batch_size: int = 8, qk_norm: str = QK_NORM_DEFAULT):
-        self.model, self.ids, self.batch_size, self.qk_norm = model, ids, batch_size, qk_norm
-        self.original: list[nn.Module] = list(get_adapter(model).layers(model))
-        self.groups: list[list[int]] = [[i] for i in range(len(self.original))]
-        self.layers: list[nn.Module] = list(self.original)
-        first = embed(model, ids)
-        self.context = block_context(model, first[:batch_size])
-        self.inputs: list[torch.Tensor] = [first]
-        self.refresh(0)
+    A flattened position's `blocks` entry is its wide block in memory, or on a streamed checkpoint
+    the tuple of its original indices, rebuilt from disk whenever it runs (never every wide block).
+    """
 
-    def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        return run_block(self.model, layer, hidden, self.batch_size, self.context)
+    def __init__(self, source: BlockSource, ids: torch.Tensor, batch_size: int = 8, qk_norm: str = QK_NORM_DEFAULT):
+        adapter = get_adapter(source.model)
+        # Attention types from the model's own modules (the skeleton's, when streamed: nothing read).
+        self.types = [adapter.layer_type(layer, source.model.config) for layer in adapter.layers(source.model)]
+        self.qk_norm = qk_norm
+        self.keep_built = isinstance(source, LoadedModel)
+        super().__init__(source, ids, batch_size)
+        self.groups: list[list[int]] = [[i] for i in range(self.depth())]
 
-    def refresh(self, start: int) -> None:
-        """Recompute the cached hidden states after position `start` (inputs[i+1] = layer i output)."""
-        del self.inputs[start + 1 :]
-        for layer in self.layers[start:]:
-            self.inputs.append(self.run(layer, self.inputs[-1]))
+    def load(self, position: int) -> nn.Module:
+        entry: Any = self.blocks[position]
+        if isinstance(entry, nn.Module):
+            return entry
+        return self.build(list(entry)) if isinstance(entry, tuple) else self.originals[entry]
+
+    def build(self, group: list[int]) -> nn.Module:
+        """The wide block flattening the ORIGINAL blocks of `group`."""
+        return flatten_layers(self.source.model, [self.originals[j] for j in group], self.qk_norm)
 
     def candidates(self, max_group: int) -> list[int]:
         """Positions i such that flattening i and i+1 keeps groups within `max_group` blocks (of one attention type)."""
-        return [i for i in range(len(self.layers) - 1)
+        return [i for i in range(self.depth() - 1)
                 if len(self.groups[i]) + len(self.groups[i + 1]) <= max_group
-                and same_attention(self.model, [self.original[j] for j in self.groups[i] + self.groups[i + 1]])]
+                and len({self.types[j] for j in self.groups[i] + self.groups[i + 1]}) == 1]
 
     def merged(self, i: int) -> nn.Module:
-        """The wide block flattening the ORIGINAL blocks behind positions i and i+1."""
-        return flatten_layers(self.model, [self.original[j] for j in self.groups[i] + self.groups[i + 1]], self.qk_norm)
+        """The wide block flattening the original blocks behind positions i and i+1."""
+        return self.build(self.groups[i] + self.groups[i + 1])
 
     def flatten(self, i: int) -> None:
-        self.layers[i : i + 2] = [self.merged(i)]
-        self.groups[i : i + 2] = [self.groups[i] + self.groups[i + 1]]
-        self.refresh(i)
+        group = self.groups[i] + self.groups[i + 1]
+        self.groups[i : i + 2] = [group]
+        self.replace(i, i + 2, [self.build(group) if self.keep_built else tuple(group)])
 
     def local_error(self, i: int, block: nn.Module) -> float:
         """Squared error of `block` on the input of i against the output of i+1, relative to its update."""
-        return relative_error(self.run(block, self.inputs[i]), self.inputs[i + 2], self.inputs[i])
+        return relative_error(self.run(block, self.states[i]), self.states[i + 2], self.states[i])
 
     def loss_with(self, i: int, block: nn.Module) -> float:
         """Calibration loss when positions i, i+1 are replaced by `block` (later blocks re-run)."""
-        hidden = self.run(block, self.inputs[i])
-        for layer in self.layers[i + 2 :]:
-            hidden = self.run(layer, hidden)
-        return lm_loss(self.model, hidden, self.ids)
+        return self.loss(self.run_from(i + 2, self.run(block, self.states[i])))
 
 
 def similarity_score(block_in: torch.Tensor, block_out: torch.Tensor) -> float:
@@ -96,10 +102,11 @@ def similarity_score(block_in: torch.Tensor, block_out: torch.Tensor) -> float:
 
 def _similarity_scores(state: FlatteningState, candidates: list[int]) -> dict[int, float]:
     """Lower is better: negative mean cosine between the input of i and the output of i+1."""
-    return {i: similarity_score(state.inputs[i], state.inputs[i + 2]) for i in candidates}
+    return {i: similarity_score(state.states[i], state.states[i + 2]) for i in candidates}
 
 
 def _local_scores(state: FlatteningState, candidates: list[int]) -> dict[int, float]:
+    """Each candidate's wide block is built, run once and dropped."""
     return {i: state.local_error(i, state.merged(i)) for i in candidates}
 
 
@@ -108,18 +115,19 @@ def _greedy_scores(state: FlatteningState, candidates: list[int], shortlist: int
 
     With `shortlist` > 0 only the candidates with the smallest local flattening error (wide block
     vs the two original blocks, one block run each) get the costly end-to-end loss: the loss of a
-    candidate costs every later block plus the LM head, the local error one block.
+    candidate costs every later block plus the LM head, the local error one block. A wide block
+    is built again for its loss rather than kept from its local error: memory then holds one wide
+    block, not one per candidate (building is cheap next to running the blocks after it).
     """
-    merged = {i: state.merged(i) for i in candidates}
     if 0 < shortlist < len(candidates):
-        local = {i: state.local_error(i, merged[i]) for i in candidates}
+        local = _local_scores(state, candidates)
         candidates = sorted(candidates, key=local.get)[:shortlist]
-    return {i: state.loss_with(i, merged[i]) for i in candidates}
+    return {i: state.loss_with(i, state.merged(i)) for i in candidates}
 
 
 @torch.no_grad()
 def select_groups(
-    model: PreTrainedModel,
+    model: PreTrainedModel | BlockSource,
     ids: torch.Tensor,
     num_remove: int,
     selection: str = "greedy",
@@ -131,16 +139,18 @@ def select_groups(
 ) -> tuple[list[list[int]], list[dict]]:
     """Flatten `num_remove` times (lowest score first); returns the groups and a step log.
 
-    Groups are lists of ORIGINAL block indices in order; a group of k blocks becomes one block.
+    `model` is a model in memory or a `BlockSource` (a `StreamingModel`: the same groups, read from
+    disk). Groups are lists of ORIGINAL block indices in order; a group of k blocks becomes one block.
     """
     require(selection in SELECTIONS, f"selection must be one of {', '.join(SELECTIONS)}, got '{selection}'")
     require(max_group >= 2, f"max_group must be at least 2, got {max_group}")
-    num_layers = len(get_adapter(model).layers(model))
+    source = LoadedModel(model) if isinstance(model, PreTrainedModel) else model
+    num_layers = len(source.layers())
     require(
         num_remove <= num_layers - -(-num_layers // max_group),
         f"cannot remove {num_remove} of {num_layers} blocks with groups of at most {max_group} blocks",
     )
-    state = FlatteningState(model, ids, batch_size, qk_norm)
+    state = FlatteningState(source, ids, batch_size, qk_norm)
     log = []
     for _ in tqdm(range(num_remove), desc=f"flatten selection ({selection})", disable=not progress):
         candidates = state.candidates(max_group)

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, register_method
 from depthkit.compress.common import selection_subset
-from depthkit.compress.flatten import PRESETS, FlattenOptions, flatten_gpt, flatten_gpt_streaming
+from depthkit.compress.flatten import FlattenOptions, flatten_gpt, flatten_gpt_streaming
 from depthkit.models.streaming import StreamingModel, StreamingWriter
 
 
@@ -47,11 +47,9 @@ class FlattenGPT(_FlattenBase):
     def compress_streaming(
         self, source: StreamingModel, calib_ids: torch.Tensor, num_remove: int, writer: StreamingWriter
     ) -> CompressionOutcome:
-        """Pairs from one streamed scoring pass (selection `local` unless `similarity` is asked),
-        then the same front-to-back flatten + prune, each block written as soon as it is done."""
-        preset_selection = "selection" in PRESETS[self.settings.preset]
-        options = FlattenOptions.from_dict(({} if preset_selection else {"selection": "local"}) | self.options,
-                                           self.name)
+        """The same pairs as in memory, then the same front-to-back flatten + prune, each block
+        written as soon as it is done."""
+        options = self.settings
         details = flatten_gpt_streaming(source, selection_subset(calib_ids, options.selection_blocks),
                                         calib_ids, num_remove, options, writer)
         return CompressionOutcome(details=details)
