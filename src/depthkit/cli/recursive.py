@@ -38,7 +38,7 @@ from depthkit.recursive.config import (
 )
 from depthkit.recursive.generate import DEFAULT_THRESHOLD, early_exit_nll, generate
 from depthkit.recursive.loss import LOSSES
-from depthkit.recursive.model import BASE_DIR, LAYER_PICKS, RecursiveModel, truncate_layers
+from depthkit.recursive.model import LAYER_PICKS, RecursiveModel, tokenizer_folder, truncate_layers
 from depthkit.recursive.relaxed import INITS, LOOP_NORMS, SHARINGS, relax, sharing_plan
 from depthkit.recursive.train import PARTS, RecursiveTrainSettings, step_perplexities, train
 from depthkit.training import check_new_run, checkpoints_beside, remove_checkpoints
@@ -247,7 +247,7 @@ def load_recursive(folder: str, dtype: str, device: str):
     if not (path / CONFIG_FILE).is_file():
         raise DepthkitError(f"{folder} is not a recursive model folder (no {CONFIG_FILE})")
     model = RecursiveModel.from_pretrained(path, dtype, device)
-    return model, load_tokenizer(str(path / BASE_DIR if (path / BASE_DIR).is_dir() else path))
+    return model, load_tokenizer(str(tokenizer_folder(path)))
 
 
 def _register_eval(p: argparse.ArgumentParser) -> None:

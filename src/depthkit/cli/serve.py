@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from depthkit.cli.common import DTYPE_HELP, device_name, non_negative_float, positive_int
+from depthkit.cli.common import DTYPE_HELP, add_exit_rule_arg, device_name, non_negative_float, positive_int
 
 HELP = "serve a plain or looped model over an OpenAI-compatible HTTP API (continuous batching)"
 
 
 def register(subparsers) -> None:
     from depthkit.recursive.config import MAX_LOOPS
-    from depthkit.recursive.generate import DEFAULT_EXIT_RULE, EXIT_RULES
     from depthkit.serve.engine import DEFAULT_CAPACITY, DEFAULT_ROWS, SCHEDULES
 
     parser = subparsers.add_parser("serve", help=HELP, description=__doc__)
@@ -32,12 +31,9 @@ def register(subparsers) -> None:
                         help=f"deepest recursion a request may ask for (`loops`), at most {MAX_LOOPS} "
                              "(default: the model's own depth)")
     parser.add_argument("--exit-threshold", type=non_negative_float, default=None,
-                        help="early-exit KL threshold for requests that do not set `exit_threshold` "
+                        help="early-exit threshold (of --exit-rule) for requests that do not set `exit_threshold` "
                              "(default: none, every token runs all its loops)")
-    parser.add_argument("--exit-rule", choices=EXIT_RULES, default=DEFAULT_EXIT_RULE,
-                        help="early exit's distance between consecutive steps for requests that do not set "
-                             "`exit_rule`: hidden (relative change of the block's output; no LM head until the "
-                             "token exits) or kl (Huginn's KL between the steps' predictions; the head at every step)")
+    add_exit_rule_arg(parser)
     parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     parser.add_argument("--device", default="cpu", type=device_name, help="cpu, cuda or cuda:N")
     parser.set_defaults(func=run)

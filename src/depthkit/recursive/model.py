@@ -14,23 +14,26 @@ overwrite each other's keys and values (cache slot = step * L + l for a whole-de
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from depthkit.errors import DepthkitError, require
-from depthkit.models.adapters import get_adapter
+from depthkit.models.adapters import attention_implementation, get_adapter
 from depthkit.models.blockwise import BlockContext, block_context, cache_kwargs
 from depthkit.models.loading import pretrained_lm, resolve_dtype
 from depthkit.recursive.config import RecursiveConfig, check_loops
 from depthkit.recursive.connector import RecursiveConnector
+from depthkit.recursive.export import WEIGHTS as PORTABLE_WEIGHTS
+from depthkit.recursive.export import write_portable
 from depthkit.recursive.lora import LoopAdapters, migrate_legacy_keys
 from depthkit.utils.io import atomic_output_dir
 
@@ -261,26 +264,36 @@ class RecursiveModel(nn.Module):
 
     def save_pretrained(self, folder: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
                         overwrite: bool = False) -> Path:
-        """Write `base/` (a plain HF checkpoint), the recursive config JSON and the extra weights."""
+        """One folder that depthkit and plain `transformers` (remote code) both load: see `export.py`."""
         with atomic_output_dir(folder, overwrite) as tmp:
-            self.base.save_pretrained(tmp / BASE_DIR)
+            write_portable(self, tmp)
             if tokenizer is not None:
-                tokenizer.save_pretrained(tmp / BASE_DIR)
+                tokenizer.save_pretrained(tmp)
             self.config.save(tmp)
-            save_file(self.extra_state_dict(), str(tmp / WEIGHTS_FILE))
         return Path(folder)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
                         base: PreTrainedModel | None = None) -> RecursiveModel:
-        """Reload a saved recursive model (optionally onto an already loaded, matching `base`)."""
+        """Reload a saved recursive model (optionally onto an already loaded, matching `base`); folders
+        of depthkit <= 0.4 (`base/` + `recursive.safetensors`) load too."""
         folder = Path(folder)
         config = RecursiveConfig.load(folder)
+        if (folder / BASE_DIR).is_dir():
+            model = cls(base if base is not None else load_base(folder / BASE_DIR, dtype), config)
+            model.load_extra_state(load_file(str(folder / WEIGHTS_FILE)))
+            return model.to(device).eval()
+        state = load_file(str(folder / PORTABLE_WEIGHTS))
+        model = cls(base if base is not None else empty_base(folder, dtype), config)
+        model.load_extra_state({k: v for k, v in state.items() if not k.startswith("base.")})
         if base is None:
-            base = load_base(folder / BASE_DIR, dtype)
-        model = cls(base, config)
-        model.load_extra_state(load_file(str(folder / WEIGHTS_FILE)))
+            model.base.load_state_dict({k.removeprefix("base."): v for k, v in state.items() if k.startswith("base.")})
         return model.to(device).eval()
+
+    def num_slots(self, loops: int) -> int:
+        """KV-cache slots of a pass at `loops` loops (one per layer application)."""
+        last = self.config.num_steps(loops) - 1
+        return self.step_slots(last, loops)[-1] + 1
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         state = migrate_legacy_keys(state)
@@ -313,6 +326,23 @@ def stepwise_picks(first: int, last: int, count: int) -> list[int]:
     """`count` evenly spaced layer indices from `first` to `last`, both kept: `round(linspace(...))`
     (the Stepwise rule of Relaxed Recursive Transformers)."""
     return np.round(np.linspace(first, last, count)).astype(int).tolist()
+
+
+def tokenizer_folder(folder: str | Path) -> Path:
+    """Where a saved recursive model keeps its tokenizer (beside the weights; `base/` in old folders)."""
+    folder = Path(folder)
+    return folder / BASE_DIR if (folder / BASE_DIR).is_dir() else folder
+
+
+def empty_base(folder: Path, dtype: str | torch.dtype) -> PreTrainedModel:
+    """The base architecture of a portable looped folder, built from its config (weights loaded after)."""
+    try:
+        data = dict(json.loads((folder / "config.json").read_text())["base_config"])
+        config = AutoConfig.for_model(data.pop("model_type"), **data)
+    except (OSError, KeyError, ValueError) as err:
+        raise DepthkitError(f"{folder} has no valid looped-model config.json: {err}") from err
+    return AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype),
+                                            attn_implementation=attention_implementation(config)).eval()
 
 
 def load_base(folder: Path, dtype: str | torch.dtype = "float32") -> PreTrainedModel:

@@ -112,9 +112,7 @@ class Engine:
                 "a SEQUENCE-order model has one step per token: serve it with the lockstep schedule")
         context = getattr(model.base.config, "max_position_embeddings", None) or DEFAULT_CAPACITY
         self.capacity = min(capacity or DEFAULT_CAPACITY, context)
-        last = config.num_steps(self.max_loops) - 1
-        slots = model.slot(last, 0, self.max_loops) + len(model.step_slots(last, self.max_loops))
-        self.cache = SlotCache(slots, rows, self.capacity)
+        self.cache = SlotCache(model.num_slots(self.max_loops), rows, self.capacity)
         self.per_loop_weights = bool(len(model.adapters.relax) or len(model.adapters.norms))
         self.free_rows = list(range(rows))[::-1]
         self.running: list[Sequence] = []

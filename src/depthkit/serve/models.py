@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from depthkit.errors import DepthkitError
 from depthkit.models.loading import load_model, load_tokenizer
 from depthkit.recursive.config import CONFIG_FILE
-from depthkit.recursive.model import BASE_DIR, RecursiveModel
+from depthkit.recursive.model import BASE_DIR, RecursiveModel, tokenizer_folder
 
 
 def load_servable(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cpu"
@@ -24,7 +24,7 @@ def load_servable(name_or_path: str, dtype: str | torch.dtype = "auto", device: 
     path = Path(name_or_path)
     if (path / CONFIG_FILE).exists():
         model = RecursiveModel.from_pretrained(path, dtype, device)
-        return model, load_tokenizer(str(path / BASE_DIR))
+        return model, load_tokenizer(str(tokenizer_folder(path)))
     if path.name == BASE_DIR and (path.parent / CONFIG_FILE).exists():
         raise DepthkitError(f"{path} is the base of the looped model in {path.parent}, not a model of its own; "
                             f"serve {path.parent}")

@@ -1,0 +1,367 @@
+"""Serving under load: depthkit serve beside transformers serve, a compressed model, a looped model.
+
+    .venv/bin/python benchmarks/serving.py             # every server below, 8 clients
+    .venv/bin/python benchmarks/serving.py --quick     # smoke run: 2 clients, few short requests
+    .venv/bin/python benchmarks/serving.py --servers original flatten24
+
+Each server (`SERVERS`) is started as its own process on the loopback address, warmed up, then loaded
+by `--clients` concurrent clients, each sending `--requests` streaming completions back to back:
+prompts of `--prompt-tokens` held-out tokens sampled over every offline domain (never calibration
+or training text), `--max-tokens` new tokens, greedy. Measured per server: throughput (completion
+tokens of all clients over the wall time of the load), latency and time to first token (p50/p95),
+loops per token (depthkit's usage), and the quality of what was generated: the continuations of
+every looped server are scored by the looped model at full depth (teacher-forced perplexity,
+relative to the exact full-depth decoding's own continuations) and compared token by token with
+them. The teacher-forced perplexity cost of the early-exit threshold on held-out text is measured
+too: each rule's threshold is the largest of a grid within 1% of full depth on CALIBRATION text, then
+its cost is measured on held-out text (`early_exit_nll`, token by token with the KV reuse, as served).
+
+Models (built once, cached under the depthkit cache's `bench/`): the original SmolLM2-135M, its
+30 -> 24 FlattenGPT model (`depthkit compress`, default options), and the looped model of the
+README (6 stepwise layers, 1 + 4x4 + 1, R = 4, connector, 300 steps; `depthkit recursive train`).
+Tokens are counted by re-tokenizing each received text with the model's tokenizer (the same rule
+for every server). Writes benchmarks/results/serving{,_quick}.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from depthkit.data import DataSpec  # noqa: E402
+from depthkit.data.blocks import sample_blocks, token_stream  # noqa: E402
+from depthkit.data.corpora import MIX_COMPONENTS  # noqa: E402
+from depthkit.models.loading import default_model_dir, load_tokenizer  # noqa: E402
+from depthkit.paths import cache_dir  # noqa: E402
+from depthkit.recursive.generate import early_exit_nll  # noqa: E402
+from depthkit.recursive.model import RecursiveModel, tokenizer_folder  # noqa: E402
+from depthkit.utils.figures import save_figure  # noqa: E402
+from depthkit.utils.io import format_table, write_json  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+BENCH = cache_dir() / "bench"
+FLATTEN24 = BENCH / "smollm2-flatten24"
+LOOPED = BENCH / "looped-r4"
+CLI = [sys.executable, "-m", "depthkit.cli.main"]
+# name -> (server kind, model, depthkit serve options, early-exit rule or None)
+SERVERS: dict[str, tuple[str, str, list[str], str | None]] = {
+    "original (transformers serve)": ("transformers", "original", [], None),
+    "original (transformers serve, CB)": ("transformers", "original", ["--continuous-batching"], None),
+    "original": ("depthkit", "original", [], None),
+    "flatten24": ("depthkit", "flatten24", [], None),
+    "looped R=4": ("depthkit", "looped", ["--schedule", "lockstep"], None),
+    "looped exit kl, depthwise": ("depthkit", "looped", ["--schedule", "depthwise"], "kl"),
+    "looped exit hidden, lockstep": ("depthkit", "looped", ["--schedule", "lockstep"], "hidden"),
+    "looped exit hidden, depthwise": ("depthkit", "looped", ["--schedule", "depthwise"], "hidden"),
+}
+EXACT = "looped R=4"
+LOOPS = 4
+# Early-exit thresholds tried on CALIBRATION text; the largest whose perplexity cost stays under
+# `EXIT_BUDGET` is served (held-out text then says what it really costs).
+EXIT_GRID = {"kl": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "hidden": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3]}
+EXIT_BUDGET = 0.01
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS), metavar="NAME")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    p.add_argument("--requests", type=int, default=3, help="requests per client, back to back")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rows", type=int, default=8, help="depthkit serve --rows")
+    p.add_argument("--timeout", type=float, default=900, help="seconds one server's load may take")
+    p.add_argument("--exit-tokens", type=int, default=128,
+                   help="tokens per domain for choosing the exit thresholds (calib) and measuring their cost (heldout)")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    if args.quick:
+        args.clients, args.requests, args.max_tokens, args.prompt_tokens, args.exit_tokens = 2, 1, 8, 16, 32
+    return args
+
+
+# -- models -------------------------------------------------------------------------------------------
+def model_folder(kind: str) -> Path:
+    """The model's folder, built once: `depthkit compress` / `depthkit recursive train` into the cache."""
+    if kind == "original":
+        return default_model_dir()
+    if kind == "flatten24" and not FLATTEN24.is_dir():
+        run_cli(["compress", "--method", "flatten", "--ratio", "0.2", "--out", str(FLATTEN24)])
+    if kind == "looped" and not LOOPED.is_dir():
+        run_cli(["recursive", "train", "--layers", "6", "--layer-pick", "stepwise", "--ends", "1", "--loops", "4",
+                 "--interleave", "--seq-len", "128", "--steps", "300", "--lr", "5e-4", "--out", str(LOOPED)])
+    return {"flatten24": FLATTEN24, "looped": LOOPED}[kind]
+
+
+def run_cli(arguments: list[str]) -> None:
+    print("building:", "depthkit", " ".join(arguments), flush=True)
+    subprocess.run(CLI + arguments, check=True)
+
+
+def held_out_prompts(count: int, length: int) -> list[str]:
+    """`count` prompts of `length` tokens, held-out text of every offline domain in turn."""
+    tokenizer = load_tokenizer(str(default_model_dir()))
+    per_domain = -(-count // len(MIX_COMPONENTS))
+    blocks = [sample_blocks(tokenizer, DataSpec(domain, "heldout"), per_domain, length) for domain in MIX_COMPONENTS]
+    ordered = [block for group in zip(*blocks) for block in group][:count]
+    return [tokenizer.decode(block, skip_special_tokens=True) for block in ordered]
+
+
+# -- servers ------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(name: str, folder: Path, args: argparse.Namespace, thresholds: dict[str, float]
+                 ) -> tuple[subprocess.Popen, str, str]:
+    """The server process, its URL and the model name its clients send."""
+    kind, _, options, rule = SERVERS[name]
+    port = free_port()
+    if kind == "transformers":
+        command = [str(Path(sys.executable).parent / "transformers"), "serve", str(folder), "--port", str(port),
+                   "--host", "127.0.0.1", "--device", "cpu", "--dtype", "bfloat16", *options]
+        model = str(folder)
+    else:
+        exit_options = ["--exit-rule", rule, "--exit-threshold", str(thresholds[rule])] if rule else []
+        command = CLI + ["serve", str(folder), "--port", str(port), "--rows", str(args.rows),
+                         "--served-model-name", "bench", *options, *exit_options]
+        model = "bench"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited: {process.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process, url, model
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    process.kill()
+    raise RuntimeError(f"{name} did not answer /health within 300 s")
+
+
+def stream_request(url: str, model: str, prompt: str, max_tokens: int, timeout: float) -> dict[str, Any]:
+    """One streaming completion: its text, time to first text, latency and depthkit's loop usage."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    start, first, text, usage = time.perf_counter(), None, "", {}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            piece = chunk["choices"][0].get("text") or ""
+            if piece and first is None:
+                first = time.perf_counter() - start
+            text += piece
+            usage = chunk.get("usage") or usage
+    latency = time.perf_counter() - start
+    return {"prompt": prompt, "text": text, "ttft": first if first is not None else latency, "latency": latency,
+            "loops_per_token": usage.get("mean_loops_per_token")}
+
+
+def load(url: str, model: str, prompts: list[str], args: argparse.Namespace) -> tuple[list[dict], float]:
+    """`--clients` clients, each sending its share of the prompts back to back; returns results and wall time."""
+    shares = [prompts[i::args.clients] for i in range(args.clients)]
+
+    def client(share: list[str]) -> list[dict]:
+        return [stream_request(url, model, prompt, args.max_tokens, args.timeout) for prompt in share]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        results = [r for share in pool.map(client, shares) for r in share]
+    return results, time.perf_counter() - start
+
+
+def measure_server(name: str, prompts: list[str], args: argparse.Namespace, tokenizer,
+                   thresholds: dict[str, float]) -> dict[str, Any]:
+    folder = model_folder(SERVERS[name][1])
+    process, url, model = start_server(name, folder, args, thresholds)
+    try:
+        stream_request(url, model, prompts[0], 4, args.timeout)  # warm-up
+        results, wall = load(url, model, prompts, args)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    tokens = [len(tokenizer(r["text"], add_special_tokens=False).input_ids) for r in results]
+    loops = [r["loops_per_token"] for r in results if r["loops_per_token"] is not None]
+    return {"server": name, "requests": len(results), "completion_tokens": sum(tokens),
+            "tokens_per_s": sum(tokens) / wall, "wall_s": wall,
+            "latency_p50": percentile([r["latency"] for r in results], 50),
+            "latency_p95": percentile([r["latency"] for r in results], 95),
+            "ttft_p50": percentile([r["ttft"] for r in results], 50),
+            "ttft_p95": percentile([r["ttft"] for r in results], 95),
+            "loops_per_token": statistics.fmean(loops) if loops else None,
+            "continuations": [{"prompt": r["prompt"], "text": r["text"]} for r in results]}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+# -- early exit: thresholds chosen on calibration text, costs measured on held-out text ---------------------
+def domain_stream(tokenizer, split: str, tokens: int) -> torch.Tensor:
+    return torch.cat([token_stream(tokenizer, DataSpec(d, split))[:tokens] for d in MIX_COMPONENTS])
+
+
+def exit_cost(model: RecursiveModel, stream: torch.Tensor, window: int, rule: str, threshold: float | None
+              ) -> tuple[float, float]:
+    """(perplexity, fraction of loops saved) decoding `stream` token by token with early exit."""
+    nll, report = early_exit_nll(model, stream, LOOPS, threshold, window=window, max_windows=len(MIX_COMPONENTS),
+                                 progress=False, rule=rule)
+    return math.exp(nll), report.saved_fraction
+
+
+def choose_thresholds(args: argparse.Namespace) -> tuple[dict[str, float], list[dict]]:
+    """Per rule, the largest threshold of `EXIT_GRID` within `EXIT_BUDGET` of full depth on CALIB text,
+    and every threshold's cost on calib and held-out text."""
+    model = RecursiveModel.from_pretrained(model_folder("looped"), "float32")
+    tokenizer = load_tokenizer(str(tokenizer_folder(LOOPED)))
+    streams = {split: domain_stream(tokenizer, split, args.exit_tokens) for split in ("calib", "heldout")}
+    full = {split: exit_cost(model, stream, args.exit_tokens, "kl", None)[0] for split, stream in streams.items()}
+    rows, chosen = [], {}
+    for rule, grid in EXIT_GRID.items():
+        for threshold in grid:
+            row = {"rule": rule, "threshold": threshold}
+            for split, stream in streams.items():
+                ppl, saved = exit_cost(model, stream, args.exit_tokens, rule, threshold)
+                row |= {f"{split}_ppl_cost": ppl / full[split] - 1, f"{split}_loops_saved": saved}
+            rows.append(row)
+            if row["calib_ppl_cost"] < EXIT_BUDGET:
+                chosen[rule] = threshold
+        chosen.setdefault(rule, grid[0])
+    for row in rows:
+        row["chosen"] = chosen[row["rule"]] == row["threshold"]
+    return chosen, rows
+
+
+@torch.no_grad()
+def continuation_quality(runs: dict[str, dict]) -> dict[str, dict]:
+    """Every looped server's continuations scored by the looped model at full depth (teacher-forced NLL
+    of the continuation given its prompt) and compared token by token with the exact decoding's."""
+    if EXACT not in runs:
+        return {}
+    model = RecursiveModel.from_pretrained(LOOPED, "float32")
+    tokenizer = load_tokenizer(str(tokenizer_folder(LOOPED)))
+    exact = {c["prompt"]: c["text"] for c in runs[EXACT]["continuations"]}
+    quality = {}
+    for name, run in runs.items():
+        if SERVERS[name][1] != "looped":
+            continue
+        nll, count, agree, compared = 0.0, 0, 0, 0
+        for item in run["continuations"]:
+            prompt = tokenizer(item["prompt"]).input_ids
+            new = tokenizer(item["text"], add_special_tokens=False).input_ids
+            reference = tokenizer(exact[item["prompt"]], add_special_tokens=False).input_ids
+            agree += sum(a == b for a, b in zip(new, reference))
+            compared += max(len(new), len(reference))
+            if not new:
+                continue
+            ids = torch.tensor([prompt + new])
+            log_probs = torch.log_softmax(model(ids, LOOPS).logits[0, len(prompt) - 1:-1].float(), -1)
+            nll -= float(log_probs.gather(-1, torch.tensor(new).unsqueeze(-1)).sum())
+            count += len(new)
+        quality[name] = {"continuation_ppl": math.exp(nll / max(count, 1)), "token_agreement": agree / max(compared, 1)}
+    return quality
+
+
+# -- report -------------------------------------------------------------------------------------------
+def targets(runs: dict[str, dict], exits: list[dict]) -> list[str]:
+    def ratio(a: str, b: str) -> float | None:
+        return runs[a]["tokens_per_s"] / runs[b]["tokens_per_s"] if a in runs and b in runs else None
+
+    lines = []
+    checks = [("looped exit hidden, depthwise", EXACT, 1.5,
+               "depth-wise batching with early exit (hidden rule) vs fixed R, plain batching"),
+              ("looped exit kl, depthwise", EXACT, 1.5, "depth-wise batching with early exit (KL rule) vs fixed R"),
+              ("flatten24", "original", 1.2, "the 24-block model vs the original"),
+              ("original", "original (transformers serve)", 1.0, "depthkit serve vs transformers serve"),
+              ("original", "original (transformers serve, CB)", 1.0,
+               "depthkit serve vs transformers serve --continuous-batching")]
+    for a, b, goal, what in checks:
+        value = ratio(a, b)
+        if value is not None:
+            lines.append(f"- {what}: {value:.2f}x tokens/s (target >= {goal}): **{'yes' if value >= goal else 'no'}**")
+    for row in exits:
+        if row["chosen"]:
+            cost = row["heldout_ppl_cost"]
+            lines.append(f"- early exit ({row['rule']} rule, threshold {row['threshold']:g}, chosen on calib text): "
+                         f"held-out perplexity cost {100 * cost:.2f}% at {100 * row['heldout_loops_saved']:.0f}% of "
+                         f"loops saved (target < 2%): **{'yes' if cost < 0.02 else 'no'}**")
+    return lines
+
+
+def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[dict], args: argparse.Namespace
+                  ) -> None:
+    stem = RESULTS / ("serving_quick" if args.quick else "serving")
+    settings = {k: getattr(args, k) for k in ("clients", "requests", "prompt_tokens", "max_tokens", "rows")}
+    columns = ["server", "tokens_per_s", "latency_p50", "latency_p95", "ttft_p50", "ttft_p95", "loops_per_token",
+               "completion_tokens", "wall_s"]
+    rows = [{k: run[k] for k in columns} | quality.get(name, {}) for name, run in runs.items()]
+    goals = targets(runs, exits)
+    write_json(stem.with_suffix(".json"), {"settings": settings, "machine": platform.processor() or platform.machine(),
+                                           "torch_threads": torch.get_num_threads(), "runs": runs,
+                                           "quality": quality, "early_exit": exits, "targets": goals})
+    lines = ["# Serving under load", "",
+             f"{args.clients} concurrent streaming clients x {args.requests} requests, {args.prompt_tokens}-token "
+             f"held-out prompts (every domain), {args.max_tokens} new tokens, greedy; depthkit serve with "
+             f"{args.rows} rows. Latencies in seconds. `continuation_ppl`: the looped model at full depth scoring "
+             f"each server's continuations; `token_agreement` with the full-depth decoding's.", "",
+             format_table(rows), "", "## Targets", "", *goals, "",
+             f"## Early-exit thresholds (chosen on calib text: the largest within {100 * EXIT_BUDGET:g}% of full "
+             f"depth; {args.exit_tokens} tokens per domain, decoded token by token with KV reuse)", "",
+             format_table(exits)]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = list(runs)
+    left.barh(names, [runs[n]["tokens_per_s"] for n in names], color="tab:blue")
+    left.set_xlabel("completion tokens / s (higher is better)")
+    right.barh(names, [runs[n]["latency_p50"] for n in names], color="tab:orange", label="latency p50")
+    right.barh(names, [runs[n]["ttft_p50"] for n in names], color="tab:green", label="time to first token p50")
+    right.set_xlabel("seconds")
+    right.legend()
+    right.set_yticklabels([])
+    figure.suptitle(f"Serving SmolLM2-135M variants, {args.clients} concurrent clients")
+    save_figure(figure, stem.with_suffix(".png"))
+    print(format_table(rows))
+    print("\n".join(goals))
+
+
+def main() -> None:
+    args = parse_args()
+    tokenizer = load_tokenizer(str(default_model_dir()))
+    prompts = held_out_prompts(args.clients * args.requests, args.prompt_tokens)
+    looped = any(SERVERS[name][1] == "looped" for name in args.servers)
+    thresholds, exits = choose_thresholds(args) if looped else ({}, [])
+    runs = {}
+    for name in args.servers:
+        print(f"serving: {name}", flush=True)
+        runs[name] = measure_server(name, prompts, args, tokenizer, thresholds)
+        print(f"  {runs[name]['tokens_per_s']:.1f} tokens/s", flush=True)
+    write_results(runs, continuation_quality(runs), exits, args)
+
+
+if __name__ == "__main__":
+    main()
