@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/serving.py --quick     # smoke run: 2 clients, few short requests
     .venv/bin/python benchmarks/serving.py --servers original flatten24
 
-Each server (`SERVERS`) is started as its own process on the loopback address, warmed up, then loaded
-by `--clients` concurrent clients, each sending `--requests` streaming completions back to back:
+Each server (`SERVERS`) is started as its own process on the loopback address and warmed up; then,
+for `--rounds` rounds, each is loaded in turn (an idle server uses no CPU) by `--clients` concurrent
+clients, each sending `--requests` streaming completions back to back (throughput: the median over rounds):
 prompts of `--prompt-tokens` held-out tokens sampled over every offline domain (never calibration
 or training text), `--max-tokens` new tokens, greedy. Measured per server: throughput (completion
 tokens of all clients over the wall time of the load), latency and time to first token (p50/p95),
@@ -87,6 +88,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rows", type=int, default=8, help="depthkit serve --rows")
+    p.add_argument("--rounds", type=int, default=3, help="times each server is loaded, in turn (median)")
     p.add_argument("--timeout", type=float, default=900, help="seconds one server's load may take")
     p.add_argument("--exit-tokens", type=int, default=128,
                    help="tokens per domain for choosing the exit thresholds (calib) and measuring their cost (heldout)")
@@ -94,6 +96,7 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.quick:
         args.clients, args.requests, args.max_tokens, args.prompt_tokens, args.exit_tokens = 2, 1, 8, 16, 32
+        args.rounds = 1
     return args
 
 
@@ -194,26 +197,47 @@ def load(url: str, model: str, prompts: list[str], args: argparse.Namespace) -> 
     return results, time.perf_counter() - start
 
 
-def measure_server(name: str, prompts: list[str], args: argparse.Namespace, tokenizer,
-                   thresholds: dict[str, float]) -> dict[str, Any]:
-    folder = model_folder(SERVERS[name][1])
-    process, url, model = start_server(name, folder, args, thresholds)
+def measure_servers(names: list[str], prompts: list[str], args: argparse.Namespace, tokenizer,
+                    thresholds: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Every server started and warmed up, then loaded in turn for `--rounds` rounds (idle servers
+    use no CPU), so that a slow spell of the machine hits every server alike; throughput is the median
+    over rounds, latencies pool every request."""
+    servers = {}
     try:
-        stream_request(url, model, prompts[0], 4, args.timeout)  # warm-up
-        results, wall = load(url, model, prompts, args)
+        for name in names:
+            print(f"starting: {name}", flush=True)
+            servers[name] = start_server(name, model_folder(SERVERS[name][1]), args, thresholds)
+            _, url, model = servers[name]
+            stream_request(url, model, prompts[0], 4, args.timeout)  # warm-up
+        rounds: dict[str, list[tuple[list[dict], float]]] = {name: [] for name in names}
+        for index in range(args.rounds):
+            for name, (_, url, model) in servers.items():
+                rounds[name].append(load(url, model, prompts, args))
+                results, wall = rounds[name][-1]
+                print(f"  round {index + 1} {name}: {count_tokens(tokenizer, results) / wall:.1f} tokens/s", flush=True)
     finally:
-        process.terminate()
-        process.wait(timeout=60)
-    tokens = [len(tokenizer(r["text"], add_special_tokens=False).input_ids) for r in results]
-    loops = [r["loops_per_token"] for r in results if r["loops_per_token"] is not None]
-    return {"server": name, "requests": len(results), "completion_tokens": sum(tokens),
-            "tokens_per_s": sum(tokens) / wall, "wall_s": wall,
-            "latency_p50": percentile([r["latency"] for r in results], 50),
-            "latency_p95": percentile([r["latency"] for r in results], 95),
-            "ttft_p50": percentile([r["ttft"] for r in results], 50),
-            "ttft_p95": percentile([r["ttft"] for r in results], 95),
+        for process, _, _ in servers.values():
+            process.terminate()
+            process.wait(timeout=60)
+    return {name: summarize(name, runs, tokenizer) for name, runs in rounds.items()}
+
+
+def count_tokens(tokenizer, results: list[dict]) -> int:
+    return sum(len(tokenizer(r["text"], add_special_tokens=False).input_ids) for r in results)
+
+
+def summarize(name: str, rounds: list[tuple[list[dict], float]], tokenizer) -> dict[str, Any]:
+    rates = [count_tokens(tokenizer, results) / wall for results, wall in rounds]
+    pooled = [r for results, _ in rounds for r in results]
+    loops = [r["loops_per_token"] for r in pooled if r["loops_per_token"] is not None]
+    return {"server": name, "requests": len(pooled), "completion_tokens": count_tokens(tokenizer, pooled),
+            "tokens_per_s": statistics.median(rates), "tokens_per_s_rounds": rates,
+            "latency_p50": percentile([r["latency"] for r in pooled], 50),
+            "latency_p95": percentile([r["latency"] for r in pooled], 95),
+            "ttft_p50": percentile([r["ttft"] for r in pooled], 50),
+            "ttft_p95": percentile([r["ttft"] for r in pooled], 95),
             "loops_per_token": statistics.fmean(loops) if loops else None,
-            "continuations": [{"prompt": r["prompt"], "text": r["text"]} for r in results]}
+            "continuations": [{"prompt": r["prompt"], "text": r["text"]} for r in rounds[0][0]]}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -316,10 +340,12 @@ def targets(runs: dict[str, dict], exits: list[dict]) -> list[str]:
 def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[dict], args: argparse.Namespace
                   ) -> None:
     stem = RESULTS / ("serving_quick" if args.quick else "serving")
-    settings = {k: getattr(args, k) for k in ("clients", "requests", "prompt_tokens", "max_tokens", "rows")}
+    settings = {k: getattr(args, k) for k in ("clients", "requests", "prompt_tokens", "max_tokens", "rows", "rounds")}
     columns = ["server", "tokens_per_s", "latency_p50", "latency_p95", "ttft_p50", "ttft_p95", "loops_per_token",
-               "completion_tokens", "wall_s"]
-    rows = [{k: run[k] for k in columns} | quality.get(name, {}) for name, run in runs.items()]
+               "completion_tokens"]
+    quality_columns = ["continuation_ppl", "token_agreement"]
+    rows = [{k: run[k] for k in columns} | {k: quality.get(name, {}).get(k, "") for k in quality_columns}
+            for name, run in runs.items()]
     goals = targets(runs, exits)
     write_json(stem.with_suffix(".json"), {"settings": settings, "machine": platform.processor() or platform.machine(),
                                            "torch_threads": torch.get_num_threads(), "runs": runs,
@@ -327,7 +353,8 @@ def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[d
     lines = ["# Serving under load", "",
              f"{args.clients} concurrent streaming clients x {args.requests} requests, {args.prompt_tokens}-token "
              f"held-out prompts (every domain), {args.max_tokens} new tokens, greedy; depthkit serve with "
-             f"{args.rows} rows. Latencies in seconds. `continuation_ppl`: the looped model at full depth scoring "
+             f"{args.rows} rows; every server loaded in turn, {args.rounds} rounds (tokens/s: median). "
+             f"Latencies in seconds. `continuation_ppl`: the looped model at full depth scoring "
              f"each server's continuations; `token_agreement` with the full-depth decoding's.", "",
              format_table(rows), "", "## Targets", "", *goals, "",
              f"## Early-exit thresholds (chosen on calib text: the largest within {100 * EXIT_BUDGET:g}% of full "
@@ -355,11 +382,7 @@ def main() -> None:
     prompts = held_out_prompts(args.clients * args.requests, args.prompt_tokens)
     looped = any(SERVERS[name][1] == "looped" for name in args.servers)
     thresholds, exits = choose_thresholds(args) if looped else ({}, [])
-    runs = {}
-    for name in args.servers:
-        print(f"serving: {name}", flush=True)
-        runs[name] = measure_server(name, prompts, args, tokenizer, thresholds)
-        print(f"  {runs[name]['tokens_per_s']:.1f} tokens/s", flush=True)
+    runs = measure_servers(args.servers, prompts, args, tokenizer, thresholds)
     write_results(runs, continuation_quality(runs), exits, args)
 
 

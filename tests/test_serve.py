@@ -44,7 +44,7 @@ def serve_all(model: RecursiveModel, schedule: str, plans: list[tuple[float | No
                                                             exit_threshold=threshold, exit_rule=rule)))
                  for p, (threshold, rule) in zip(prompts(), plans)]
     engine.run_until_idle()
-    assert engine.free_rows and len(engine.free_rows) == rows
+    assert engine.free_rows == rows and not engine.running
     return sequences
 
 
@@ -279,7 +279,7 @@ def test_sixty_four_concurrent_streams_and_a_disconnect_frees_its_row(live_serve
     deadline = time.time() + 20
     while (engine.running or engine.waiting) and time.time() < deadline:
         time.sleep(0.1)
-    assert not engine.running and not engine.waiting and len(engine.free_rows) == 4
+    assert not engine.running and not engine.waiting and engine.free_rows == 4
 
 
 @pytest.mark.integration

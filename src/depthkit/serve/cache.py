@@ -5,9 +5,12 @@ Every running sequence owns one ROW of a preallocated tensor per K and V, shaped
 (`RecursiveModel.slot`: one per layer for a plain model, one per layer and loop step for a looped
 one). Rows have different lengths, so a batched step passes each row's position, writes each
 row's new keys at its own position and masks what lies beyond it. A finished sequence frees its
-row at once and the next request takes it: no copying, no fragmentation, memory fixed at start-up
+row at once and the next request takes it: no fragmentation, memory fixed at start-up
 (`rows x capacity` tokens), which is what a small server on a CPU or one GPU wants. A paged cache
 would share memory between short and long sequences; with a few dozen rows it is not needed.
+
+The engine keeps its running sequences in the leading rows (a finished sequence's row is taken by
+the last one), so a batch reads its keys as a slice of the cache rather than a gather.
 
 For depth-wise batching the rows of one call may be at different loop steps: `offsets` shifts
 each row's slot (`step x slots per step`), so one pass of the shared block reads and writes the
@@ -30,13 +33,22 @@ class SlotCache:
         self._rows = torch.zeros(0, dtype=torch.long)
         self._starts = torch.zeros(0, dtype=torch.long)
         self._offsets = torch.zeros(0, dtype=torch.long)
+        self._pads: list[int] | None = None
+
+    def bind_prompts(self, rows: list[int], pads: list[int]) -> None:
+        """The next layer calls prefill these rows with prompts left-padded by `pads` tokens."""
+        self.bind(rows, [0] * len(rows))
+        self._pads = pads
 
     def bind(self, rows: list[int], starts: list[int], offsets: list[int] | None = None) -> None:
         """The rows the next layer calls are for, the position of each row's first new token and
         each row's slot offset (0 unless rows are at different loop steps)."""
+        self._pads = None
         self._rows = torch.tensor(rows, dtype=torch.long)
         self._starts = torch.tensor(starts, dtype=torch.long)
         self._offsets = torch.tensor(offsets if offsets is not None else [0] * len(rows), dtype=torch.long)
+        # Rows 0..n-1 in order at one slot offset (what a compact engine binds): read a slice, not a gather.
+        self._leading = rows == list(range(len(rows))) and len(set(offsets or [0])) == 1
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,15 +57,18 @@ class SlotCache:
         if self.keys is None:
             self._allocate(key)
         slots, rows, starts = self._offsets + layer_idx, self._rows, self._starts
+        if self._pads is not None:  # prompts: store each one's real tokens; attend within the batch
+            for index, (row, pad) in enumerate(zip(rows.tolist(), self._pads)):
+                self.keys[slots[index], row, :, :key.shape[2] - pad] = key[index, :, pad:]
+                self.values[slots[index], row, :, :key.shape[2] - pad] = value[index, :, pad:]
+            return key, value
+        self.keys[slots, rows, :, starts] = key[:, :, 0]
+        self.values[slots, rows, :, starts] = value[:, :, 0]
         length = key.shape[2]
-        if length == 1:
-            self.keys[slots, rows, :, starts] = key[:, :, 0]
-            self.values[slots, rows, :, starts] = value[:, :, 0]
-        else:  # a prompt: one row at a time
-            start = int(starts[0])
-            self.keys[slots[0], rows[0], :, start:start + length] = key[0]
-            self.values[slots[0], rows[0], :, start:start + length] = value[0]
         end = int(starts.max()) + length
+        if self._leading:
+            slot, count = int(slots[0]), len(rows)
+            return self.keys[slot, :count, :, :end], self.values[slot, :count, :, :end]
         return self.keys[slots, rows, :, :end], self.values[slots, rows, :, :end]
 
     def _allocate(self, key: torch.Tensor) -> None:
@@ -69,6 +84,12 @@ class SlotCache:
         self.keys[targets, row, :, position] = self.keys[sources, row, :, position]
         self.values[targets, row, :, position] = self.values[sources, row, :, position]
 
+    def move_row(self, source: int, target: int) -> None:
+        """Give row `target` everything row `source` holds (the engine keeps its running rows leading)."""
+        if self.keys is not None:
+            self.keys[:, target] = self.keys[:, source]
+            self.values[:, target] = self.values[:, source]
+
     def memory_bytes(self) -> int:
         return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
 
@@ -76,15 +97,36 @@ class SlotCache:
 def attention_masks(positions: torch.Tensor, length: int, sliding_window: int | None, eager: bool,
                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Causal masks `(rows, 1, queries, length)` per attention type for queries at absolute
-    `positions` `(rows, queries)`: a key is visible if it is not after the query (and, for
-    sliding-window layers, within the window). Eager attention adds the mask, so it gets 0 / -inf
-    floats; SDPA takes booleans."""
+    `positions` `(rows, queries)` over the cached keys 0..length-1: a key is visible if it is not
+    after the query (and, for sliding-window layers, within the window)."""
     keys = torch.arange(length, device=positions.device).view(1, 1, -1)
-    visible = keys <= positions.unsqueeze(-1)
-    masks = {"full_attention": visible}
+    queries = positions.unsqueeze(-1)
+    visible = {"full_attention": keys <= queries}
     if sliding_window:
-        masks["sliding_attention"] = visible & (keys > positions.unsqueeze(-1) - sliding_window)
+        visible["sliding_attention"] = visible["full_attention"] & (keys > queries - sliding_window)
+    return as_masks(visible, eager, dtype)
+
+
+def prompt_masks(positions: torch.Tensor, pads: torch.Tensor, sliding_window: int | None, eager: bool,
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Masks `(rows, 1, q, q)` for prompts left-padded to one length q: a real token sees the real
+    tokens up to itself (within the window); a padding position sees only itself, so no row of the
+    attention is empty (which would give NaN)."""
+    index = torch.arange(positions.shape[1], device=positions.device)
+    real = (index.unsqueeze(0) >= pads.unsqueeze(1)).unsqueeze(1)  # (rows, 1, keys)
+    itself = (index.view(-1, 1) == index.view(1, -1)).unsqueeze(0)
+    causal = (index.view(1, -1) <= index.view(-1, 1)).unsqueeze(0) & real
+    visible = {"full_attention": causal | itself}
+    if sliding_window:
+        near = positions.unsqueeze(1) > positions.unsqueeze(2) - sliding_window
+        visible["sliding_attention"] = (causal & near) | itself
+    return as_masks(visible, eager, dtype)
+
+
+def as_masks(visible: dict[str, torch.Tensor], eager: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Boolean visibility `(rows, queries, keys)` as attention masks `(rows, 1, queries, keys)`: eager
+    attention adds its mask, so it gets 0 / -inf floats; SDPA takes booleans."""
     if eager:
         low = torch.finfo(dtype).min
-        masks = {kind: torch.zeros(m.shape, dtype=dtype).masked_fill(~m, low) for kind, m in masks.items()}
-    return {kind: m.unsqueeze(1) for kind, m in masks.items()}
+        visible = {kind: torch.zeros(v.shape, dtype=dtype).masked_fill(~v, low) for kind, v in visible.items()}
+    return {kind: v.unsqueeze(1) for kind, v in visible.items()}

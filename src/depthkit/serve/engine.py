@@ -38,7 +38,7 @@ from depthkit.models.blockwise import BlockContext
 from depthkit.recursive.config import check_loops
 from depthkit.recursive.generate import DEFAULT_EXIT_RULE, check_exit_rule, hidden_change, kl_divergence
 from depthkit.recursive.model import RecursiveModel
-from depthkit.serve.cache import SlotCache, attention_masks
+from depthkit.serve.cache import SlotCache, attention_masks, prompt_masks
 
 SCHEDULES = ("depthwise", "lockstep")
 DEFAULT_ROWS = 16
@@ -114,7 +114,7 @@ class Engine:
         self.capacity = min(capacity or DEFAULT_CAPACITY, context)
         self.cache = SlotCache(model.num_slots(self.max_loops), rows, self.capacity)
         self.per_loop_weights = bool(len(model.adapters.relax) or len(model.adapters.norms))
-        self.free_rows = list(range(rows))[::-1]
+        self.rows = rows
         self.running: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self._lock = threading.Lock()
@@ -145,6 +145,10 @@ class Engine:
             self.waiting.append(sequence)
         self._wake.set()
         return sequence
+
+    @property
+    def free_rows(self) -> int:
+        return self.rows - len(self.running)
 
     @property
     def busy(self) -> bool:
@@ -204,17 +208,23 @@ class Engine:
             self._finish(sequence, sequence.cancelled)
 
     def _admit(self) -> None:
+        """Free rows take waiting requests; their prompts are prefilled together (per loop setting)."""
+        admitted: list[Sequence] = []
         while self.free_rows:
             with self._lock:
                 if not self.waiting:
-                    return
+                    break
                 sequence = self.waiting.popleft()
             if sequence.cancelled:
                 sequence.emit(Event(finish_reason=sequence.cancelled))
                 continue
-            sequence.row = self.free_rows.pop()
+            sequence.row = len(self.running)  # running sequences hold the leading rows, in order
             self.running.append(sequence)
-            self._prefill(sequence)
+            admitted.append(sequence)
+        settings = {(s.params.loops, s.params.exit_threshold is not None) for s in admitted}
+        for loops, early in sorted(settings, key=str):
+            self._prefill([s for s in admitted if (s.params.loops, s.params.exit_threshold is not None)
+                           == (loops, early)])
 
     def _fail_all(self, message: str) -> None:
         for sequence in list(self.running):
@@ -228,31 +238,45 @@ class Engine:
     def _context(self, hidden: torch.Tensor, positions: torch.Tensor) -> BlockContext:
         """Rotary tables and per-row causal masks for queries at `positions` (rows, queries)."""
         base = self.model.base
-        eager = getattr(base.config, "_attn_implementation", "sdpa") == "eager"
         masks = attention_masks(positions, int(positions.max()) + 1, getattr(base.config, "sliding_window", None),
-                                eager, hidden.dtype)
+                                self._eager, hidden.dtype)
         tables = self.model.adapter.position_embeddings(base, hidden, positions)
         return BlockContext(positions, tables, masks, self.model.adapter, base.config)
 
     def _step_offset(self, step: int) -> int:
         return self.model.slot(step, 0, self.max_loops) - self.model.slot(0, 0, self.max_loops)
 
-    def _prefill(self, sequence: Sequence) -> None:
-        """The prompt at full depth in the sequence's row; every step's coda too when it may exit
-        early (later tokens exiting at that step attend to the prompt there)."""
-        params = sequence.params
-        sequence.loops = params.loops if params.loops is not None else self.model.config.num_loops
-        sequence.generator = torch.Generator().manual_seed(params.seed if params.seed is not None
-                                                           else int(torch.randint(0, 2**62, (1,))))
-        ids = torch.tensor([sequence.prompt], device=self._device)
+    def _prefill(self, sequences: list[Sequence]) -> None:
+        """Prompts (left-padded to one length) at full depth in their rows, in one pass; every step's
+        coda too when they may exit early (later tokens exiting at that step attend to the prompt there)."""
+        for sequence in sequences:
+            params = sequence.params
+            sequence.loops = params.loops if params.loops is not None else self.model.config.num_loops
+            sequence.generator = torch.Generator().manual_seed(params.seed if params.seed is not None
+                                                               else int(torch.randint(0, 2**62, (1,))))
+        length = max(len(s.prompt) for s in sequences)
+        pads = [length - len(s.prompt) for s in sequences]
+        ids = torch.tensor([[0] * pad + s.prompt for s, pad in zip(sequences, pads)], device=self._device)
         embeddings = self.model.embed(ids)
-        positions = torch.arange(len(sequence.prompt), device=self._device).unsqueeze(0)
-        self.cache.bind([sequence.row], [0])
-        early = params.exit_threshold is not None and bool(self.model.config.coda)
-        *_, last = self.model.iter_steps(inputs_embeds=embeddings, num_loops=sequence.loops,
+        pad_tensor = torch.tensor(pads, device=self._device)
+        positions = (torch.arange(length, device=self._device).unsqueeze(0) - pad_tensor.unsqueeze(1)).clamp_min(0)
+        base = self.model.base
+        masks = prompt_masks(positions, pad_tensor, getattr(base.config, "sliding_window", None), self._eager,
+                             embeddings.dtype)
+        context = BlockContext(positions, self.model.adapter.position_embeddings(base, embeddings, positions), masks,
+                               self.model.adapter, base.config)
+        self.cache.bind_prompts([s.row for s in sequences], pads)
+        early = sequences[0].params.exit_threshold is not None and bool(self.model.config.coda)
+        *_, last = self.model.iter_steps(inputs_embeds=embeddings, num_loops=sequences[0].loops,
                                          past_key_values=self.cache, decode_all=early, logits_to_keep=1,
-                                         context=self._context(embeddings, positions))
-        self._emit_token(sequence, F.log_softmax(last.logits[0, -1].float(), dim=-1), steps=None)
+                                         context=context)
+        for sequence, log_probs in zip(sequences, F.log_softmax(last.logits[:, -1].float(), dim=-1)):
+            self._emit_token(sequence, log_probs, steps=None)
+
+    @property
+    def _eager(self) -> bool:
+        """Eager attention adds its mask (floats); SDPA takes booleans."""
+        return getattr(self.model.base.config, "_attn_implementation", "sdpa") == "eager"
 
     @property
     def _device(self) -> torch.device:
@@ -375,8 +399,12 @@ class Engine:
     def _finish(self, sequence: Sequence, reason: str, error: str | None = None) -> None:
         sequence.finish_reason = reason
         if sequence in self.running:
+            last = self.running[-1]
+            if last is not sequence:  # the last row fills the freed one: running rows stay 0..n-1
+                self.cache.move_row(last.row, sequence.row)
+                last.row = sequence.row
             self.running.remove(sequence)
-            self.free_rows.append(sequence.row)
+            self.running.sort(key=lambda s: s.row)
         sequence.hidden = sequence.origin = sequence.previous = None
         sequence.emit(Event(finish_reason=reason, error=error))
 
