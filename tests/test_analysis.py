@@ -35,3 +35,16 @@ def test_sample_skips_the_first_positions(tiny):
     ids = random_ids(tiny, batch=2, length=5)
     report = analyze_redundancy(tiny, ids, sample_tokens=100, skip_first=2, progress=False)
     assert report.sampled_tokens == 2 * 3
+
+
+def test_a_streamed_checkpoint_is_analysed_like_the_model_in_memory(tiny, tmp_path):
+    """The analysis reads the model through the block runner: from disk one block at a time, the same report."""
+    from depthkit.models.streaming import StreamingModel
+
+    tiny.save_pretrained(tmp_path, max_shard_size="200KB")
+    ids = random_ids(tiny, batch=3, length=16)
+    in_memory = analyze_redundancy(tiny, ids, sample_tokens=40, progress=False)
+    streamed = analyze_redundancy(StreamingModel.open(tmp_path, dtype="float32"), ids, sample_tokens=40,
+                                  progress=False)
+    assert streamed.block_influence == pytest.approx(in_memory.block_influence, abs=1e-6)
+    torch.testing.assert_close(torch.tensor(streamed.cka), torch.tensor(in_memory.cka), atol=1e-5, rtol=1e-5)

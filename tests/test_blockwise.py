@@ -3,7 +3,8 @@ import warnings
 import torch
 
 from depthkit.evaluate.speed import measure_speed
-from depthkit.models.blockwise import iterate_blocks, logits_from_hidden
+from depthkit.models.blockwise import logits_from_hidden
+from depthkit.models.runner import iterate_blocks
 from depthkit.recursive import RecursiveModel
 from depthkit.recursive.generate import generate
 from tests.conftest import random_ids

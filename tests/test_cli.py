@@ -334,6 +334,14 @@ def test_wikitext2_without_network_fails_at_once(capsys, no_network):
     assert code == 2 and time.monotonic() - began < 5 and "WikiText-2 needs the Hugging Face hub" in err
 
 
+def test_standard_zeroshot_tasks_without_network_fail_at_once(capsys, no_network):
+    import time
+
+    began = time.monotonic()
+    code, err = run_cli(capsys, "eval", "zeroshot", "--model", "tiny:llama", "--tasks", "piqa", "--limit", "2")
+    assert code == 2 and time.monotonic() - began < 10 and "not reachable" in err and "piqa" in err
+
+
 def test_eval_ppl_default_window_fits_a_short_context(tmp_path, capsys):
     """The default window is 1024 tokens, or the model's context where it is shorter (tiny models: 512)."""
     code, err = run_cli(capsys, "eval", "ppl", "--model", "tiny:llama", "--max-tokens", "1024",

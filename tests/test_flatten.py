@@ -20,7 +20,8 @@ from depthkit.compress.flatten.channels import (
 )
 from depthkit.errors import DepthkitError
 from depthkit.models.adapters import get_adapter
-from depthkit.models.blockwise import block_context, embed, iterate_blocks, run_block
+from depthkit.models.blockwise import block_context, embed, run_block
+from depthkit.models.runner import iterate_blocks
 from depthkit.models.tiny import PRE_NORM_ARCHITECTURES, TINY_ARCHITECTURES, tiny_model
 from tests.conftest import random_ids
 

@@ -60,3 +60,16 @@ def test_a_failed_run_leaves_no_temporary_folder(tmp_path):
     with pytest.raises(RuntimeError), atomic_output_dir(tmp_path / "out"):
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_scratch_folders_of_killed_fetches_are_removed(tmp_path, capsys):
+    """`depthkit fetch` works in `.fetch-*` folders of the cache; a SIGKILLed fetch's one goes at the next fetch."""
+    from depthkit.utils.fetch import SCRATCH_PREFIX, scratch_dir
+
+    killed = debris(tmp_path, f"{SCRATCH_PREFIX}killed", f"{socket.gethostname()} {dead_pid()}")
+    running = debris(tmp_path, f"{SCRATCH_PREFIX}running", f"{socket.gethostname()} {os.getpid()}")
+    foreign = debris(tmp_path, f"{SCRATCH_PREFIX}foreign", None)
+    new = scratch_dir(tmp_path)
+    assert not killed.exists() and running.exists() and foreign.exists() and new.is_dir()
+    assert (new / OWNER).read_text().split() == [socket.gethostname(), str(os.getpid())]
+    assert "left by a killed run" in capsys.readouterr().err

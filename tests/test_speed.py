@@ -56,4 +56,4 @@ def test_cli_speed_writes_json(tmp_path, capsys):
     assert "prefill" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse's usage error, before any model is loaded
         main(["eval", "speed", "--model", "tiny:qwen3", "--seq-lens", "a,b"])
-    assert "expected comma-separated integers" in capsys.readouterr().err
+    assert "expected comma-separated whole numbers" in capsys.readouterr().err

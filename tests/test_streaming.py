@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from depthkit.errors import DepthkitError
 from depthkit.models.adapters import get_adapter
-from depthkit.models.blockwise import iterate_blocks
 from depthkit.models.loading import pretrained_lm
+from depthkit.models.runner import iterate_blocks
 from depthkit.models.streaming import INDEX_FILE, StreamingModel, StreamingWriter, peak_memory_mb
 from depthkit.models.tiny import TINY_ARCHITECTURES, tiny_model
 from tests.conftest import random_ids
@@ -27,7 +27,7 @@ def saved_tiny(tmp_path, arch, dtype=torch.float32, **overrides):
 
 def streamed_logits(stream: StreamingModel, ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     hidden = None
-    for _index, _block_in, block_out in stream.iterate_blocks(ids, batch_size):
+    for _index, _block_in, block_out in iterate_blocks(stream, ids, batch_size):
         hidden = block_out
     return stream.head(hidden)
 
@@ -48,7 +48,7 @@ def test_streaming_blocks_equal_blockwise_blocks_in_bf16(tmp_path, arch):
     loaded = pretrained_lm(folder, torch.bfloat16).eval()
     ids = random_ids(loaded, batch=2, length=16)
     stream = StreamingModel.open(folder, dtype="bfloat16")
-    pairs = zip(stream.iterate_blocks(ids), iterate_blocks(loaded, ids), strict=True)
+    pairs = zip(iterate_blocks(stream, ids), iterate_blocks(loaded, ids), strict=True)
     for (i, s_in, s_out), (j, n_in, n_out) in pairs:
         assert i == j and s_out.dtype == torch.bfloat16
         torch.testing.assert_close(s_in, n_in, atol=0, rtol=0)

@@ -12,8 +12,6 @@ from depthkit.compress.api import CARD_JSON, compress, compress_checkpoint
 from depthkit.compress.base import streaming_methods
 from depthkit.compress.flatten.selection import one_pass_pairs, select_groups
 from depthkit.errors import DepthkitError
-from depthkit.models.adapters import get_adapter
-from depthkit.models.blockwise import embed
 from depthkit.models.loading import DEFAULT_MODEL, load_tokenizer
 from depthkit.models.streaming import StreamingModel
 from depthkit.models.tiny import PRE_NORM_ARCHITECTURES, TINY_ARCHITECTURES, tiny_model
@@ -138,12 +136,10 @@ def test_one_pass_pairs_are_disjoint_and_scored_on_the_original(tmp_path, select
     model, folder = saved_tiny(tmp_path, "llama", num_layers=8)
     ids = random_ids(model, batch=2, length=16)
     source = StreamingModel.open(folder, dtype="float32")
-    groups, log = one_pass_pairs(source.model, source.layers(), source.embed(ids), 3, selection, batch_size=2,
-                                 progress=False)
+    groups, log = one_pass_pairs(source, ids, 3, selection, batch_size=2, progress=False)
     assert sum(groups, []) == list(range(8)) and len(groups) == 5
     assert sorted(g for g in groups if len(g) == 2) == sorted(entry["flattened"] for entry in log)
-    in_memory, _ = one_pass_pairs(model, get_adapter(model).layers(model), embed(model, ids), 3, selection, 2,
-                                  progress=False)
+    in_memory, _ = one_pass_pairs(model, ids, 3, selection, 2, progress=False)
     assert in_memory == groups
 
 
@@ -168,6 +164,18 @@ def test_streamed_flatten_equals_in_memory(tmp_path, options):
     torch.testing.assert_close(reloaded_logits(tmp_path / "out", ids), model(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["width", "minitron"])
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_streamed_width_pruning_equals_in_memory(tmp_path, arch, method):
+    """Width pruning streamed: the same weights block by block, and a config for the new widths."""
+    model, ids, streamed, in_memory = streamed_and_in_memory(tmp_path, arch, method, 4, {})
+    assert streamed.details["widths"] == in_memory.details["widths"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert reloaded.config.intermediate_size == model.config.intermediate_size
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_streamed_greedy_selection_holds_one_group(tmp_path, monkeypatch):
     """Re-scored selection streamed: original blocks alive at once stay within one candidate pair."""
     live, most = weakref.WeakSet(), [0]
@@ -189,7 +197,7 @@ def test_streamed_greedy_selection_holds_one_group(tmp_path, monkeypatch):
 def test_streaming_refuses_what_it_cannot_do(tmp_path):
     model, folder = saved_tiny(tmp_path, "llama")
     ids = random_ids(model, batch=2, length=16)
-    assert streaming_methods() == ["attn_drop", "flatten", "laco", "shortgpt", "sleb"]
+    assert streaming_methods() == ["attn_drop", "flatten", "laco", "minitron", "shortgpt", "sleb", "width"]
     with pytest.raises(DepthkitError, match="needs the whole model in memory"):
         compress_checkpoint(folder, tmp_path / "a", "flatten_unpruned", target_layers=4, calib_ids=ids)
     with pytest.raises(DepthkitError, match="rescore=false scores disjoint pairs once"):

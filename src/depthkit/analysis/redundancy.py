@@ -1,7 +1,8 @@
 """Redundancy analysis of a model's depth on calibration tokens.
 
-Hidden states are produced block by block (`depthkit.models.blockwise`): only the current block's
-input and output exist in full at any time. What is kept across blocks is small: for CKA and
+Hidden states are produced block by block (`depthkit.models.runner`): only the current block's
+input and output exist in full at any time, and only its weights when the model is a
+`StreamingModel` read from disk. What is kept across blocks is small: for CKA and
 angular distances, a fixed random sample of token positions per layer (`sample_tokens`).
 
 The first position of every sequence is left out of that sample by default: LLaMA-family models
@@ -18,8 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from depthkit.analysis.metrics import angular_distance, block_influence, cka_matrix
-from depthkit.models.adapters import get_adapter
-from depthkit.models.blockwise import iterate_blocks
+from depthkit.models.runner import BlockSource, as_source, iterate_blocks
 
 MAX_SPAN = 4
 
@@ -44,7 +44,7 @@ class RedundancyReport:
 
 @torch.no_grad()
 def analyze_redundancy(
-    model: PreTrainedModel,
+    model: PreTrainedModel | BlockSource,
     input_ids: torch.Tensor,
     sample_tokens: int = 2048,
     batch_size: int = 8,
@@ -57,14 +57,15 @@ def analyze_redundancy(
     Block influence averages over every token; CKA and angular distances use `sample_tokens`
     random positions that are not among the first `skip_first` of their sequence.
     """
-    num_layers = len(get_adapter(model).layers(model))
+    source = as_source(model)
+    num_layers = len(source.layers())
     batch, length = input_ids.shape
     eligible = (torch.arange(batch)[:, None] * length + torch.arange(skip_first, length)[None, :]).flatten()
     generator = torch.Generator().manual_seed(seed)
     sample = eligible[torch.randperm(eligible.numel(), generator=generator)[:sample_tokens]]
     states: list[torch.Tensor] = []
     influence: list[float] = []
-    blocks = iterate_blocks(model, input_ids, batch_size)
+    blocks = iterate_blocks(source, input_ids, batch_size)
     for _index, block_in, block_out in tqdm(blocks, total=num_layers, desc="analyze", disable=not progress):
         if not states:
             states.append(_sampled(block_in, sample))

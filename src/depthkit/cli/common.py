@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +26,71 @@ def non_negative_int(text: str) -> int:
     return _bounded_int(text, 0)
 
 
-def _bounded_int(text: str, low: int) -> int:
+def loop_count(text: str) -> int:
+    """An argparse type: recursion steps R in 1..MAX_LOOPS (memory and time grow with R, so 100000
+    is refused before the model is loaded, not by the kernel's OOM killer)."""
+    from depthkit.recursive.config import MAX_LOOPS
+
+    return _bounded_int(text, 1, MAX_LOOPS)
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535 (refused before the model is loaded, not at bind time)."""
+    return _bounded_int(text, 1, 65535)
+
+
+def _bounded_int(text: str, low: int, high: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < low:
         raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
     return value
 
 
-def non_negative_float(text: str) -> float:
-    """An argparse type: a finite number >= 0 (thresholds: `nan` or `-1` would silently mean never or always)."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: any finite number (`nan` or `inf` would silently poison every result)."""
+    value = _number(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def float_at_least(low: float, strict: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number >= `low` (> `low` if `strict`), so that a learning rate of
+    `inf` or a penalty of `nan` is refused up front instead of failing (or diverging) mid-training."""
+    sign = ">" if strict else ">="
+
+    def convert(text: str) -> float:
+        value = _number(text)
+        if not (math.isfinite(value) and (value > low or (value == low and not strict))):
+            raise argparse.ArgumentTypeError(f"must be a finite number {sign} {low:g}, got {text}")
+        return value
+
+    return convert
+
+
+# Thresholds: `nan` or `-1` would silently mean never or always.
+non_negative_float = float_at_least(0.0)
+# Learning rates, temperatures, scales: 0 would train nothing, `inf` diverge at once.
+positive_float = float_at_least(0.0, strict=True)
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1), e.g. the fraction of blocks removed (checked before the model loads)."""
+    value = _number(text)
+    if not 0 < value < 1:  # false for nan too
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text}")
     return value
 
 

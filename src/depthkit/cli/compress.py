@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from depthkit.cli.common import add_data_args, add_model_args, data_spec, positive_int
+from depthkit.cli.common import add_data_args, add_model_args, data_spec, fraction, positive_int
 from depthkit.compress.api import (
     CARD_JSON,
     DEFAULT_CALIB,
@@ -46,8 +46,8 @@ def register(subparsers) -> None:
     parser.add_argument("--list", action="store_true", help="list the registered methods and exit")
     add_model_args(parser)
     parser.add_argument("--method", default="flatten", help="a registered method (see --list)")
-    parser.add_argument("--ratio", type=float, default=None, help="fraction of blocks to remove, in (0, 1)")
-    parser.add_argument("--target-layers", type=int, default=None, help="blocks to keep (instead of --ratio)")
+    parser.add_argument("--ratio", type=fraction, default=None, help="fraction of blocks to remove, in (0, 1)")
+    parser.add_argument("--target-layers", type=positive_int, default=None, help="blocks to keep (instead of --ratio)")
     add_data_args(parser, "--calib", split="calib", default=DEFAULT_CALIB)
     parser.add_argument("--num-calib-blocks", type=positive_int, default=DEFAULT_CALIB_BLOCKS,
                         help="calibration sequences, sampled over the whole calibration text")

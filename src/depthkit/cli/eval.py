@@ -78,10 +78,14 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
 
 
 def int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated sizes, each >= 1 (a batch of 0 or an empty list measures nothing)."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from err
+        values = [positive_int(x) for x in text.split(",") if x.strip()]
+    except argparse.ArgumentTypeError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1, got '{text}'")
+    return values
 
 
 def load_for_evaluation(name: str, dtype: str, device: str):

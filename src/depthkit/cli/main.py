@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from depthkit.errors import DepthkitError
+from depthkit.utils.io import check_output_file
 
 _NOT_COMMANDS = {"main", "common"}
 
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
+        if getattr(args, "json", None):
+            check_output_file(args.json)  # every command's --json, before the work whose result it holds
         resolve_auto_precision(args)
         args.func(args)
     except DepthkitError as err:

@@ -18,6 +18,7 @@ from depthkit.cli.common import (
     add_data_args,
     data_spec,
     non_negative_int,
+    positive_float,
     positive_int,
 )
 from depthkit.data.blocks import DataSpec, sample_blocks, token_stream
@@ -25,7 +26,7 @@ from depthkit.data.corpora import DEFAULT_CALIB
 from depthkit.errors import DepthkitError, require
 from depthkit.models.loading import load_model
 from depthkit.recover.trainer import CARD_FILE, RecoverySettings, recover
-from depthkit.utils.io import format_table
+from depthkit.utils.io import check_output_dir, format_table
 
 DEFAULTS = RecoverySettings()
 
@@ -46,18 +47,20 @@ def register(subparsers) -> None:
     parser.add_argument("--teacher", default=None, help="the original model, to distil from")
     parser.add_argument("--distill-weight", type=float, default=None,
                         help="weight of the KL term, (1 - w) for cross-entropy (default 0.5 with --teacher)")
-    parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
+    parser.add_argument("--temperature", type=positive_float, default=DEFAULTS.temperature,
                         help="softens both distributions in the KL term")
     parser.add_argument("--steps", type=non_negative_int, default=DEFAULTS.steps, help="optimizer steps")
     parser.add_argument("--seq-len", type=positive_int, default=DEFAULTS.seq_len, help="tokens per training sequence")
     parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size,
                         help="sequences per step and process")
-    parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate (warm-up, cosine decay)")
+    parser.add_argument("--lr", type=positive_float, default=DEFAULTS.lr,
+                        help="peak learning rate (warm-up, cosine decay)")
     parser.add_argument("--warmup-steps", type=non_negative_int, default=DEFAULTS.warmup_steps,
                         help="linear learning-rate warm-up steps")
     parser.add_argument("--lora-rank", type=non_negative_int, default=DEFAULTS.lora_rank,
                         help="rank of the LoRA adapters")
-    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x rank)")
+    parser.add_argument("--lora-alpha", type=positive_float, default=None,
+                        help="LoRA scale numerator (default 2 x rank)")
     parser.add_argument("--eval-every", type=non_negative_int, default=DEFAULTS.eval_every,
                         help="steps between held-out evaluations")
     parser.add_argument("--allow-repeat", action="store_true",
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> None:
 
     settings = settings_from_args(args)
     settings.validate()
+    check_output_dir(Path(args.out) / "model", args.overwrite)  # before loading anything
     model, tokenizer = load_model(args.model, args.dtype)
     teacher = None
     if args.teacher:

@@ -17,14 +17,20 @@ from depthkit.cli.common import (
     add_model_args,
     data_spec,
     device_name,
+    finite_float,
+    float_at_least,
+    loop_count,
     non_negative_float,
     non_negative_int,
+    positive_float,
     positive_int,
     report,
     run_context,
 )
 from depthkit.data import interleaved_blocks, token_blocks, token_stream
+from depthkit.data.corpora import load_documents
 from depthkit.errors import DepthkitError
+from depthkit.evaluate.perplexity import check_context
 from depthkit.models.adapters import get_adapter
 from depthkit.models.loading import load_model, load_tokenizer
 from depthkit.recursive.config import (
@@ -87,7 +93,7 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feedback", choices=FEEDBACKS,
                    help="what the next step reads: the connector's new input (the default) or the last hidden "
                         "state; --relax feeds the hidden state on, as the converted model did")
-    p.add_argument("--loops", type=positive_int, help=f"recursion steps R used in training (and saved default; "
+    p.add_argument("--loops", type=loop_count, help=f"recursion steps R used in training (and saved default; "
                                              f"{DEFAULT_LOOPS} unless --relax, which loops N/K times)")
     p.add_argument("--ends", type=non_negative_int,
                    help="without --relax: run the first and last N layers once (prelude, and coda after every "
@@ -104,7 +110,7 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--residual", default=default_of("residual"), choices=RESIDUALS,
                    help="what the connector adds onto: the prelude's output (the embeddings without --ends), this "
                         "step's input, or its output")
-    p.add_argument("--scale-init", type=float, default=default_of("scale_init"),
+    p.add_argument("--scale-init", type=finite_float, default=default_of("scale_init"),
                    help="initial connector scale (0: steps 2..R start as copies of step 1); the connector "
                         "defaults are benchmarks/recursion.py's measured recipe")
     p.add_argument("--connector-norm", default=default_of("connector_norm"), choices=CONNECTOR_NORMS,
@@ -118,7 +124,7 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", default=DEFAULTS.loss, choices=LOSSES,
                    help="recursion loss over steps 1..R: monotonic (each step penalised for being worse than the "
                         "one before), sum of every step's, or the last step's only")
-    p.add_argument("--beta", type=float, default=DEFAULTS.beta,
+    p.add_argument("--beta", type=float_at_least(1.0), default=DEFAULTS.beta,
                    help="monotonic loss: weight of a step's loss increase over the step before (>= 1)")
     p.add_argument("--no-detach", action="store_true", help="do not detach the step r-1 loss (hinge form)")
     p.add_argument("--steps", type=non_negative_int, default=DEFAULTS.steps,
@@ -132,9 +138,9 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interleave", action="store_true",
                    help="take the training and held-out blocks in turn from every document of the corpus "
                         "(default: the first blocks of the documents concatenated)")
-    p.add_argument("--lr", type=float, default=DEFAULTS.lr,
+    p.add_argument("--lr", type=positive_float, default=DEFAULTS.lr,
                    help="peak learning rate of everything but the connector (warm-up, cosine decay)")
-    p.add_argument("--connector-lr", type=float, default=DEFAULTS.connector_lr,
+    p.add_argument("--connector-lr", type=positive_float, default=DEFAULTS.connector_lr,
                    help="peak learning rate of the connector")
     p.add_argument("--warmup-steps", type=non_negative_int, default=DEFAULTS.warmup_steps,
                    help="linear learning-rate warm-up steps")
@@ -159,9 +165,12 @@ def _rank(value: str) -> int | str:
     if value == "full":
         return value
     try:
-        return int(value)
-    except ValueError as err:
-        raise DepthkitError(f"--loop-lora-rank must be an integer or 'full', got '{value}'") from err
+        rank = int(value)
+    except ValueError:
+        rank = -1
+    if rank < 0:
+        raise DepthkitError(f"--loop-lora-rank must be an integer >= 0 or 'full', got '{value}'")
+    return rank
 
 
 def _int_list(value: str | None) -> list[int] | None:
@@ -216,7 +225,10 @@ def run_train(args: argparse.Namespace) -> None:
     check_output_dir(args.out, args.overwrite)
     checkpoint_dir = checkpoints_beside(args.out)
     check_new_run(checkpoint_dir, args.resume)  # before loading anything
+    for corpus in (args.data, args.eval_data):
+        load_documents(corpus)  # an unknown corpus, an empty or non-UTF-8 file: fail before the model loads
     model, tokenizer = build_model(args)
+    check_context(model.base, args.seq_len)  # positions past the context would train on noise, silently
     settings = RecursiveTrainSettings(
         steps=args.steps, loops=model.config.num_loops, batch_size=args.batch_size, lr=args.lr,
         connector_lr=args.connector_lr, warmup_steps=args.warmup_steps, loss=args.loss, beta=args.beta,
@@ -254,7 +266,7 @@ def _register_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="folder written by `depthkit recursive train`")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default="cpu", type=device_name, help=DEVICE_HELP)
-    p.add_argument("--loops", type=positive_int, help="recursion steps R (default: the saved one)")
+    p.add_argument("--loops", type=loop_count, help="recursion steps R (default: the saved one)")
     p.add_argument("--blocks", type=positive_int, default=8, help="held-out blocks of --seq-len tokens scored")
     p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per held-out block")
     p.add_argument("--exit-threshold", type=non_negative_float, action="append",
@@ -269,6 +281,7 @@ def _register_eval(p: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     model, tokenizer = load_recursive(args.checkpoint, args.dtype, args.device)
+    check_context(model.base, args.seq_len)  # positions past the context would score noise, silently
     loops = args.loops or model.config.num_loops
     blocks = token_blocks(tokenizer, data_spec(args), args.blocks, args.seq_len)
     ppl = step_perplexities(model, blocks, loops)
@@ -298,7 +311,7 @@ def _register_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default="cpu", type=device_name, help=DEVICE_HELP)
-    p.add_argument("--loops", type=positive_int, help="recursion steps R (default: the saved one)")
+    p.add_argument("--loops", type=loop_count, help="recursion steps R (default: the saved one)")
     p.add_argument("--max-new-tokens", type=positive_int, default=40, help="greedy tokens generated at most")
     p.add_argument("--exit-threshold", type=non_negative_float, nargs="?", const=DEFAULT_THRESHOLD,
                    help=f"early exit when the --exit-rule distance between consecutive steps < threshold (flag alone: "

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from depthkit.analysis.redundancy import analyze_redundancy
 from depthkit.cli.analyze import summary_table, write_analysis
-from depthkit.cli.common import add_model_args
+from depthkit.cli.common import add_model_args, fraction
 from depthkit.compress.api import compress, save_compressed
 from depthkit.data.blocks import DataSpec, sample_blocks
 from depthkit.data.corpora import DEFAULT_CALIB, MIX_COMPONENTS
 from depthkit.evaluate.perplexity import perplexity
 from depthkit.models.loading import load_model
-from depthkit.utils.io import atomic_output_dir, format_table, write_json
+from depthkit.utils.io import atomic_output_dir, check_output_dir, format_table, write_json
 
 CALIB = DataSpec(DEFAULT_CALIB, "calib")
 HELDOUT_BLOCKS = 8  # x 512 tokens of every domain's heldout split
@@ -32,13 +32,14 @@ HELP = "the quick-start job: analysis, then FlattenGPT vs ShortGPT at 20%%"
 def register(subparsers) -> None:
     parser = subparsers.add_parser("run", help=HELP)
     add_model_args(parser)
-    parser.add_argument("--ratio", type=float, default=0.2, help="fraction of blocks removed")
+    parser.add_argument("--ratio", type=fraction, default=0.2, help="fraction of blocks removed")
     parser.add_argument("--out", default="runs/quickstart",
                         help="output folder (replaced if depthkit wrote it; any other existing folder is refused)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output_dir(args.out, overwrite=True)  # a folder depthkit did not write: refused before the work
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     heldout = {domain: sample_blocks(tokenizer, DataSpec(domain, "heldout"), HELDOUT_BLOCKS, 512).flatten()
                for domain in MIX_COMPONENTS}

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from depthkit.cli.common import DTYPE_HELP, add_exit_rule_arg, device_name, non_negative_float, positive_int
+from depthkit.cli.common import (
+    DTYPE_HELP,
+    add_exit_rule_arg,
+    device_name,
+    loop_count,
+    non_negative_float,
+    port_number,
+    positive_int,
+)
 
 HELP = "serve a plain or looped model over an OpenAI-compatible HTTP API (continuous batching)"
 
@@ -17,7 +25,7 @@ def register(subparsers) -> None:
     parser.add_argument("model", help="a plain checkpoint (folder, hub id or alias) or a folder written by "
                                       "`depthkit recursive train`")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=positive_int, default=8000, help="TCP port")
+    parser.add_argument("--port", type=port_number, default=8000, help="TCP port")
     parser.add_argument("--served-model-name", default=None,
                         help="the `model` name clients send (default: the folder's name or the id given)")
     parser.add_argument("--rows", type=positive_int, default=DEFAULT_ROWS,
@@ -27,7 +35,7 @@ def register(subparsers) -> None:
     parser.add_argument("--schedule", choices=SCHEDULES, default="depthwise",
                         help="depthwise: one loop step per pass, rows at different steps share the block; "
                              "lockstep: plain continuous batching, one whole token per pass")
-    parser.add_argument("--max-loops", type=positive_int, default=None,
+    parser.add_argument("--max-loops", type=loop_count, default=None,
                         help=f"deepest recursion a request may ask for (`loops`), at most {MAX_LOOPS} "
                              "(default: the model's own depth)")
     parser.add_argument("--exit-threshold", type=non_negative_float, default=None,

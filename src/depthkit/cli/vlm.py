@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from depthkit.cli.common import add_checkpoint_args, add_model_args, non_negative_int, positive_int, run_context
-from depthkit.recursive.config import check_loops
+from depthkit.cli.common import (
+    add_checkpoint_args,
+    add_model_args,
+    float_at_least,
+    loop_count,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_context,
+)
 from depthkit.recursive.loss import LOSSES
 from depthkit.training import check_new_run, checkpoints_beside, remove_checkpoints
 from depthkit.utils.io import atomic_output_dir, check_output_dir, format_table, write_json
@@ -28,20 +36,21 @@ def _register_train(commands) -> None:
     add_model_args(parser)
     parser.add_argument("--num-layers", type=positive_int, default=None,
                         help="keep the LLM's first N layers (cheaper; default: all)")
-    parser.add_argument("--loops", type=positive_int, default=3, help="recursion steps R trained in stage 2")
+    parser.add_argument("--loops", type=loop_count, default=3, help="recursion steps R trained in stage 2")
     parser.add_argument("--feedback", choices=("connector", "vanilla"), default="connector",
                         help="what the next step reads: the Recursive Connector's new input or the last hidden state")
     parser.add_argument("--shared-connector", action="store_true", help="one connector for text and vision tokens")
     parser.add_argument("--loss", choices=LOSSES, default=DEFAULTS.loss,
                         help="stage-2 recursion loss over steps 1..R (stage 1 uses sum at R = 1)")
-    parser.add_argument("--beta", type=float, default=DEFAULTS.beta, help="monotonic loss penalty on a loss increase")
+    parser.add_argument("--beta", type=float_at_least(1.0), default=DEFAULTS.beta,
+                        help="monotonic loss penalty on a loss increase")
     parser.add_argument("--lora-rank", type=non_negative_int, default=8, help="LoRA shared by every loop (0: none)")
     parser.add_argument("--stage1-steps", type=non_negative_int, default=150,
                         help="stage-1 (projector alignment) steps (0: skip stage 1)")
     parser.add_argument("--steps", type=positive_int, default=150, help="stage-2 steps")
     parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size,
                         help="examples per optimizer step and process")
-    parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate of both stages "
+    parser.add_argument("--lr", type=positive_float, default=DEFAULTS.lr, help="peak learning rate of both stages "
                                                                      "(warm-up, cosine decay)")
     parser.add_argument("--warmup-steps", type=non_negative_int, default=DEFAULTS.warmup_steps,
                         help="linear learning-rate warm-up steps of each stage")
@@ -65,7 +74,7 @@ def _register_ask(commands) -> None:
     parser = commands.add_parser("ask", help="answer a question about an image at any recursion depth")
     parser.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
     parser.add_argument("--question", required=True, help="the question about the image")
-    parser.add_argument("--loops", type=positive_int, default=None, help="recursion steps (default: as trained)")
+    parser.add_argument("--loops", type=loop_count, default=None, help="recursion steps (default: as trained)")
     parser.add_argument("--checkpoint", default=None,
                         help="folder written by `depthkit vlm train` (default: an untrained projector)")
     add_model_args(parser)
@@ -83,12 +92,12 @@ def run_train(args: argparse.Namespace) -> None:
     from depthkit.vlm.train import train_stage1, train_stage2
 
     check_output_dir(args.out, args.overwrite)
-    check_loops(args.loops)
     checkpoint_dir = checkpoints_beside(args.out)
     check_new_run(checkpoint_dir, args.resume)  # before any work
+    # the model first: a bad --model or --num-layers fails before the images are encoded (minutes on a CPU)
+    vlm = build_vlm(args.model, args.num_layers, args.dtype, args.device, with_encoder=False)
     dataset = build_vqa(VQAConfig(args.seed, args.num_mnist, args.num_digits, args.num_pairs, args.photo_variants))
     features = dataset_features(dataset)
-    vlm = build_vlm(args.model, args.num_layers, args.dtype, args.device, with_encoder=False)
     train_set = VQABatches(vlm, dataset, "train", features)
     heldout = VQABatches(vlm, dataset, "heldout", features, limit=args.eval_examples)
     shared = {"batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup_steps,
@@ -122,8 +131,6 @@ def run_ask(args: argparse.Namespace) -> None:
     from depthkit.vlm.vision import load_image
 
     image = load_image(args.image)  # fail on a bad image before loading any model
-    if args.loops is not None:
-        check_loops(args.loops)
     if args.checkpoint:
         vlm = load_vlm(args.checkpoint, args.device)
     else:

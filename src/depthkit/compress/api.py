@@ -126,8 +126,8 @@ def compress_checkpoint(
 
     Blocks are read one at a time from the memory-mapped safetensors files and the new blocks are
     written as they are produced (`StreamingModel`, `StreamingWriter`): peak memory is a few blocks
-    (one for ShortGPT, SLEB and attention drop, a pair and its wide block for FlattenGPT, the
-    blocks of one merge for LaCo) plus the calibration activations (for the SLEB and LaCo searches,
+    (one for ShortGPT, SLEB, attention drop and width pruning, a pair and its wide block for
+    FlattenGPT, the blocks of one merge for LaCo) plus the calibration activations (for the SLEB and LaCo searches,
     the cached states of their selection sequences), so a model larger than RAM (or GPU memory)
     compresses on one device. `out` appears only once complete, with its compression card.
     """
@@ -150,7 +150,7 @@ def compress_checkpoint(
     with StreamingWriter(out, source.config, overwrite=overwrite) as writer, \
             torch.no_grad():
         writer.write_non_layer(source)
-        outcome = runner.compress_streaming(source, calib_ids, num_remove, writer)
+        outcome = runner.compress_blocks(source, calib_ids, num_remove, writer)
         report = CompressionReport(
             method=method, options=dict(method_options), model=str(model), num_layers_before=source.num_layers,
             num_layers_after=writer.num_layers, blocks_requested=num_remove, ratio=ratio,

@@ -3,9 +3,10 @@
 A method is one file in `depthkit/compress/methods/` that defines a subclass of
 `CompressionMethod` decorated with `@register_method("name")` (a second method of the same name is
 an error); `depthkit.compress` imports them all once this module is complete, so nothing here
-imports the methods (no import circle). It receives the model, calibration
-token blocks and how many blocks to remove, edits the model in place, and returns what it did
-(`CompressionOutcome`), which becomes the compression card.
+imports the methods (no import circle). It reads the model through a block source (in memory or
+streamed from disk, `depthkit.models.runner`) with calibration token blocks and how many blocks to
+remove, writes the new blocks to a sink (the model in memory, or a new checkpoint), and returns
+what it did (`CompressionOutcome`), which becomes the compression card.
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
 
 from depthkit.errors import DepthkitError, require
-
-if TYPE_CHECKING:
-    from depthkit.models.streaming import StreamingModel, StreamingWriter
+from depthkit.models.runner import BlockSink, BlockSource, InMemoryModel, ModelSink
 
 METHODS: dict[str, type[CompressionMethod]] = {}
 
@@ -113,21 +112,21 @@ class CompressionMethod:
         lists them so a baseline is never weaker than published without saying so."""
         return []
 
-    def compress(
-        self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int
-    ) -> CompressionOutcome:  # pragma: no cover - interface
-        raise NotImplementedError
+    def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
+        """Compress `model` in memory: the blocks the method writes become its blocks.
 
-    def compress_streaming(
-        self, source: StreamingModel, calib_ids: torch.Tensor, num_remove: int, writer: StreamingWriter
-    ) -> CompressionOutcome:
-        """Compress a checkpoint read block by block from disk, writing the new blocks in order.
-
-        Only methods that need no more than a few blocks at a time implement this
-        (`--offload disk`: `streaming_methods()`); the others keep the whole model in memory.
+        Methods that need the whole model at once (and cannot stream) override this instead of
+        `compress_blocks`.
         """
-        self.require_streaming()
-        raise NotImplementedError  # pragma: no cover - streams() is true only for overriding subclasses
+        with ModelSink(model) as sink:
+            return self.compress_blocks(InMemoryModel(model), calib_ids, num_remove, sink)
+
+    def compress_blocks(
+        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink
+    ) -> CompressionOutcome:  # pragma: no cover - interface
+        """The method, written once for both backends: read the model through `source` (in memory,
+        or streamed from disk one block at a time) and write the new blocks to `sink` in order."""
+        raise NotImplementedError
 
     def require_streaming(self) -> None:
         """Refuse `--offload disk` (before any work) for methods that need the whole model in memory."""
@@ -136,7 +135,8 @@ class CompressionMethod:
 
     @classmethod
     def streams(cls) -> bool:
-        return cls.compress_streaming is not CompressionMethod.compress_streaming
+        """Methods written against a source and a sink whose result is a standard checkpoint."""
+        return cls.produces_checkpoint and cls.compress_blocks is not CompressionMethod.compress_blocks
 
 
 def register_method(name: str):

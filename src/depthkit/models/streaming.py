@@ -1,24 +1,23 @@
 """Memory-bounded models: read and write a checkpoint one decoder block at a time.
 
-Block-by-block calibration (`depthkit.models.blockwise`) keeps one block's activations in memory,
+Block-by-block calibration (`depthkit.models.runner`) keeps one block's activations in memory,
 but a normally loaded model still holds every block's weights. For models larger than RAM (or
 GPU memory) `StreamingModel` builds the model on the `meta` device from its config (no memory),
 materialises only the small non-block parts (final norm, rotary tables; the embedding matrix and
 LM head are read when used) and reads ONE decoder block at a time from the memory-mapped
 safetensors files. `StreamingWriter` is the mirror image: it saves a new checkpoint block by
 block (sharded safetensors + index + config), so a compressed model never needs to exist whole
-in memory either.
+in memory either. The two are the streamed backends of the block runner's source and sink.
 
 API (what `depthkit compress --offload disk` builds on)::
 
     source = StreamingModel.open(folder, device="cpu")   # dtype "auto": bf16 where native, else fp32
     source.num_layers                      # blocks in the checkpoint
     hidden = source.embed(ids)             # block 0's input
-    context = source.context(hidden[:8])   # rotary embeddings + causal masks for run_block
     layer = source.load_layer(i)           # a fresh, materialised nn.Module (drop it to free it)
     layers = source.layers()               # a sequence that loads block i on `layers[i]`
     logits = source.head(hidden)           # final norm + LM head
-    for i, block_in, block_out in source.iterate_blocks(ids): ...   # like blockwise.iterate_blocks
+    for i, block_in, block_out in iterate_blocks(source, ids): ...   # models.runner, as in memory
 
     with StreamingWriter(out, source.config, overwrite=False) as writer:
         writer.write_non_layer(source)     # embeddings, final norm, head, copied from the files
@@ -41,7 +40,7 @@ import math
 import os
 import resource
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -53,7 +52,6 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from depthkit.errors import DepthkitError, require
 from depthkit.models.adapters import attention_implementation, get_adapter, module_prefix
-from depthkit.models.blockwise import BlockContext, block_context, run_block
 from depthkit.models.loading import checkpoint_config, resolve_dtype
 from depthkit.utils.io import atomic_output_dir
 
@@ -83,7 +81,10 @@ def checkpoint_index(folder: Path) -> dict[str, str]:
 
 
 class StreamingModel:
-    """A checkpoint whose decoder blocks stay on disk until asked for, one at a time."""
+    """A checkpoint whose decoder blocks stay on disk until asked for, one at a time: the streamed
+    backend of the block runner (`depthkit.models.runner.BlockSource`)."""
+
+    keeps_blocks = False  # blocks a method builds are rebuilt from their recipe, never all held
 
     def __init__(self, folder: Path, skeleton: PreTrainedModel, device: torch.device, dtype: torch.dtype):
         self.folder = folder
@@ -206,28 +207,11 @@ class StreamingModel:
         scale = self.adapter.embed_scale(self.model)
         return embeddings if scale == 1.0 else embeddings * torch.tensor(scale, dtype=weight.dtype)
 
-    def context(self, hidden: torch.Tensor) -> BlockContext:
-        return block_context(self.model, hidden)
-
     @torch.no_grad()
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head; the head's weight is read for the call and freed after it."""
         weight = self.read_tensors([self._head_key()])[self._head_key()]
         return self.adapter.softcap(self.config, F.linear(self.adapter.final_norm(self.model)(hidden), weight))
-
-    @torch.no_grad()
-    def iterate_blocks(
-        self, input_ids: torch.Tensor, batch_size: int = 8
-    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Like `blockwise.iterate_blocks`, with only the current block's weights in memory."""
-        hidden = self.embed(input_ids)
-        context = self.context(hidden[:batch_size])
-        for index in range(self.num_layers):
-            layer = self.load_layer(index)
-            output = run_block(self.model, layer, hidden, batch_size, context)
-            del layer
-            yield index, hidden, output
-            hidden = output
 
 
 class LazyLayers(Sequence):
@@ -275,6 +259,7 @@ class StreamingWriter:
         self._source: Path | None = None
         self._written_dtype: torch.dtype | None = None
         self._extra_files: dict[str, str] = {}
+        self._widths: tuple[int, int] | None = None
         self.parameters = 0  # parameters written so far
         # Those in tensors that are not entirely zero, as `count_parameters` counts them in memory
         # (attention drop stores dropped sublayers as zeros: the card must not count them as kept).
@@ -326,6 +311,10 @@ class StreamingWriter:
             save_file(shard, self._tmp / name, metadata={"format": "pt"})
             self._shards.append((name, list(shard)))
 
+    def set_widths(self, heads: int, intermediate: int) -> None:
+        """Every block has `heads` query heads and `intermediate` MLP neurons (width pruning): the config says so."""
+        self._widths = (heads, intermediate)
+
     @property
     def num_layers(self) -> int:
         """Blocks written so far."""
@@ -367,6 +356,8 @@ class StreamingWriter:
         """Config for the written depth, by the same rules as in-memory edits (`set_layers`)."""
         config = self._skeleton.config
         self.adapter.set_depth(config, self._layer_types)
+        if self._widths is not None:
+            self.adapter.set_widths(self._skeleton, *self._widths)
         config.dtype = self._written_dtype or config.dtype  # what the files hold, so loads need no cast
         config.save_pretrained(self._tmp)
 

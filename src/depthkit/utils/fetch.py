@@ -11,12 +11,12 @@ import functools
 import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from depthkit.errors import DepthkitError
+from depthkit.utils.io import owned_temp_dir, remove_stale_temp_dirs
 
 HUB_PROBE_SECONDS = 3.0
 
@@ -85,7 +85,12 @@ def extract_deb(deb: Path, dest: Path) -> Path:
     return dest
 
 
+SCRATCH_PREFIX = ".fetch-"
+
+
 def scratch_dir(parent: Path) -> Path:
-    """A temporary folder under `parent` (same filesystem, so results can be renamed into place)."""
+    """A temporary folder under `parent` (same filesystem, so results can be renamed into place);
+    those of fetches that were killed (SIGKILL runs no cleanup) are removed first."""
     parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".fetch-", dir=parent))
+    remove_stale_temp_dirs(parent, SCRATCH_PREFIX, f"in {parent}")
+    return owned_temp_dir(parent, SCRATCH_PREFIX)

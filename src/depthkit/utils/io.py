@@ -34,10 +34,9 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     """
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(out)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
+    remove_stale_temp_dirs(out.parent, _temp_prefix(out), f"of {out}")
+    tmp = owned_temp_dir(out.parent, _temp_prefix(out))
     try:
-        (tmp / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         yield tmp
         (tmp / MARKER).write_text("written by depthkit; `--overwrite` may replace this folder\n")
     except BaseException:
@@ -50,21 +49,28 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     (out / OWNER).unlink()  # after the rename: a kill in between leaves a complete `out`, not debris
 
 
-def remove_stale_temp_dirs(out: Path) -> list[Path]:
-    """Remove the temporary folders of `out` left by runs that were killed; return them.
+def owned_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new temporary folder under `parent` carrying `OWNER` ("<host> <pid>" of this process)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    (tmp / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    return tmp
 
-    Only folders named like `atomic_output_dir`'s for this very `out` whose `OWNER` names this
-    machine and a process that no longer exists: a folder without an owner (not depthkit's, or a
-    run just starting), a job still running, or one on another machine sharing the disk is kept.
+
+def remove_stale_temp_dirs(parent: Path, prefix: str, what: str) -> list[Path]:
+    """Remove the temporary folders `parent/<prefix>*` left by runs that were killed; return them.
+
+    Only folders whose `OWNER` names this machine and a process that no longer exists: a folder
+    without an owner (not depthkit's, or a run just starting), a job still running, or one on
+    another machine sharing the disk is kept.
     """
-    if not out.parent.is_dir():
+    if not parent.is_dir():
         return []
-    stale = [folder for folder in out.parent.iterdir()
-             if folder.name.startswith(_temp_prefix(out)) and folder.is_dir() and _owner_is_gone(folder / OWNER)]
+    stale = [folder for folder in parent.iterdir()
+             if folder.name.startswith(prefix) and folder.is_dir() and _owner_is_gone(folder / OWNER)]
     for folder in stale:
         shutil.rmtree(folder, ignore_errors=True)
     if stale:
-        warn(f"removed {len(stale)} temporary folder(s) of {out} left by a killed run: "
+        warn(f"removed {len(stale)} temporary folder(s) {what} left by a killed run: "
              + ", ".join(folder.name for folder in stale))
     return stale
 
@@ -98,6 +104,7 @@ def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
     call it before long work, not after."""
     out = Path(out)
     if not out.exists():
+        check_writable(out)
         return out
     if not overwrite:
         raise DepthkitError(f"output folder {out} already exists; pass `overwrite` to replace it")
@@ -107,6 +114,32 @@ def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
         raise DepthkitError(f"{out} was not written by depthkit (no {MARKER} in it), so `overwrite` will not "
                             "delete it; move it away or choose another output folder")
     return out
+
+
+def check_output_file(path: str | Path) -> Path:
+    """Refuse an output file that could not be written (a folder, a path under a file, a read-only
+    place) before the work whose result it would hold, not after; an existing file is replaced."""
+    path = Path(path)
+    if path.is_dir():
+        raise DepthkitError(f"output file {path} is a folder; give a file name")
+    if not path.exists():
+        check_writable(path)
+    return path
+
+
+def check_writable(path: Path) -> None:
+    """Refuse `path` unless its nearest existing folder accepts a new file: probed by creating (and
+    removing) one, since permission bits say nothing to root or about read-only mounts and /proc."""
+    parent = path.parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DepthkitError(f"cannot write {path}: {parent} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise DepthkitError(f"cannot write {path}: {parent} does not accept new files ({err.strerror})") from None
 
 
 def write_json(path: str | Path, data: Any) -> Path:

@@ -17,16 +17,16 @@ import torch
 from transformers import PreTrainedModel
 
 from depthkit.compress.base import MethodOptions, option
-from depthkit.compress.common import BlockSource, LoadedModel, SearchOptions, num_blocks
+from depthkit.compress.common import SearchOptions
 from depthkit.compress.flatten.channels import CRITERIA
 from depthkit.compress.flatten.merge import QK_NORM_DEFAULT, QK_NORM_MODES, flatten_layers
-from depthkit.compress.flatten.prune import RIDGE_PRIORS, TARGETS, PruneSettings, flatten_and_prune, pruned_blocks
+from depthkit.compress.flatten.prune import RIDGE_PRIORS, TARGETS, PruneSettings, flatten_and_prune
 from depthkit.compress.flatten.selection import ONE_PASS_SELECTIONS, SELECTIONS, one_pass_pairs, select_groups
 from depthkit.errors import require
-from depthkit.models.streaming import StreamingModel, StreamingWriter
+from depthkit.models.runner import BlockSink, BlockSource, ModelSink, as_source
 
 __all__ = [
-    "FlattenOptions", "PruneOptions", "flatten_gpt", "flatten_gpt_streaming", "flatten_layers", "select_groups",
+    "FlattenOptions", "PruneOptions", "flatten_gpt", "flatten_layers", "select_groups",
     "flatten_and_prune",
 ]
 
@@ -139,51 +139,34 @@ def _check_groups(groups: list[list[int]], num_layers: int, num_remove: int) -> 
 
 @torch.no_grad()
 def flatten_gpt(
-    model: PreTrainedModel,
+    model: PreTrainedModel | BlockSource,
     selection_ids: torch.Tensor,
     fit_ids: torch.Tensor,
     num_remove: int,
     options: FlattenOptions,
     prune: bool = True,
     progress: bool = True,
+    sink: BlockSink | None = None,
 ) -> dict[str, Any]:
-    """Compress `model` in place by `num_remove` blocks; returns the details for the card."""
-    num_layers = num_blocks(model)
-    began = time.perf_counter()
-    groups, log = choose_groups(LoadedModel(model), selection_ids, num_remove, options, progress)
-    selected = time.perf_counter()
-    records = flatten_and_prune(model, groups, fit_ids, options.prune_settings(), prune, progress)
-    return _details(options, prune, num_layers, groups, log, records, selection_ids, fit_ids, began, selected)
+    """Compress by `num_remove` blocks; returns the details for the card.
 
-
-@torch.no_grad()
-def flatten_gpt_streaming(
-    source: StreamingModel,
-    selection_ids: torch.Tensor,
-    fit_ids: torch.Tensor,
-    num_remove: int,
-    options: FlattenOptions,
-    writer: StreamingWriter,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """FlattenGPT on a checkpoint read block by block, each new block written as soon as it is fitted.
-
-    The same options choose the same groups as `flatten_gpt` in memory (`choose_groups`), so a
-    memory flag never changes the model. Memory: one group's original blocks, its wide block, the
-    selection sequences' states and the calibration activations.
+    The blocks go to `sink` (a `StreamingWriter` for a checkpoint streamed from disk: each block is
+    written as soon as it is fitted); without one, a model in memory is changed in place. The same
+    options choose the same groups and weights either way, so a memory flag never changes the
+    model. Streamed memory: one group's original blocks, its wide block, the selection sequences'
+    states and the calibration activations.
     """
-    layers = source.layers()
+    if sink is None:
+        require(isinstance(model, PreTrainedModel), "a streamed model's blocks need a sink to be written to")
+        with ModelSink(model) as in_place:
+            return flatten_gpt(model, selection_ids, fit_ids, num_remove, options, prune, progress, in_place)
+    source = as_source(model)
+    num_layers = len(source.layers())
     began = time.perf_counter()
     groups, log = choose_groups(source, selection_ids, num_remove, options, progress)
     selected = time.perf_counter()
-    records = []
-    blocks = pruned_blocks(source.model, layers, groups, source.embed(fit_ids), options.prune_settings(),
-                           progress)
-    for index, (block, record) in enumerate(blocks):
-        writer.write_layer(index, block)
-        if record is not None:
-            records.append(record)
-    return _details(options, True, len(layers), groups, log, records, selection_ids, fit_ids, began, selected)
+    records = flatten_and_prune(source, groups, fit_ids, options.prune_settings(), sink, prune, progress)
+    return _details(options, prune, num_layers, groups, log, records, selection_ids, fit_ids, began, selected)
 
 
 def choose_groups(
@@ -191,14 +174,13 @@ def choose_groups(
 ) -> tuple[list[list[int]], list[dict]]:
     """The groups to flatten and the selection log: given (`groups`), re-scored after every flatten
     (`select_groups`) or scored once (`one_pass_pairs`, `rescore` false)."""
-    layers = source.layers()
     if options.groups is not None:
-        return _check_groups(options.groups, len(layers), num_remove), []
+        return _check_groups(options.groups, len(source.layers()), num_remove), []
     if options.rescore:
         return select_groups(source, selection_ids, num_remove, options.selection, options.max_group,
                              options.batch_size, options.qk_norm, options.shortlist, progress)
-    return one_pass_pairs(source.model, layers, source.embed(selection_ids), num_remove, options.selection,
-                          options.batch_size, options.qk_norm, progress)
+    return one_pass_pairs(source, selection_ids, num_remove, options.selection, options.batch_size, options.qk_norm,
+                          progress)
 
 
 def _details(

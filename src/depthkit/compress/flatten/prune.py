@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +32,7 @@ from depthkit.compress.flatten.channels import GramAccumulator, ridge_lambda, se
 from depthkit.compress.flatten.merge import flatten_layers
 from depthkit.errors import require
 from depthkit.models.adapters import ArchitectureAdapter, get_adapter
-from depthkit.models.blockwise import BlockContext, block_context, embed, run_block
+from depthkit.models.runner import BlockRunner, BlockSink, BlockSource
 
 TARGETS = ("sequential", "original", "parallel")
 RIDGE_PRIORS = ("zero", "weights")
@@ -59,39 +59,6 @@ class Widths:
     kv_groups: int
     heads_per_group: int
     neurons: int
-
-
-class BlockRunner:
-    """Runs blocks or their halves over all calibration sequences, `batch_size` at a time."""
-
-    def __init__(self, model: PreTrainedModel, hidden: torch.Tensor, batch_size: int):
-        self.model, self.batch_size = model, batch_size
-        self.adapter = get_adapter(model)
-        self.context: BlockContext = block_context(model, hidden[:batch_size])
-
-    def block(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        return run_block(self.model, layer, hidden, self.batch_size, self.context)
-
-    @torch.no_grad()
-    def attention(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """The attention update A(N(x)) of `layer` (without the residual)."""
-        kwargs = self.context.layer_kwargs(layer)
-        return torch.cat([self.adapter.attention_update(layer, c, **kwargs) for c in hidden.split(self.batch_size)])
-
-    @torch.no_grad()
-    def mlp(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """The MLP update M(P(x)) of `layer` (without the residual)."""
-        return torch.cat([self.adapter.mlp_update(layer, c) for c in hidden.split(self.batch_size)])
-
-    def sequential(self, layers: list[nn.Module], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of attention updates, output) of `layers` applied one after the other."""
-        attn_sum = torch.zeros_like(hidden, dtype=torch.float32)
-        for layer in layers:
-            update = self.attention(layer, hidden)
-            attn_sum += update.float()
-            hidden = hidden + update
-            hidden = hidden + self.mlp(layer, hidden)
-        return attn_sum, hidden
 
 
 def gram_of_input(module: nn.Module, run: Callable[[], object], target: Callable[[int, int], torch.Tensor],
@@ -294,46 +261,53 @@ class GroupPruner:
 
 @torch.no_grad()
 def flatten_and_prune(
-    model: PreTrainedModel,
+    source: BlockSource,
     groups: list[list[int]],
     fit_ids: torch.Tensor,
     settings: PruneSettings,
+    sink: BlockSink,
     prune: bool = True,
     progress: bool = True,
     widths: Widths | None = None,
     propagate: bool = True,
 ) -> list[dict]:
-    """Replace every group of 2+ blocks by one flattened (and, if `prune`, pruned) block, in place;
-    with `widths` (and `propagate`), every block is pruned to them as `pruned_blocks` says.
+    """Write the compressed blocks to `sink` in order: every group of 2+ blocks flattened (and, if
+    `prune`, pruned), the others as they are; with `widths` (and `propagate`), every block pruned
+    to them as `pruned_blocks` says.
 
-    Returns one record per pruned group: original indices, kept channels and the relative
-    errors (squared error over the squared block update) of the unpruned and pruned block.
+    Returns one record per flattened group: original indices and, when pruned, kept channels and
+    the relative errors (squared error over the squared block update) of the unpruned and pruned block.
     """
-    adapter = get_adapter(model)
-    original = list(adapter.layers(model))
-    if not prune:
-        _check_partition(groups, len(original))
-        adapter.set_layers(model, [
-            original[g[0]] if len(g) == 1 else flatten_layers(model, [original[i] for i in g], settings.qk_norm)
-            for g in groups
-        ])
-        return [{"group": g} for g in groups if len(g) > 1]
-    new_layers, records = [], []
-    for block, record in pruned_blocks(model, original, groups, embed(model, fit_ids), settings, progress, widths,
-                                       propagate):
-        new_layers.append(block)
+    if prune:
+        blocks = pruned_blocks(source, groups, fit_ids, settings, progress, widths, propagate)
+    else:
+        blocks = _flattened_blocks(source, groups, settings.qk_norm)
+    records = []
+    for index, (block, record) in enumerate(blocks):
+        sink.write_layer(index, block)
         if record is not None:
             records.append(record)
-    adapter.set_layers(model, new_layers)
     return records
+
+
+def _flattened_blocks(
+    source: BlockSource, groups: list[list[int]], qk_norm: str
+) -> Iterator[tuple[nn.Module, dict | None]]:
+    """Every group of 2+ blocks flattened into one wide block, unpruned (an upper bound)."""
+    layers = source.layers()
+    _check_partition(groups, len(layers))
+    for group in groups:
+        if len(group) == 1:
+            yield layers[group[0]], None
+        else:
+            yield flatten_layers(source.model, [layers[i] for i in group], qk_norm), {"group": group}
 
 
 @torch.no_grad()
 def pruned_blocks(
-    model: PreTrainedModel,
-    layers: Sequence[nn.Module],
+    source: BlockSource,
     groups: list[list[int]],
-    hidden: torch.Tensor,
+    fit_ids: torch.Tensor,
     settings: PruneSettings,
     progress: bool = True,
     widths: Widths | None = None,
@@ -346,16 +320,15 @@ def pruned_blocks(
     `propagate=False` feeds every block the ORIGINAL model's state instead of the compressed
     model's (importance measured once on the original, as one-shot methods do).
 
-    `hidden` is block 0's input (the embedded calibration tokens). `layers[i]` is original block i.
-    It is read only while its group is processed, so `layers` may load blocks from disk on access
-    (`StreamingModel.layers()`): with a generator, memory is the current group, its wide block and
-    the calibration activations, whatever the model size.
+    Original block i is read only while its group is processed, so a streamed source holds the
+    current group, its wide block and the calibration activations, whatever the model size.
     """
     require(settings.target in TARGETS, f"target must be one of {', '.join(TARGETS)}, got '{settings.target}'")
+    layers = source.layers()
     _check_partition(groups, len(layers))
-    x = hidden
-    runner = BlockRunner(model, x, settings.batch_size)
-    pruner = GroupPruner(model, runner, settings)
+    x = source.embed(fit_ids)
+    runner = BlockRunner(source.model, x, settings.batch_size)
+    pruner = GroupPruner(source.model, runner, settings)
     x_ref = x if settings.target == "original" else None
     for group in tqdm(groups, desc="flatten + prune" if widths is None else "prune", disable=not progress):
         originals = [layers[i] for i in group]

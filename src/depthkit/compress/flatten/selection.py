@@ -1,6 +1,6 @@
 """Which adjacent blocks to flatten: iterative pair selection on calibration tokens.
 
-Every criterion works on a `FlatteningState`, a `BlockSearch` whose positions stand for groups of
+Every criterion works on a `FlatteningState`, a `BlockStates` whose positions stand for groups of
 original blocks (one original block, or the wide block flattening a group) with the hidden state
 entering every position. Flattening positions i, i+1 only changes what comes after i, so a
 candidate is scored by re-running the blocks from i on (never the whole model), and after a
@@ -26,7 +26,6 @@ non-overlapping pairs are flattened, without re-scoring after each flatten.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,17 +34,16 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from depthkit.analysis.metrics import relative_error, token_cosine
-from depthkit.compress.common import BlockSearch, BlockSource, LoadedModel
 from depthkit.compress.flatten.merge import QK_NORM_DEFAULT, flatten_layers, same_attention
 from depthkit.errors import require
 from depthkit.models.adapters import get_adapter
-from depthkit.models.blockwise import block_context, run_block
+from depthkit.models.runner import BlockRunner, BlockSource, BlockStates, as_source
 
 SELECTIONS = ("similarity", "local", "greedy")
 ONE_PASS_SELECTIONS = ("similarity", "local")
 
 
-class FlatteningState(BlockSearch):
+class FlatteningState(BlockStates):
     """Current blocks as groups of original indices, and the hidden state entering each.
 
     A flattened position's `blocks` entry is its wide block in memory, or on a streamed checkpoint
@@ -57,7 +55,7 @@ class FlatteningState(BlockSearch):
         # Attention types from the model's own modules (the skeleton's, when streamed: nothing read).
         self.types = [adapter.layer_type(layer, source.model.config) for layer in adapter.layers(source.model)]
         self.qk_norm = qk_norm
-        self.keep_built = isinstance(source, LoadedModel)
+        self.keep_built = source.keeps_blocks
         super().__init__(source, ids, batch_size)
         self.groups: list[list[int]] = [[i] for i in range(self.depth())]
 
@@ -144,7 +142,7 @@ def select_groups(
     """
     require(selection in SELECTIONS, f"selection must be one of {', '.join(SELECTIONS)}, got '{selection}'")
     require(max_group >= 2, f"max_group must be at least 2, got {max_group}")
-    source = LoadedModel(model) if isinstance(model, PreTrainedModel) else model
+    source = as_source(model)
     num_layers = len(source.layers())
     require(
         num_remove <= num_layers - -(-num_layers // max_group),
@@ -168,9 +166,8 @@ def select_groups(
 
 @torch.no_grad()
 def one_pass_pairs(
-    model: PreTrainedModel,
-    layers: Sequence[nn.Module],
-    hidden: torch.Tensor,
+    model: PreTrainedModel | BlockSource,
+    ids: torch.Tensor,
     num_remove: int,
     selection: str = "local",
     batch_size: int = 8,
@@ -179,25 +176,27 @@ def one_pass_pairs(
 ) -> tuple[list[list[int]], list[dict]]:
     """Groups of original indices flattening the `num_remove` best non-overlapping adjacent pairs.
 
-    Every pair (i, i+1) is scored once on the original model, in one pass that holds two blocks
-    and three hidden states: `layers` may load each block from disk on access. `hidden` is block
-    0's input (the embedded calibration tokens).
+    Every pair (i, i+1) is scored once on the original model, in one pass over `ids` that holds two
+    blocks and three hidden states: a streamed source loads each block from disk on access.
     """
     require(selection in ONE_PASS_SELECTIONS,
             f"one-pass selection must be one of {', '.join(ONE_PASS_SELECTIONS)}, got '{selection}'")
+    source = as_source(model)
+    layers = source.layers()
     num_layers = len(layers)
     require(num_remove <= num_layers // 2, f"cannot remove {num_remove} of {num_layers} blocks with disjoint pairs")
-    context = block_context(model, hidden[:batch_size])
+    hidden = source.embed(ids)
+    runner = BlockRunner(source.model, hidden, batch_size)
     previous: tuple[nn.Module, torch.Tensor] | None = None  # (block i-1, its input)
     scores: dict[int, float] = {}
     for i in tqdm(range(num_layers), desc=f"pair scores ({selection})", disable=not progress):
         layer = layers[i]
-        output = run_block(model, layer, hidden, batch_size, context)
-        if previous is not None and same_attention(model, [previous[0], layer]):
+        output = runner.block(layer, hidden)
+        if previous is not None and same_attention(source.model, [previous[0], layer]):
             first, pair_in = previous
             if selection == "local":
-                wide = flatten_layers(model, [first, layer], qk_norm)
-                scores[i - 1] = relative_error(run_block(model, wide, pair_in, batch_size, context), output, pair_in)
+                wide = flatten_layers(source.model, [first, layer], qk_norm)
+                scores[i - 1] = relative_error(runner.block(wide, pair_in), output, pair_in)
             else:
                 scores[i - 1] = similarity_score(pair_in, output)
         previous, hidden = (layer, hidden), output

@@ -18,7 +18,7 @@ Design choices, recorded on the compression card:
 
 With `--offload disk` the scores come from one pass over the checkpoint's files, one block in
 memory at a time (the same code reads the model through a `BlockSource`), and every block is then
-copied to the new checkpoint, its attention zeroed where chosen.
+written to the new checkpoint, its attention zeroed where chosen.
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ from transformers import PreTrainedModel
 
 from depthkit.analysis.metrics import token_cosine
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, MethodOptions, option, register_method
-from depthkit.compress.common import BlockSource, LoadedModel, lowest
+from depthkit.compress.common import lowest
 from depthkit.errors import require
 from depthkit.models.adapters import ATTENTION_PROJECTIONS, ArchitectureAdapter, get_adapter
-from depthkit.models.blockwise import BlockContext, run_block
-from depthkit.models.streaming import StreamingModel, StreamingWriter
+from depthkit.models.runner import BlockRunner, BlockSink, BlockSource, as_source
 
 NO_SPEEDUP_WARNING = (
     "attention sublayers are zeroed, not removed: in plain transformers the checkpoint keeps its depth, size "
@@ -47,28 +46,25 @@ NO_SPEEDUP_WARNING = (
 
 
 @torch.no_grad()
-def attention_importance(model: PreTrainedModel, calib_ids: torch.Tensor, batch_size: int = 8) -> list[float]:
-    """1 - cos(attention sublayer input, its residual output) for every block."""
-    return source_attention_importance(LoadedModel(model), calib_ids, batch_size)
-
-
-@torch.no_grad()
-def source_attention_importance(source: BlockSource, calib_ids: torch.Tensor, batch_size: int = 8) -> list[float]:
-    """`attention_importance` read through a `BlockSource`, so a checkpoint streamed from disk
-    (one block's weights in memory at a time) is scored by exactly the same code as a loaded model."""
+def attention_importance(
+    model: PreTrainedModel | BlockSource, calib_ids: torch.Tensor, batch_size: int = 8
+) -> list[float]:
+    """1 - cos(attention sublayer input, its residual output) for every block, in one pass (a
+    checkpoint streamed from disk holds one block's weights at a time)."""
+    source = as_source(model)
     layers = source.layers()
     hidden = source.embed(calib_ids)
-    context = source.context(hidden[:batch_size])
+    runner = BlockRunner(source.model, hidden, batch_size)
     scores = []
     for index in tqdm(range(len(layers)), desc="attn_drop", leave=False):
-        output, residual = _run_with_attention_residual(source.model, layers[index], hidden, batch_size, context)
+        output, residual = _run_with_attention_residual(runner, layers[index], hidden)
         scores.append(float(1 - token_cosine(hidden, residual).mean()))
         hidden = output
     return scores
 
 
 def _run_with_attention_residual(
-    model: PreTrainedModel, layer: nn.Module, hidden: torch.Tensor, batch_size: int, context: BlockContext
+    runner: BlockRunner, layer: nn.Module, hidden: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The block's output and its residual stream after attention, X + Attn(N(X)).
 
@@ -76,10 +72,10 @@ def _run_with_attention_residual(
     streamed block is a fresh module per read, so hooks on the model's own blocks would miss it.
     """
     captured: list[torch.Tensor] = []
-    norm = get_adapter(model).block(layer).mlp_norm
+    norm = runner.adapter.block(layer).mlp_norm
     hook = norm.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
     try:
-        output = run_block(model, layer, hidden, batch_size, context)
+        output = runner.block(layer, hidden)
     finally:
         hook.remove()
     return output, torch.cat(captured)
@@ -100,6 +96,10 @@ def zero_attention(adapter: ArchitectureAdapter, layer: nn.Module) -> nn.Module:
 class AttentionDropOptions(MethodOptions):
     attention_per_block: float = option(1.0, "attention sublayers dropped per requested block (default 1: one for "
                                              "one, as LLM-Drop compares; 2 was depthkit's old budget)")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.attention_per_block > 0, f"attention_per_block must be > 0, got {self.attention_per_block}")
 
 
 @register_method("attn_drop")
@@ -123,23 +123,18 @@ class AttentionDrop(CompressionMethod):
                          "for one")
         return found
 
-    def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
-        details = self.choose(LoadedModel(model), calib_ids, num_remove)
-        adapter = get_adapter(model)
-        for index in details["dropped_attention"]:
-            zero_attention(adapter, adapter.layers(model)[index])
-        return CompressionOutcome(details)
-
-    def compress_streaming(
-        self, source: StreamingModel, calib_ids: torch.Tensor, num_remove: int, writer: StreamingWriter
+    def compress_blocks(
+        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink
     ) -> CompressionOutcome:
-        """The same scores from one streamed pass, then every block copied, zeroed where chosen."""
+        """Scores from one pass, then every block written, its attention zeroed where chosen."""
         details = self.choose(source, calib_ids, num_remove)
-        for index in range(source.num_layers):
-            layer = source.load_layer(index)
+        adapter = get_adapter(source.model)
+        layers = source.layers()
+        for index in range(len(layers)):
+            layer = layers[index]
             if index in details["dropped_attention"]:
-                zero_attention(source.adapter, layer)
-            writer.write_layer(index, layer)
+                zero_attention(adapter, layer)
+            sink.write_layer(index, layer)
         return CompressionOutcome(details)
 
     def choose(self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int) -> dict[str, Any]:
@@ -149,7 +144,7 @@ class AttentionDrop(CompressionMethod):
         count = round(per_block * num_remove)
         require(1 <= count < depth, f"attn_drop would drop {count} of {depth} attention sublayers "
                                     f"({per_block} per block x {num_remove}); lower attention_per_block or the ratio")
-        scores = source_attention_importance(source, calib_ids, self.settings.batch_size)
+        scores = attention_importance(source, calib_ids, self.settings.batch_size)
         return {
             "dropped_attention": lowest(scores, count),
             "attention_per_block": per_block,

@@ -1,17 +1,17 @@
 """FlattenGPT methods for the registry: `flatten` (pruned, a standard checkpoint) and
-`flatten_unpruned` (wide blocks, an upper bound that cannot be saved as a standard model)."""
+`flatten_unpruned` (wide blocks, an upper bound that cannot be saved as a standard model, so it
+is never streamed to a checkpoint)."""
 
 from __future__ import annotations
 
 from typing import ClassVar
 
 import torch
-from transformers import PreTrainedModel
 
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, register_method
 from depthkit.compress.common import selection_subset
-from depthkit.compress.flatten import FlattenOptions, flatten_gpt, flatten_gpt_streaming
-from depthkit.models.streaming import StreamingModel, StreamingWriter
+from depthkit.compress.flatten import FlattenOptions, flatten_gpt
+from depthkit.models.runner import BlockSink, BlockSource
 
 
 class _FlattenBase(CompressionMethod):
@@ -29,11 +29,13 @@ class _FlattenBase(CompressionMethod):
                 "sequential output and pulled towards the kept weights (chosen by leave-one-domain-out "
                 "cross-validation, benchmarks/domains.py)"]
 
-    def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
+    def compress_blocks(
+        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink
+    ) -> CompressionOutcome:
         """Pairs are chosen on the first `selection_blocks` sequences; least squares uses all of them."""
         options = self.settings
         selection_ids = selection_subset(calib_ids, options.selection_blocks)
-        details = flatten_gpt(model, selection_ids, calib_ids, num_remove, options, prune=self.prune)
+        details = flatten_gpt(source, selection_ids, calib_ids, num_remove, options, prune=self.prune, sink=sink)
         return CompressionOutcome(details=details, saveable=self.prune)
 
 
@@ -43,16 +45,6 @@ class FlattenGPT(_FlattenBase):
         "FlattenGPT: flatten adjacent block pairs into one wide block, then prune heads and MLP neurons back "
         "to the original width with least-squares compensation (standard checkpoint)"
     )
-
-    def compress_streaming(
-        self, source: StreamingModel, calib_ids: torch.Tensor, num_remove: int, writer: StreamingWriter
-    ) -> CompressionOutcome:
-        """The same pairs as in memory, then the same front-to-back flatten + prune, each block
-        written as soon as it is done."""
-        options = self.settings
-        details = flatten_gpt_streaming(source, selection_subset(calib_ids, options.selection_blocks),
-                                        calib_ids, num_remove, options, writer)
-        return CompressionOutcome(details=details)
 
 
 @register_method("flatten_unpruned")

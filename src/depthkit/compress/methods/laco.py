@@ -43,15 +43,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from depthkit.compress.base import option, register_method
-from depthkit.compress.common import (
-    BlockSearch,
-    BlockSource,
-    LoadedModel,
-    SearchMethod,
-    SearchOptions,
-    selection_subset,
-)
+from depthkit.compress.common import SearchMethod, SearchOptions, selection_subset
 from depthkit.errors import require, warn
+from depthkit.models.runner import BlockSource, BlockStates
 
 MERGES = ("rdsc", "drop")
 
@@ -148,7 +142,7 @@ class LaCo(SearchMethod):
 
     def search(
         self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int
-    ) -> tuple[BlockSearch, dict[str, Any]]:
+    ) -> tuple[BlockStates, dict[str, Any]]:
         opts = self.settings
         ids = selection_subset(calib_ids, opts.selection_blocks)
         search, tried = self._walk(source, ids, num_remove, opts.threshold), [opts.threshold]
@@ -206,8 +200,8 @@ class Merge:
     kind: str = "rdsc"
 
 
-class _LaCoSearch(BlockSearch):
-    """The LaCo walk on a `BlockSearch`, whose positions also hold merged blocks.
+class _LaCoSearch(BlockStates):
+    """The LaCo walk on a `BlockStates`, whose positions also hold merged blocks.
 
     On a model in memory an accepted merge is kept as its module. On a streamed checkpoint it is
     kept as its `Merge` recipe and rebuilt from the original blocks, read from disk, whenever it
@@ -218,7 +212,7 @@ class _LaCoSearch(BlockSearch):
     def __init__(self, source: BlockSource, ids: torch.Tensor, opts: LaCoOptions, threshold: float) -> None:
         super().__init__(source, ids, opts.batch_size)
         self.opts, self.threshold = opts, threshold
-        self.keep_merged = isinstance(source, LoadedModel)
+        self.keep_merged = source.keeps_blocks
         self.reference = self.final(self.states[-1])  # the original model's: never updated
         self.groups = [[i] for i in range(self.depth())]  # original blocks behind each current block
         self.merges: list[dict] = []

@@ -4,7 +4,7 @@ Verification and Elimination of Transformer Blocks").
 Each step removes the block whose removal raises the calibration loss (log-perplexity) least,
 then re-measures on the shortened model: unlike ShortGPT, the choice accounts for blocks already
 removed. Cost is kept down by caching the hidden states entering every block of the current
-model (`BlockSearch`): the candidate "without block i" re-runs only the blocks after i, starting
+model (`BlockStates`): the candidate "without block i" re-runs only the blocks after i, starting
 from the cached input of block i, and after a removal only the states from i on are refreshed.
 The search runs on the first `selection_blocks` calibration sequences (SLEB itself uses a small
 calibration set too). As in the authors' search, the first and the last block are never candidates
@@ -25,12 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from depthkit.compress.base import option, register_method
-from depthkit.compress.common import BlockSearch, BlockSource, SearchMethod, SearchOptions, selection_subset
+from depthkit.compress.common import SearchMethod, SearchOptions, selection_subset
 from depthkit.errors import require
+from depthkit.models.runner import BlockSource, BlockStates
 
 
 @torch.no_grad()
-def greedy_removal(search: BlockSearch, num_remove: int, allow_ends: bool = False) -> tuple[list[int], list[float]]:
+def greedy_removal(search: BlockStates, num_remove: int, allow_ends: bool = False) -> tuple[list[int], list[float]]:
     """Remove `num_remove` blocks from `search`, cheapest first; their original indices in removal
     order and the calibration loss after each removal. Unless `allow_ends`, the first and the last
     block stay (they are never candidates, as in the authors' search)."""
@@ -74,9 +75,9 @@ class SLEB(SearchMethod):
 
     def search(
         self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int
-    ) -> tuple[BlockSearch, dict[str, Any]]:
+    ) -> tuple[BlockStates, dict[str, Any]]:
         ids = selection_subset(calib_ids, self.settings.selection_blocks)
-        search = BlockSearch(source, ids, self.settings.batch_size)
+        search = BlockStates(source, ids, self.settings.batch_size)
         require(num_remove <= search.depth() - (0 if self.settings.allow_ends else 2),
                 f"sleb keeps the first and last of {search.depth()} blocks, so it cannot remove {num_remove} "
                 "(option allow_ends=true lets it)")

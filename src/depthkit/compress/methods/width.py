@@ -15,6 +15,10 @@ Budget: `--ratio`/`--target-layers` ask for the parameter count of the depth cut
 keeps (depth - removed) / depth of its parameters. Query heads per KV group are that fraction of
 the original, rounded (`heads_per_group` overrides), and the MLP width is what brings the block to
 the budget. A ratio that leaves no query head in a KV group is refused.
+
+With `--offload disk` the blocks are pruned one at a time from the checkpoint's files (one block,
+its pruned copy and the calibration activations in memory) and the config is written for the new
+widths: the same weights as in memory.
 """
 
 from __future__ import annotations
@@ -27,11 +31,11 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, MethodOptions, option, register_method
-from depthkit.compress.common import num_blocks
 from depthkit.compress.flatten import PruneOptions
 from depthkit.compress.flatten.prune import Widths, flatten_and_prune
 from depthkit.errors import require
 from depthkit.models.adapters import ArchitectureAdapter, get_adapter
+from depthkit.models.runner import BlockSink, BlockSource
 
 HEADS_PER_GROUP_HELP = ("query heads kept per KV group (default: the kept fraction of parameters, rounded; the MLP "
                         "takes up the rest of the budget)")
@@ -41,12 +45,26 @@ HEADS_PER_GROUP_HELP = ("query heads kept per KV group (default: the kept fracti
 class WidthOptions(PruneOptions):
     heads_per_group: int | None = option(None, HEADS_PER_GROUP_HELP)
 
+    def validate(self) -> None:
+        super().validate()
+        check_heads_per_group(self.heads_per_group)
+
 
 @dataclass
 class MinitronOptions(MethodOptions):
     """Minitron's ranking is fixed (activation energy, no refit): only the budget split is an option."""
 
     heads_per_group: int | None = option(None, HEADS_PER_GROUP_HELP)
+
+    def validate(self) -> None:
+        super().validate()
+        check_heads_per_group(self.heads_per_group)
+
+
+def check_heads_per_group(heads: object) -> None:
+    """A default of None leaves the option's text unconverted: check it here, before any model is loaded."""
+    require(heads is None or (isinstance(heads, int) and not isinstance(heads, bool) and heads >= 1),
+            f"heads_per_group must be a whole number >= 1, got {heads!r}")
 
 
 @dataclass(frozen=True)
@@ -101,13 +119,17 @@ class _WidthPruning(CompressionMethod):
         return self.settings
 
     @torch.no_grad()
-    def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
-        depth = num_blocks(model)
+    def compress_blocks(
+        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink
+    ) -> CompressionOutcome:
+        """Blocks pruned front to back (one in memory at a time when streamed); the sink's config
+        takes the new widths."""
+        depth = len(source.layers())
         options = self.prune_options()
-        widths, budget = plan_widths(model, (depth - num_remove) / depth, options.heads_per_group)
-        records = flatten_and_prune(model, [[i] for i in range(depth)], calib_ids, options.prune_settings(self.refit),
-                                    widths=widths, propagate=self.refit)
-        get_adapter(model).set_widths(model, widths.kv_groups * widths.heads_per_group, widths.neurons)
+        widths, budget = plan_widths(source.model, (depth - num_remove) / depth, options.heads_per_group)
+        records = flatten_and_prune(source, [[i] for i in range(depth)], calib_ids, options.prune_settings(self.refit),
+                                    sink, widths=widths, propagate=self.refit)
+        sink.set_widths(widths.kv_groups * widths.heads_per_group, widths.neurons)
         return CompressionOutcome({"widths": budget, "blocks": records, "fit_tokens": int(calib_ids.numel())})
 
 
