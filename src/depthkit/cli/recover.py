@@ -24,7 +24,7 @@ from depthkit.cli.common import (
 from depthkit.data.blocks import DataSpec, sample_blocks, token_stream
 from depthkit.data.corpora import DEFAULT_CALIB
 from depthkit.errors import DepthkitError, require
-from depthkit.models.loading import load_model
+from depthkit.models.loading import load_model, resolve_model_path
 from depthkit.recover.trainer import CARD_FILE, RecoverySettings, recover
 from depthkit.utils.io import check_output_dir, format_table
 
@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
     settings.validate()
     check_output_dir(Path(args.out) / "model", args.overwrite)  # before loading anything
+    if args.teacher and not args.teacher.startswith("tiny:"):
+        resolve_model_path(args.teacher)  # a missing teacher folder is found before the student loads
     model, tokenizer = load_model(args.model, args.dtype)
     teacher = None
     if args.teacher:
