@@ -118,6 +118,11 @@ class FlattenOptions(PruneOptions, SearchOptions):
         require(self.groups is None or (isinstance(self.groups, list) and all(
             isinstance(g, list) and g and all(isinstance(i, int) for i in g) for g in self.groups)),
             f"groups must be a JSON list of lists of block indices, e.g. [[0],[1,2],[3]], got {self.groups!r}")
+        # what can be checked before the model is loaded (the block count is checked once it is known)
+        require(self.max_group >= 2, f"max_group must be at least 2, got {self.max_group}")
+        listed = sum(self.groups or [], [])
+        require(listed == list(range(len(listed))),
+                f"groups must list every block 0, 1, 2, ... once, in order, as consecutive runs, got {self.groups!r}")
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
