@@ -129,6 +129,9 @@ METHOD_OPTIONS = [
     ("flatten", "groups=abc", "groups must be a JSON list of lists"),
     ("flatten", "groups=[[0,1],[1,2]]", "groups must list every block"),
     ("flatten", "groups=[1,2]", "groups must be a JSON list of lists"),
+    # checked against the model's depth from its config, before any weight is loaded (ratio 0.5 of 4 blocks)
+    ("flatten", "groups=[[0,1],[2]]", "groups must list every block 0..3"),
+    ("flatten", "groups=[[0,1],[2],[3]]", "groups give 3 blocks but removing 2 of 4 needs 2"),
     ("flatten_unpruned", "bogus=1", "method 'flatten_unpruned' has no option bogus"),
     ("laco", "merge_layers=1", "merge_layers >= 2"),
     ("laco", "interval=0", "interval >= 1"),

@@ -29,12 +29,11 @@ from depthkit.compress.api import (
     save_compressed,
 )
 from depthkit.compress.base import blocks_to_remove, get_method
-from depthkit.compress.common import num_blocks
 from depthkit.data.blocks import sequence_prefix, token_stream
 from depthkit.data.corpora import load_documents
 from depthkit.errors import require
 from depthkit.evaluate.perplexity import perplexity
-from depthkit.models.loading import load_model
+from depthkit.models.loading import load_model, model_config
 from depthkit.models.streaming import peak_memory_mb
 from depthkit.utils.io import check_output_dir, format_table, write_json
 
@@ -98,11 +97,12 @@ def run(args: argparse.Namespace) -> None:
                 f"method '{args.method}' does not produce a standard checkpoint; run it without --out")
         check_output_dir(args.out, args.overwrite)
     load_documents(args.calib)  # an unknown corpus, an empty or non-UTF-8 file: fail before loading the model
+    num_layers = model_config(args.model).num_hidden_layers  # depth-dependent checks, before any weight loads
+    method.check_depth(num_layers, blocks_to_remove(num_layers, args.ratio, args.target_layers))
     if args.offload == "disk":
         run_streaming(args, options)
         return
     model, tokenizer = load_model(args.model, args.dtype, args.device)
-    blocks_to_remove(num_blocks(model), args.ratio, args.target_layers)
     held_out = token_stream(tokenizer, data_spec(args, "--eval-data")) if args.eval_data else None
     row: dict[str, Any] = {}
     if held_out is not None:

@@ -128,6 +128,10 @@ class CompressionMethod:
         or streamed from disk one block at a time) and write the new blocks to `sink` in order."""
         raise NotImplementedError
 
+    def check_depth(self, num_layers: int, num_remove: int) -> None:
+        """Options that depend on the model's depth, checked from its config before any weight is
+        loaded (a method with none keeps this)."""
+
     def require_streaming(self) -> None:
         """Refuse `--offload disk` (before any work) for methods that need the whole model in memory."""
         require(self.streams(), f"method '{self.name}' needs the whole model in memory; `offload` disk works with: "

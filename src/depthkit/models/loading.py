@@ -238,6 +238,18 @@ def load_model(
     return model, load_tokenizer(path)
 
 
+def model_config(name_or_path: str) -> PretrainedConfig:
+    """A model's config without its weights (what depth-dependent options are checked against before loading)."""
+    if name_or_path.startswith("tiny:"):
+        from depthkit.models.tiny import tiny_config
+
+        return tiny_config(name_or_path.split(":", 1)[1])
+    path = resolve_model_path(name_or_path)
+    config = checkpoint_config(Path(path)) if Path(path).is_dir() else AutoConfig.from_pretrained(path)
+    get_adapter(config)  # an unsupported architecture is refused first
+    return config
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     path = resolve_model_path(name_or_path)
     try:

@@ -26,7 +26,7 @@ from depthkit.errors import require
 from depthkit.models.runner import BlockSink, BlockSource, ModelSink, as_source
 
 __all__ = [
-    "FlattenOptions", "PruneOptions", "flatten_gpt", "flatten_layers", "select_groups",
+    "FlattenOptions", "PruneOptions", "check_groups", "flatten_gpt", "flatten_layers", "select_groups",
     "flatten_and_prune",
 ]
 
@@ -129,7 +129,8 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     require(value in choices, f"{name} must be one of {', '.join(choices)}, got '{value}'")
 
 
-def _check_groups(groups: list[list[int]], num_layers: int, num_remove: int) -> list[list[int]]:
+def check_groups(groups: list[list[int]], num_layers: int, num_remove: int) -> list[list[int]]:
+    """Explicit `groups` that cover every block once, in order, and remove exactly `num_remove`."""
     groups = [[int(i) for i in g] for g in groups]
     require(
         sum(groups, []) == list(range(num_layers)),
@@ -180,7 +181,7 @@ def choose_groups(
     """The groups to flatten and the selection log: given (`groups`), re-scored after every flatten
     (`select_groups`) or scored once (`one_pass_pairs`, `rescore` false)."""
     if options.groups is not None:
-        return _check_groups(options.groups, len(source.layers()), num_remove), []
+        return check_groups(options.groups, len(source.layers()), num_remove), []
     if options.rescore:
         return select_groups(source, selection_ids, num_remove, options.selection, options.max_group,
                              options.batch_size, options.qk_norm, options.shortlist, progress)

@@ -10,7 +10,7 @@ import torch
 
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, register_method
 from depthkit.compress.common import selection_subset
-from depthkit.compress.flatten import FlattenOptions, flatten_gpt
+from depthkit.compress.flatten import FlattenOptions, check_groups, flatten_gpt
 from depthkit.models.runner import BlockSink, BlockSource
 
 
@@ -28,6 +28,10 @@ class _FlattenBase(CompressionMethod):
                 "loss they add, channels by greedy least squares, the refit aimed at the original pair's "
                 "sequential output and pulled towards the kept weights (chosen by leave-one-domain-out "
                 "cross-validation, benchmarks/domains.py)"]
+
+    def check_depth(self, num_layers: int, num_remove: int) -> None:
+        if self.settings.groups:
+            check_groups(self.settings.groups, num_layers, num_remove)
 
     def compress_blocks(
         self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink
