@@ -112,10 +112,10 @@ def tolerant(value):
     return [tolerant(item) for item in value] if isinstance(value, list) else value
 
 
-@pytest.mark.parametrize(("method", "target", "options"), SEARCHES, ids=SEARCH_IDS)
-def test_streamed_searches_hold_one_block_or_one_merge(tmp_path, monkeypatch, method, target, options):
-    """Original blocks alive at once: one for SLEB; for LaCo the C (merge_layers, default 4) one merge combines."""
+def track_live_layers(monkeypatch) -> list[int]:
+    """Count the original blocks a streamed run holds at once: `[most]`, updated as blocks are loaded."""
     live, most = weakref.WeakSet(), [0]
+    original = StreamingModel.load_layer
 
     def tracked(self, index):
         layer = original(self, index)
@@ -123,8 +123,14 @@ def test_streamed_searches_hold_one_block_or_one_merge(tmp_path, monkeypatch, me
         most[0] = max(most[0], len(live))
         return layer
 
-    original = StreamingModel.load_layer
     monkeypatch.setattr(StreamingModel, "load_layer", tracked)
+    return most
+
+
+@pytest.mark.parametrize(("method", "target", "options"), SEARCHES, ids=SEARCH_IDS)
+def test_streamed_searches_hold_one_block_or_one_merge(tmp_path, monkeypatch, method, target, options):
+    """Original blocks alive at once: one for SLEB; for LaCo the C (merge_layers, default 4) one merge combines."""
+    most = track_live_layers(monkeypatch)
     model, folder = saved_tiny(tmp_path, "llama")
     compress_checkpoint(folder, tmp_path / "out", method, target_layers=target, calib_ids=random_ids(model, 4, 16),
                         dtype="float32", batch_size=2, **options)
@@ -178,16 +184,7 @@ def test_streamed_width_pruning_equals_in_memory(tmp_path, arch, method):
 
 def test_streamed_greedy_selection_holds_one_group(tmp_path, monkeypatch):
     """Re-scored selection streamed: original blocks alive at once stay within one candidate pair."""
-    live, most = weakref.WeakSet(), [0]
-
-    def tracked(self, index):
-        layer = original(self, index)
-        live.add(layer)
-        most[0] = max(most[0], len(live))
-        return layer
-
-    original = StreamingModel.load_layer
-    monkeypatch.setattr(StreamingModel, "load_layer", tracked)
+    most = track_live_layers(monkeypatch)
     model, folder = saved_tiny(tmp_path, "llama", num_layers=8)
     source = StreamingModel.open(folder, dtype="float32")
     select_groups(source, random_ids(model, 4, 16), 3, "greedy", batch_size=2, progress=False)
