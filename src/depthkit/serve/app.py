@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from depthkit.errors import DepthkitError
 from depthkit.recursive.generate import DEFAULT_EXIT_RULE
-from depthkit.serve.engine import Engine, Event, GenerationParams, Sequence
+from depthkit.serve.engine import ContextLengthError, Engine, Event, GenerationParams, Sequence
 from depthkit.serve.text import TextStream
 
 DEFAULT_MAX_TOKENS = 16
@@ -202,7 +202,8 @@ def submit(engine: Engine, sequence: Sequence) -> asyncio.Queue:
     try:
         engine.submit(sequence)
     except DepthkitError as err:
-        raise ApiError(400, str(err), code="context_length_exceeded" if "context" in str(err) else None) from err
+        raise ApiError(400, str(err), code="context_length_exceeded" if isinstance(err, ContextLengthError)
+                       else None) from err
     return queue
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from depthkit.errors import require
+from depthkit.errors import DepthkitError, require
 from depthkit.models.blockwise import BlockContext
 from depthkit.recursive.config import check_loops
 from depthkit.recursive.generate import DEFAULT_EXIT_RULE, check_exit_rule, hidden_change, kl_divergence
@@ -44,6 +44,10 @@ SCHEDULES = ("depthwise", "lockstep")
 DEFAULT_ROWS = 16
 DEFAULT_CAPACITY = 2048
 log = logging.getLogger(__name__)
+
+
+class ContextLengthError(DepthkitError):
+    """A prompt plus its requested tokens do not fit a row of the cache (OpenAI's `context_length_exceeded`)."""
 
 
 @dataclass
@@ -127,9 +131,9 @@ class Engine:
         """Refuse what this engine cannot serve, before it is queued (a clear message per case)."""
         require(prompt_tokens >= 1, "the prompt is empty")
         require(params.max_tokens >= 1, f"max_tokens must be >= 1, got {params.max_tokens}")
-        require(prompt_tokens + params.max_tokens <= self.capacity,
-                f"a {prompt_tokens}-token prompt plus max_tokens={params.max_tokens} exceeds the context of "
-                f"{self.capacity} tokens")
+        if prompt_tokens + params.max_tokens > self.capacity:
+            raise ContextLengthError(f"a {prompt_tokens}-token prompt plus max_tokens={params.max_tokens} exceeds "
+                                     f"the context of {self.capacity} tokens")
         loops = params.loops if params.loops is not None else self.model.config.num_loops
         require(isinstance(loops, int) and 1 <= loops <= self.max_loops,
                 f"loops must be an integer in 1..{self.max_loops} (the server's maximum), got {loops!r}")
