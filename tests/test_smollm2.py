@@ -39,3 +39,16 @@ def test_analyze_writes_json_and_figures(tmp_path):
     assert max(report["block_influence"]) > min(report["block_influence"]) > 0
     for png in ("cka.png", "depth.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert report["data"] == "mix [calib]"  # sampled over every domain by default, like calibration
+
+
+def test_analyze_streamed_from_disk_gives_the_same_report(tmp_path):
+    """`--offload disk` reads one block at a time from the checkpoint: the same figures as in memory."""
+    argv = ["analyze", "--num-blocks", "2", "--block-len", "32", "--sample-tokens", "32"]
+    reports = {}
+    for offload in ("none", "disk"):
+        assert main([*argv, "--offload", offload, "--out", str(tmp_path / offload)]) == 0
+        reports[offload] = json.loads((tmp_path / offload / "analysis.json").read_text())
+    assert reports["disk"]["block_influence"] == pytest.approx(reports["none"]["block_influence"], abs=1e-6)
+    for disk_row, memory_row in zip(reports["disk"]["cka"], reports["none"]["cka"], strict=True):
+        assert disk_row == pytest.approx(memory_row, abs=1e-5)
