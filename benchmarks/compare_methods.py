@@ -65,7 +65,8 @@ RESULTS = Path(__file__).parent / "results"
 DOMAINS = MIX_COMPONENTS
 # name -> (registered method, options): the variants a comparison must show beside the defaults.
 VARIANTS = {"laco_drop": ("laco", {"merge": "drop"}), "flatten_paper": ("flatten", {"preset": "paper"})}
-ORDER = ["base", "shortgpt", "sleb", "laco", "laco_drop", "attn_drop", "width", "minitron", "flatten_unpruned",
+ORIGINAL = "original"  # the uncompressed model's row, named as in every other benchmark
+ORDER = [ORIGINAL, "shortgpt", "sleb", "laco", "laco_drop", "attn_drop", "width", "minitron", "flatten_unpruned",
          "flatten_paper", "flatten"]
 COLUMNS = ["method", "removed", "depth", "params (M)", *DOMAINS, "ppl / original", "top-1 agreement",
            "prefill speedup", "decode speedup", "bound", "compress s", "note"]
@@ -224,7 +225,7 @@ def write_results(rows: list[dict[str, Any]], meta: dict[str, Any], stem: str) -
     rank = {m: i for i, m in enumerate(ORDER)}
     rows.sort(key=lambda r: (r["ratio"], rank.get(r["method"], len(ORDER)), r["method"]))
     write_json(RESULTS / f"{stem}.json", {**meta, "rows": rows})
-    base = next(r for r in rows if r["method"] == "base")
+    base = next(r for r in rows if r["method"] == ORIGINAL)
     table = format_table([cells(r, base) for r in rows], COLUMNS)
     lines = [f"# Compression methods compared ({meta['model']})", "",
              f"- calibration: {meta['calibration']}", f"- held-out: {meta['heldout']}",
@@ -293,8 +294,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = previous_rows(RESULTS / f"{stem}.json", meta) if args.resume else []
     done = {(r["method"], r["ratio"]) for r in rows}
-    if ("base", 0.0) not in done:
-        rows.insert(0, {"method": "base", "ratio": 0.0, "removed": 0, **measure(base, base, suite, args)})
+    if (ORIGINAL, 0.0) not in done:
+        rows.insert(0, {"method": ORIGINAL, "ratio": 0.0, "removed": 0, **measure(base, base, suite, args)})
         write_results(rows, meta, stem)
     pending = [(ratio, run) for ratio in args.ratios for run in todo if (run[0], ratio) not in done]
     for ratio, (name, method, options) in tqdm(pending, desc="compare", unit="run"):
@@ -302,7 +303,7 @@ def main() -> None:
         rows.append(run_one(base, name, method, options, ratio, calib, suite, args))
         write_results(rows, meta, stem)
         tqdm.write(format_table([cells(rows[-1], rows[0])], COLUMNS))
-    base_row = next(r for r in rows if r["method"] == "base")
+    base_row = next(r for r in rows if r["method"] == ORIGINAL)
     print(format_table([cells(r, base_row) for r in rows], COLUMNS))
     print(f"wrote {RESULTS / stem}.json, .md, .png")
 

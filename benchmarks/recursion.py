@@ -48,7 +48,7 @@ also measures how a lead won on one book carries over to another (four seeds of 
 benchmarks/results/recursion_options/data_first_seeds.*). The variants:
   - standard:       R = 1, plain next-token loss (so 1/R of the compute of the recursive ones);
   - vanilla:        the (truncated) decoder looped R times, last hidden state fed back, last-step loss;
-  - recursivevlm:   Recursive Connector between steps + Monotonic Recursion Loss (beta 2); the
+  - connector_mrl:  Recursive Connector between steps + Monotonic Recursion Loss (beta 2); the
                     connector adds onto the previous step's input (`--residual previous`) with its
                     scale starting at 0.1 (`--scale-init`). Onto the embeddings (the library
                     default), every step restarts from the embeddings plus a hint, and the loop
@@ -153,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also measure held-out perplexity every N optimizer steps (a learning curve; 0: at the end)")
     p.add_argument("--exit-tokens", type=int, default=256, help="held-out tokens decoded per early-exit threshold")
     p.add_argument("--thresholds", default="1e-4,1e-3,3e-3,1e-2,3e-2,0.1,0.3,1", help="comma-separated KL thresholds")
-    p.add_argument("--variants", default="standard,vanilla,recursivevlm")
+    p.add_argument("--variants", default="standard,vanilla,connector_mrl")
     p.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISIONS,
                    help="autocast of training (auto: bf16 where the CPU multiplies it natively, else none)")
     p.add_argument("--out", default=str(RESULTS / "recursion"), help="path prefix of the .json/.md/.png results")
@@ -166,7 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 VARIANTS = {
     "standard": dict(loops=1, feedback="vanilla", loss="last"),
     "vanilla": dict(feedback="vanilla", loss="last"),
-    "recursivevlm": dict(feedback="connector", loss="monotonic"),
+    "connector_mrl": dict(feedback="connector", loss="monotonic"),
     "vanilla_monotonic": dict(feedback="vanilla", loss="monotonic"),  # ablation: the loss without the connector
 }
 
@@ -231,8 +231,8 @@ def early_exit_sweep(model: RecursiveModel, stream, args) -> list[dict]:
 def checks(variants: list[dict], early: list[dict]) -> dict[str, bool]:
     by_name = {v["variant"]: v for v in variants}
     found = {}
-    if "recursivevlm" in by_name:
-        ppl = by_name["recursivevlm"]["ppl_after"]
+    if "connector_mrl" in by_name:
+        ppl = by_name["connector_mrl"]["ppl_after"]
         found["RecursiveVLM held-out ppl improves at every step 1..R"] = all(b < a for a, b in zip(ppl, ppl[1:]))
         if "standard" in by_name:
             found["RecursiveVLM last step beats the standard model"] = ppl[-1] < by_name["standard"]["ppl_after"][0]
@@ -286,7 +286,7 @@ def plot_against_standard(ax, variants: list[dict]) -> None:
                 color=f"C{index}", label=f"{v['variant']} (R={v['loops']})")
         if len(values) > v["loops"]:
             ax.axvline(v["loops"], color="gray", linestyle=":", linewidth=0.8)
-    ax.axhline(0, linestyle="--", color="gray", label="standard (R=1)")
+    ax.axhline(0, linestyle="--", color="gray", label="standard (R = 1)")
     ax.set_xlabel("recursion step")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("held-out perplexity vs standard (%)")
@@ -311,7 +311,7 @@ def plot_curve(ax, variants: list[dict]) -> None:
         if standard and v["variant"] in curves:
             ax.plot(steps[1:], [100 * (p / s - 1) for p, s in zip(curves[v["variant"]][1:], standard[1:])],
                     marker="o", color=f"C{index}", label=f"{v['variant']}, step {v['loops']}")
-    ax.axhline(0, linestyle="--", color="gray", label="standard (R=1)")
+    ax.axhline(0, linestyle="--", color="gray", label="standard (R = 1)")
     ax.set(xlabel="optimizer step", ylabel="held-out perplexity vs standard (%)",
            title="During training: last step vs standard")
     ax.legend(fontsize=8)
@@ -411,8 +411,8 @@ def curve_markdown(variants: list[dict]) -> list[str]:
     rows = []
     for index, step in enumerate(steps):
         row = {"optimizer step": step, **{name: values[index] for name, values in curves.items()}}
-        if "standard" in curves and "recursivevlm" in curves:
-            row["recursivevlm vs standard %"] = 100 * (curves["recursivevlm"][index] / curves["standard"][index] - 1)
+        if "standard" in curves and "connector_mrl" in curves:
+            row["connector_mrl vs standard %"] = 100 * (curves["connector_mrl"][index] / curves["standard"][index] - 1)
         rows.append(row)
     return ["", "## During training (held-out perplexity of each variant's last step; cosine schedule over the "
             "whole budget)", "", format_table(rows)]
@@ -517,7 +517,7 @@ def plot_seeds(runs: dict[int, dict], paired: list[dict], path: Path) -> None:
             diff.plot(steps, vs_standard(run, name), color=f"C{index}", alpha=0.3, linewidth=0.8)
         diff.errorbar(steps, [r["vs standard %"] for r in rows], yerr=[r["SE"] for r in rows], marker="o",
                       capsize=3, color=f"C{index}", label=f"{name}: mean (bars: SE), thin: one seed")
-    diff.axhline(0, linestyle="--", color="gray", label="standard (R=1)")
+    diff.axhline(0, linestyle="--", color="gray", label="standard (R = 1)")
     diff.set(xlabel="recursion step", ylabel="held-out perplexity vs standard (%)",
              title=f"Paired with the standard model, {len(runs)} seeds")
     diff.xaxis.get_major_locator().set_params(integer=True)
@@ -569,11 +569,11 @@ def run_benchmark(args: argparse.Namespace, out: Path) -> dict:
         result["variants"].append(summary)
         result["checks"] = checks(result["variants"], [])
         save(result, out)  # a crash later keeps what was measured
-        if name != "recursivevlm":
+        if name != "connector_mrl":
             del models[name]  # only the RecursiveVLM model is needed afterwards
-    if "recursivevlm" in models and args.exit_tokens > 0:
+    if "connector_mrl" in models and args.exit_tokens > 0:
         stream = token_stream(tokenizer, PERSUASION_HELDOUT)
-        result["early_exit"] = early_exit_sweep(models["recursivevlm"], stream, args)
+        result["early_exit"] = early_exit_sweep(models["connector_mrl"], stream, args)
     result["checks"] = checks(result["variants"], result["early_exit"])
     result["seconds"] = time.perf_counter() - began
     save(result, out)

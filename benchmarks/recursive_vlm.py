@@ -58,7 +58,7 @@ from depthkit.vlm.evaluate import evaluate_steps, representation_stats  # noqa: 
 from depthkit.vlm.model import VLM_CONNECTOR, build_vlm  # noqa: E402
 from depthkit.vlm.train import VLMTrainSettings, train_stage1, train_stage2  # noqa: E402
 
-STANDARD, VANILLA = "standard (R=1)", "vanilla recursive"
+STANDARD, VANILLA = "standard (R = 1)", "vanilla recursive"
 SHARED, SPECIFIC = "RecursiveVLM shared connector", "RecursiveVLM modality-specific"
 VARIANTS = {
     STANDARD: dict(num_loops=1, feedback="vanilla", loss="sum"),
