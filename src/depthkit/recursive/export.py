@@ -58,13 +58,21 @@ def lora_shape(lora: torch.nn.Module) -> list:
     return [lora.lora_A.shape[0], lora.lora_A.shape[1], lora.lora_B.shape[0], lora.scaling, lora.bias is not None]
 
 
-def write_portable(model: torch.nn.Module, folder: Path) -> None:
-    """A `RecursiveModel`'s `config.json`, `model.safetensors` and the modeling file into `folder`."""
-    from depthkit.recursive.modeling_depthkit_looped import DepthkitLoopedConfig
+def write_portable(model: torch.nn.Module, folder: Path, exit_threshold: float | None = None,
+                   exit_rule: str = "kl") -> None:
+    """A `RecursiveModel`'s `config.json`, `model.safetensors` and the modeling file into `folder`.
 
+    `exit_threshold` (with `exit_rule`) turns the remote code's per-token early exit on by default for
+    whoever loads the folder; None leaves it off (every token runs all R steps), as depthkit's default.
+    """
+    from depthkit.recursive.modeling_depthkit_looped import EXIT_RULES, DepthkitLoopedConfig
+
+    require(exit_threshold is None or exit_threshold >= 0, f"exit threshold must be >= 0, got {exit_threshold}")
+    require(exit_rule in EXIT_RULES, f"unknown exit rule '{exit_rule}'; choose from {', '.join(EXIT_RULES)}")
     base_config = model.base.config
     config = DepthkitLoopedConfig(
         base_config=base_config.to_dict(), loop=loop_spec(model), auto_map=AUTO_MAP,
+        exit_threshold=exit_threshold, exit_rule=exit_rule,
         architectures=["DepthkitLoopedForCausalLM"], vocab_size=base_config.vocab_size,
         bos_token_id=base_config.bos_token_id, eos_token_id=base_config.eos_token_id,
         pad_token_id=getattr(base_config, "pad_token_id", None), tie_word_embeddings=False,

@@ -263,10 +263,12 @@ class RecursiveModel(nn.Module):
         return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("base.")}
 
     def save_pretrained(self, folder: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
-                        overwrite: bool = False) -> Path:
-        """One folder that depthkit and plain `transformers` (remote code) both load: see `export.py`."""
+                        overwrite: bool = False, *, exit_threshold: float | None = None,
+                        exit_rule: str = "kl") -> Path:
+        """One folder that depthkit and plain `transformers` (remote code) both load: see `export.py`
+        (`exit_threshold`/`exit_rule`: the remote code's default early exit; None = off)."""
         with atomic_output_dir(folder, overwrite) as tmp:
-            write_portable(self, tmp)
+            write_portable(self, tmp, exit_threshold, exit_rule)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             self.config.save(tmp)

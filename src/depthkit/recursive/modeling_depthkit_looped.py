@@ -13,8 +13,26 @@ adapters with their shapes) is written into the config at save time. The computa
 `RecursiveModel`: prelude once, then R steps of the block (the connector builds each next step's
 input), coda + final norm + LM head after the last step; every application of a layer has its own
 KV-cache slot (`prelude + step * (block + coda) + position`). A depthkit test checks logits and
-greedy tokens against `RecursiveModel` on every architecture it supports. Early exit and serving
-live in depthkit (`depthkit serve`); here every token runs all R steps.
+greedy tokens against `RecursiveModel` on every architecture it supports.
+
+Early exit (off by default) is depthkit's per-token rule (`depthkit.recursive.generate`): after each
+step r >= 2 of a new token, a distance to step r-1 is measured and, below the threshold, the token
+stops and is predicted from step r. `exit_rule` "kl" (Huginn; the default) compares the two steps'
+next-token distributions, so it runs the coda and LM head at every step; "hidden" compares the
+block's outputs, ||h_r - h_{r-1}|| / ||h_r||, and runs the head only at exit. Turn it on in the
+config (`exit_threshold`, `exit_rule`: saved by depthkit when asked, or `from_pretrained(...,
+exit_threshold=1e-3)`) or per call (`generate(..., exit_threshold=1e-3, exit_rule="hidden")`, which
+`generate` passes on to `forward`; a per-call value wins, and `model.config.exit_threshold = None`
+turns a saved one off). Decisions are per token, as in depthkit's own `generate`: only a forward of
+ONE new token of ONE sequence, after its prompt is in the KV cache, may exit. A batch of several
+sequences runs all R steps exactly as with early exit off (depthkit batches early exit in `depthkit
+serve`); so does a forward of several tokens, such as the prompt, except that with one sequence it
+also runs every step's coda, so that each step's coda cache slots hold the prompt for later tokens
+that exit there.
+A token that exits at step r also runs step r's coda, and its cache slots of the skipped steps
+r+1..R get a copy of its step-r keys and values, so later tokens at those steps find an entry for
+it ("reuse the latest KV"). `model.steps_used` lists the steps each forward ran since the cache was
+last empty (after `generate`: the prompt's R first, then one entry per further new token).
 """
 
 from __future__ import annotations
@@ -43,9 +61,13 @@ class DepthkitLoopedConfig(PretrainedConfig):
 
     model_type = "depthkit_looped"
 
-    def __init__(self, base_config: dict | None = None, loop: dict | None = None, **kwargs):
+    def __init__(self, base_config: dict | None = None, loop: dict | None = None,
+                 exit_threshold: float | None = None, exit_rule: str = "kl", **kwargs):
         self.base_config = base_config or {}
         self.loop = loop or {}
+        # Early exit (see the module docstring): None runs every token through all R steps.
+        self.exit_threshold = exit_threshold
+        self.exit_rule = exit_rule
         super().__init__(**kwargs)
 
     def base(self) -> PretrainedConfig:
@@ -175,6 +197,8 @@ def _takes(function, name: str) -> bool:
     return name in inspect.signature(function).parameters
 
 
+# depthkit.recursive.generate.EXIT_RULES, repeated here (no depthkit import); a depthkit test checks they agree.
+EXIT_RULES = ("kl", "hidden")
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
@@ -194,6 +218,7 @@ class DepthkitLoopedForCausalLM(PreTrainedModel, GenerationMixin):
                           if loop.get("connector") else None)
         self.adapters = LoopAdapters(loop.get("adapters", {}))
         self.adapters.attach(self._layers(), loop["parts"]["projections"] | loop["parts"]["norms"])
+        self.steps_used: list[int] = []  # steps run by each forward since the cache was empty
         self.post_init()
 
     # -- modules -------------------------------------------------------------------------------
@@ -251,12 +276,26 @@ class DepthkitLoopedForCausalLM(PreTrainedModel, GenerationMixin):
                          position_embeddings=context["tables"][kind], use_cache=cache is not None,
                          **{keyword: cache})
 
-    def _run(self, hidden: torch.Tensor, context: dict, cache) -> torch.Tensor:
+    def _num_steps(self) -> int:
+        """Decodable steps: R in CYCLE order; SEQUENCE order repeats each layer in place, one step in all."""
+        loop = self.config.loop
+        return loop["num_loops"] if loop["order"] == "cycle" else 1
+
+    def _step_slots(self, step: int) -> list[int]:
+        """The cache slots of one step's layer applications, block then coda."""
+        count = len(self._applications(step)) + len(self.config.loop["coda"])
+        return [self._slot(step, position) for position in range(count)]
+
+    def _steps(self, hidden: torch.Tensor, context: dict, cache, coda_all: bool
+               ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """Prelude, then the block step by step: yields (step, block output, coda output). The coda runs
+        after the last step, and after every step when `coda_all` (its output is None where it did not run).
+        A caller that stops early leaves the remaining steps' cache slots unwritten for these positions."""
         loop = self.config.loop
         for position, layer in enumerate(loop["prelude"]):
             hidden = self._apply(layer, 0, position, hidden, context, cache)
         origin = step_input = hidden
-        steps = loop["num_loops"] if loop["order"] == "cycle" else 1
+        steps = self._num_steps()
         taps_at = set(self.connector.positions) if self.connector is not None else set()
         for step in range(steps):
             hidden, taps = step_input, {}
@@ -264,43 +303,108 @@ class DepthkitLoopedForCausalLM(PreTrainedModel, GenerationMixin):
                 hidden = self._apply(layer, index, self._slot(step, position), hidden, context, cache)
                 if position in taps_at:
                     taps[position] = hidden
-            if step == steps - 1:
-                break
+            last = step == steps - 1
+            yield step, hidden, self._coda(step, hidden, context, cache) if coda_all or last else None
+            if last:
+                return
             if self.connector is None:
                 step_input = hidden
             else:
                 residual = {"embeddings": origin, "previous": step_input, "output": hidden}[loop["residual"]]
                 step_input = self.connector([taps[p] for p in self.connector.positions], residual)
-        offset = len(self._applications(steps - 1))
-        for index, layer in enumerate(loop["coda"]):
-            hidden = self._apply(layer, 0, self._slot(steps - 1, offset + index), hidden, context, cache)
+
+    def _coda(self, step: int, hidden: torch.Tensor, context: dict, cache) -> torch.Tensor:
+        """The layers after the loop, in `step`'s own cache slots (each step's coda has its own)."""
+        offset = len(self._applications(step))
+        for index, layer in enumerate(self.config.loop["coda"]):
+            hidden = self._apply(layer, 0, self._slot(step, offset + index), hidden, context, cache)
         return hidden
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head (+ the base model's logit soft-capping)."""
+        logits = self.get_output_embeddings()(self._module("final_norm")(hidden))
+        cap = getattr(self.base.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def _run(self, hidden: torch.Tensor, context: dict, cache, exit_rule: str | None, threshold: float | None,
+             coda_all: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """The loop, stopping early by `exit_rule` (None: never): returns what the head reads, the
+        logits of the last position when the rule already computed them, and the steps run.
+
+        Mirrors depthkit's `decode_step`: the earliest exit is after step 2 (two steps to compare),
+        and never at the last step, which runs anyway."""
+        steps, previous, logits = self._num_steps(), None, None
+        for step, block_output, final in self._steps(hidden, context, cache, coda_all):
+            if exit_rule is None:
+                continue
+            logits = self._head(final[:, -1:]) if exit_rule == "kl" else None
+            signal = F.log_softmax(logits[:, -1].float(), dim=-1) if logits is not None else block_output[:, -1]
+            if previous is not None and step < steps - 1 and _distance(exit_rule, signal, previous) < threshold:
+                return final, logits, step + 1
+            previous = signal
+        return final, logits, steps
+
+    def _reuse_latest_kv(self, cache, exit_step: int) -> None:
+        """Fill the skipped steps' cache slots of the newest position with its exit step's keys/values,
+        through the cache's own `update` so every layer kind (sliding windows too) keeps its length."""
+        source = self._step_slots(exit_step)
+        for step in range(exit_step + 1, self._num_steps()):
+            for src, dst in zip(source, self._step_slots(step)):
+                layer = cache.layers[src]
+                cache.update(layer.keys[:, :, -1:], layer.values[:, :, -1:], dst)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 past_key_values=None, inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                use_cache: bool | None = None, logits_to_keep: int = 0, cache=None, **kwargs) -> CausalLMOutputWithPast:
-        """Logits after all R steps; the KV cache comes as `cache` (transformers >= 5.24 names it so in
-        `generate`) or `past_key_values` (earlier versions), and is returned under the installed name."""
+                use_cache: bool | None = None, logits_to_keep: int = 0, cache=None,
+                exit_threshold: float | None = None, exit_rule: str | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
+        """Logits after all R steps, or after fewer when early exit stops a new token (the module
+        docstring); `exit_threshold`/`exit_rule` override the config's for this call. The KV cache comes
+        as `cache` (transformers >= 5.24 names it so in `generate`) or `past_key_values` (earlier
+        versions), and is returned under the installed name."""
+        threshold = self.config.exit_threshold if exit_threshold is None else exit_threshold
+        rule = exit_rule or self.config.exit_rule
+        if threshold is not None and (rule not in EXIT_RULES or threshold < 0):
+            raise ValueError(f"early exit needs a threshold >= 0 and a rule in {EXIT_RULES}, got {threshold}, "
+                             f"{rule!r}")
         hidden = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
         cache = cache if cache is not None else past_key_values
         if cache is None and use_cache:
             cache = DynamicCache()
         past = cache.get_seq_length() if cache is not None else 0
         position_ids = torch.arange(past, past + hidden.shape[1], device=hidden.device).unsqueeze(0)
+        # Per-token decisions: one sequence with a cache; of it, only a single new token after the prompt
+        # may exit (a one-token prompt is a prompt: all R steps, as in depthkit's `generate`).
+        one_sequence = threshold is not None and cache is not None and hidden.shape[0] == 1
+        may_exit = one_sequence and hidden.shape[1] == 1 and past > 0
         try:
-            hidden = self._run(hidden, self._context(hidden, attention_mask, cache, position_ids), cache)
+            context = self._context(hidden, attention_mask, cache, position_ids)
+            hidden, logits, used = self._run(hidden, context, cache, rule if may_exit else None, threshold,
+                                             coda_all=one_sequence)
         finally:
             for index, layer in enumerate(self._layers()):
                 _resolve(layer, self.config.loop["parts"]["attention"]).layer_idx = index
                 if hasattr(layer, "layer_idx"):
                     layer.layer_idx = index
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.get_output_embeddings()(self._module("final_norm")(hidden))
-        cap = getattr(self.base.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
+        if used < self._num_steps():
+            self._reuse_latest_kv(cache, used - 1)
+        if not past:  # a new sequence
+            self.steps_used = []
+        self.steps_used.append(used)
+        if logits is None:
+            logits = self._head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+
+
+def _distance(rule: str, current: torch.Tensor, previous: torch.Tensor) -> float:
+    """depthkit's exit distances: KL(current || previous) of two steps' log-probabilities ("kl"), or the
+    relative change of the block's output ||current - previous|| / ||current|| ("hidden")."""
+    if rule == "kl":
+        distance = (current.exp() * (current - previous)).sum(-1)
+    else:
+        current, previous = current.float(), previous.float()
+        distance = (current - previous).norm(dim=-1) / current.norm(dim=-1).clamp_min(1e-12)
+    return float(distance.max())
