@@ -292,26 +292,27 @@ def test_text_that_is_not_utf8_is_refused(capsys, tmp_path, argv, text):
 
 @pytest.fixture
 def no_network(monkeypatch):
-    """The hub unreachable as on an offline machine: the probe's connection fails at once."""
+    """The hub unreachable as on an offline machine: the probe's connection fails at once. Yields the
+    list of probes made, so a test can check that depthkit asked once and gave up (no retry loop)."""
     import urllib.error
 
     import depthkit.utils.fetch as fetch
 
+    probes = []
+
     def unreachable(*args, **kwargs):
+        probes.append(args)
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(fetch.urllib.request, "urlopen", unreachable)
     fetch.hub_reachable.cache_clear()
-    yield
+    yield probes
     fetch.hub_reachable.cache_clear()
 
 
 def test_a_hub_id_without_network_fails_at_once(capsys, no_network):
-    import time
-
-    began = time.monotonic()
     code, err = run_cli(capsys, "eval", "ppl", "--model", "someorg/somemodel")
-    assert code == 2 and time.monotonic() - began < 5
+    assert code == 2 and len(no_network) == 1  # one probe, then the error: no retries
     assert err == ("depthkit: error: the Hugging Face hub is not reachable and 'someorg/somemodel' is not in the local "
                    "hub cache; give a local model folder, tiny:llama or the offline default smollm2-135m-instruct")
 
@@ -327,19 +328,13 @@ def test_a_hub_id_without_network_loads_from_the_hub_cache(monkeypatch, saved_mo
 
 
 def test_wikitext2_without_network_fails_at_once(capsys, no_network):
-    import time
-
-    began = time.monotonic()
     code, err = run_cli(capsys, "eval", "ppl", "--model", "tiny:llama", "--window", "256", "--data", "wikitext2")
-    assert code == 2 and time.monotonic() - began < 5 and "WikiText-2 needs the Hugging Face hub" in err
+    assert code == 2 and len(no_network) == 1 and "WikiText-2 needs the Hugging Face hub" in err
 
 
 def test_standard_zeroshot_tasks_without_network_fail_at_once(capsys, no_network):
-    import time
-
-    began = time.monotonic()
     code, err = run_cli(capsys, "eval", "zeroshot", "--model", "tiny:llama", "--tasks", "piqa", "--limit", "2")
-    assert code == 2 and time.monotonic() - began < 10 and "not reachable" in err and "piqa" in err
+    assert code == 2 and len(no_network) == 1 and "not reachable" in err and "piqa" in err
 
 
 def test_eval_ppl_default_window_fits_a_short_context(tmp_path, capsys):
