@@ -1,12 +1,14 @@
 """The evaluation suite end to end: the default model and a 24-layer version of it, side by side.
 
-    .venv/bin/python benchmarks/eval_suite.py            # builds the 24-layer model itself
+    .venv/bin/python benchmarks/eval_suite.py            # builds the 24-layer model itself (ShortGPT)
+    .venv/bin/python benchmarks/eval_suite.py --method flatten   # ... with another registered method
     .venv/bin/python benchmarks/eval_suite.py --models runs/flatten-24   # or compare given checkpoints
     .venv/bin/python benchmarks/eval_suite.py --quick    # 50 items per task etc., for a busy shared CPU
 
-Without --models, the 24-layer model is the default model minus its `--remove` (6) blocks of lowest
-block influence (ShortGPT's criterion, `depthkit.analysis`) measured on calibration text, saved
-to a temporary folder. Both models then get the full offline zero-shot tasks (500 items each,
+Without --models, the 24-layer model is the default model compressed by `--remove` (6) blocks with
+the library's `--method` (default shortgpt: the blocks of lowest block influence; `--option
+KEY=VALUE` as in `depthkit compress`), calibrated on 8 x 256 tokens of Austen's calib split, saved
+with its compression card to a temporary folder. Both models then get the full offline zero-shot tasks (500 items each,
 through lm_eval), perplexity on held-out Pride and Prejudice and the speed benchmark, and
 `depthkit report` writes benchmarks/results/eval_suite/ (report.md, report.json, PNG charts).
 """
@@ -19,32 +21,34 @@ import sys
 import tempfile
 from pathlib import Path
 
-from depthkit.analysis import analyze_redundancy
+from depthkit.cli.compress import parse_options
 from depthkit.cli.main import main as depthkit
+from depthkit.compress import compress, save_compressed
 from depthkit.data import DataSpec, token_blocks
-from depthkit.models.adapters import get_adapter
 from depthkit.models.loading import DEFAULT_MODEL, load_model
 
 OUT = Path(__file__).parent / "results" / "eval_suite"
 
 
-def pruned_copy(model_name: str, remove: int, folder: Path) -> list[int]:
-    """Save `model_name` minus its `remove` lowest block-influence blocks into `folder`; return them."""
+def compressed_copy(model_name: str, method: str, options: list[str], remove: int, folder: Path) -> str:
+    """Save `model_name` compressed by `remove` blocks with the library's `method` into `folder`
+    (a new folder, with its compression card); return what was done, for the log."""
     model, tokenizer = load_model(model_name, dtype="float32")
     calib = token_blocks(tokenizer, DataSpec("austen", "calib"), 8, 256)
-    removed = analyze_redundancy(model, calib).lowest_influence(remove)
-    adapter = get_adapter(model)
-    kept = [block for i, block in enumerate(adapter.layers(model)) if i not in removed]
-    adapter.set_layers(model, kept)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return removed
+    report = compress(model, method, target_layers=model.config.num_hidden_layers - remove, calib_ids=calib,
+                      **parse_options(options))
+    save_compressed(model, tokenizer, folder, report)
+    removed = report.details.get("removed_blocks")
+    return f"removed blocks {removed}" if removed is not None else f"{method}: {report.num_layers_after} blocks"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--models", nargs="*", default=None, help="compressed checkpoints (default: build one)")
+    parser.add_argument("--method", default="shortgpt", help="registered compression method of the built model")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of --method (repeatable), as in `depthkit compress`")
     parser.add_argument("--remove", type=int, default=6, help="blocks removed from the built comparison model")
     parser.add_argument("--out", default=None, help=f"report folder (default {OUT}[_quick])")
     parser.add_argument("--limit", type=int, default=None, help="items per task (default: all 500)")
@@ -60,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="eval_suite-") as tmp:
         models, labels = args.models, None
         if not models:
-            removed = pruned_copy(args.model, args.remove, Path(tmp))
-            print(f"removed blocks {removed} (lowest block influence)")
-            models = [tmp]
-            labels = f"{Path(args.model).name},minus{args.remove}-blocks"
+            built = Path(tmp) / "model"
+            print(compressed_copy(args.model, args.method, args.option, args.remove, built))
+            models = [str(built)]
+            labels = f"{Path(args.model).name},{args.method}-minus{args.remove}-blocks"
         command = ["report", "--base", args.model, "--models", *models, "--out", args.out, "--overwrite",
                    "--max-tokens", str(args.max_tokens), "--window", "1024", "--repeats", str(args.repeats)]
         command += ["--labels", labels] if labels else []

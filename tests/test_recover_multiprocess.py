@@ -1,5 +1,6 @@
 """Recovery through accelerate with two processes (DDP over gloo on CPU): the trainer's evaluation,
-checkpointing and the gathered-state-dict merge must work on a wrapped model, not just on one process."""
+checkpointing, the gathered-state-dict merge and self-distillation's shared answer set must work on a
+wrapped model, not just on one process."""
 
 import json
 import os
@@ -21,3 +22,4 @@ def test_two_process_recovery_saves_the_model_it_evaluated(tmp_path):
     assert result["processes"] == 2
     assert result["card_after"] < result["card_before"]
     assert result["saved"] == pytest.approx(result["card_after"], rel=1e-4)
+    assert result["self_distill_steps"] == [4]

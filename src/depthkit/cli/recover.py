@@ -1,5 +1,6 @@
 """`depthkit recover`: LoRA recovery fine-tuning of a compressed model (optionally distilled from
-the original), merged back into a plain checkpoint in OUT/model.
+the original, on text and, with --self-distill, on its own answers to chat prompts), merged back
+into a plain checkpoint in OUT/model.
 
 Runs on whatever `accelerate` is configured for: `depthkit recover ...` on one CPU or GPU,
 `accelerate launch -m depthkit.cli.main recover ...` for several GPUs (DDP/FSDP/DeepSpeed).
@@ -49,6 +50,14 @@ def register(subparsers) -> None:
                         help="weight of the KL term, (1 - w) for cross-entropy (default 0.5 with --teacher)")
     parser.add_argument("--temperature", type=positive_float, default=DEFAULTS.temperature,
                         help="softens both distributions in the KL term")
+    parser.add_argument("--self-distill", type=int, default=DEFAULTS.self_distill, metavar="N",
+                        help="the --teacher answers N chat prompts built from the training text before training "
+                             "(summarise/continue/explain a passage; greedy) and the model learns those answers "
+                             "(KL on the answer tokens) on every --self-distill-every-th step; 0: off")
+    parser.add_argument("--self-distill-every", type=int, default=DEFAULTS.self_distill_every, metavar="K",
+                        help="with --self-distill: every K-th step trains on the teacher's answers instead of text")
+    parser.add_argument("--self-distill-tokens", type=int, default=DEFAULTS.self_distill_tokens,
+                        help="with --self-distill: most tokens per generated answer")
     parser.add_argument("--steps", type=non_negative_int, default=DEFAULTS.steps, help="optimizer steps")
     parser.add_argument("--seq-len", type=positive_int, default=DEFAULTS.seq_len, help="tokens per training sequence")
     parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size,
@@ -76,21 +85,25 @@ def register(subparsers) -> None:
 def settings_from_args(args: argparse.Namespace) -> RecoverySettings:
     weight = args.distill_weight if args.distill_weight is not None else (0.5 if args.teacher else 0.0)
     require(args.teacher is not None or weight == 0, "--distill-weight needs --teacher")
+    require(args.teacher is not None or args.self_distill == 0,
+            "--self-distill needs --teacher: the original model writes the answers to learn")
     return RecoverySettings(
         steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=args.warmup_steps, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         distill_weight=weight, temperature=args.temperature, eval_every=args.eval_every,
         eval_tokens=args.eval_tokens, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, allow_repeat=args.allow_repeat, seed=args.seed,
+        self_distill=args.self_distill, self_distill_every=args.self_distill_every,
+        self_distill_tokens=args.self_distill_tokens,
     )
 
 
 def training_text(tokenizer, spec: DataSpec, settings: RecoverySettings, processes: int) -> torch.Tensor:
-    """The blocks the steps need, sampled over the whole text (every component of a mixture in
+    """The blocks the text steps need, sampled over the whole text (every component of a mixture in
     equal shares, every document), as one stream; with --allow-repeat the whole text, cycled."""
     if settings.allow_repeat:
         return token_stream(tokenizer, spec)
-    blocks = settings.steps * settings.batch_size * processes
+    blocks = settings.text_steps() * settings.batch_size * processes
     try:
         return sample_blocks(tokenizer, spec, blocks, settings.seq_len).flatten()
     except DepthkitError as err:

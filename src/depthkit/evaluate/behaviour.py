@@ -131,22 +131,28 @@ def chat_prompts() -> list[str]:
 
 
 @torch.no_grad()
+def greedy_chat_answer(model: PreTrainedModel, tokenizer, prompt: str, max_new_tokens: int) -> tuple[torch.Tensor, int]:
+    """`model`'s greedy answer to `prompt` as one user turn of its chat template (plain text without
+    one): the prompt and answer tokens (1, n) on the CPU, and where the answer starts."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = prompt
+    prompt_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = model.generate(prompt_ids.to(next(model.parameters()).device), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return out.cpu(), prompt_ids.shape[1]
+
+
+@torch.no_grad()
 def chat_reference(
     model: PreTrainedModel, tokenizer, prompts: list[str], max_new_tokens: int = 32
 ) -> list[ChatReference]:
     """The reference model's greedy answers to `prompts` in its chat template (plain text without one)."""
-    device = next(model.parameters()).device
     references = []
     for prompt in prompts:
-        if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
-        else:
-            text = prompt
-        prompt_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        out = model.generate(prompt_ids.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id).cpu()
-        start = prompt_ids.shape[1]
+        out, start = greedy_chat_answer(model, tokenizer, prompt, max_new_tokens)
         predictions = _predictions(_log_probs(model, out)[0, start - 1 :])
         references.append(ChatReference(prompt, out, start, predictions,
                                         tokenizer.decode(out[0, start:], skip_special_tokens=True)))
