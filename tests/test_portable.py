@@ -41,11 +41,13 @@ print(json.dumps(results))
 """
 
 
-def looped_models(arch: str) -> dict[str, RecursiveModel]:
-    """A wrapped model with connector, prelude and coda, and a relaxed one; adapters made non-trivial."""
+def looped_models(arch: str, num_loops: int = 3, relaxed_layers: int = 4, sharing: str = "cycle"
+                  ) -> dict[str, RecursiveModel]:
+    """A wrapped model with connector, prelude and coda, and a relaxed one (`relaxed_layers` layers
+    shared `sharing`-wise into half as many); adapters made non-trivial."""
     torch.manual_seed(0)
-    wrapped = RecursiveModel.wrap(tiny_model(arch), ends=1, num_loops=3, connector_k=2)
-    relaxed = relax(tiny_model(arch, num_layers=4), 2, rank=2)
+    wrapped = RecursiveModel.wrap(tiny_model(arch), ends=1, num_loops=num_loops, connector_k=2)
+    relaxed = relax(tiny_model(arch, num_layers=relaxed_layers), relaxed_layers // 2, sharing, rank=2)
     with torch.no_grad():
         wrapped.connector.scale.fill_(0.3)
         for lora in relaxed.adapters.relax.values():
@@ -148,16 +150,7 @@ print(json.dumps(results))
 def early_exit_models(arch: str) -> dict[str, RecursiveModel]:
     """Four loops (exits at step 2, 3 or none): a connector loop between a prelude and a coda, and a
     relaxed model (MIDDLE sharing: unique first and last layers) with per-loop LoRA and norms."""
-    torch.manual_seed(0)
-    wrapped = RecursiveModel.wrap(tiny_model(arch), ends=1, num_loops=4, connector_k=2)
-    relaxed = relax(tiny_model(arch, num_layers=6), 3, "middle", rank=2)
-    with torch.no_grad():
-        wrapped.connector.scale.fill_(0.3)
-        for lora in relaxed.adapters.relax.values():
-            lora.lora_B.normal_(0, 0.05)
-        for weight in relaxed.adapters.norms.values():
-            weight.mul_(1.1)
-    return {"wrapped": wrapped, "relaxed": relaxed}
+    return looped_models(arch, num_loops=4, relaxed_layers=6, sharing="middle")
 
 
 def mixed_exit_threshold(model: RecursiveModel, ids: torch.Tensor, rule: str, eos: int,
