@@ -180,6 +180,22 @@ COMPRESS_CASES = [
      "does not produce a standard checkpoint"),
     *[(f"compress --model {MODEL} --method {method} --ratio 0.5 --option {option}", fragment)
       for method, option, fragment in METHOD_OPTIONS],
+    *variants(SHORT, "--save-plan", BAD_JSON),
+    *[(f"compress --model {MODEL} --ratio 0.5 --plan {plan}", fragment) for plan, fragment in [
+        ("{missing}", "plan file {missing} does not exist"),
+        ("{folder}", "is a folder; give the JSON file"),
+        ("{textfile}", "is not JSON"),
+        ("{badjson}", "is not JSON"),
+        ("{listjson}", "is not a compression plan"),
+        ("{binary}", "cannot read plan file"),
+        ("{sleb_plan} --method shortgpt", "the plan was searched by sleb, not shortgpt"),
+        ("{deep_plan}", "this sleb plan was searched on a 6-block model"),
+        ("{sleb_plan}", "this sleb plan was searched for 1 block; removing 2 needs a longer search"),
+        ("{sleb_plan} --option allow_ends=true", "option(s) allow_ends=True differ from the plan's"),
+        ("{sleb_plan} --save-plan {out}", "saves the plan a search chose; with a plan given nothing is searched"),
+    ]],
+    ("compress --model {model} --ratio 0.5 --plan {deep_plan} --offload disk --out {out}",
+     "this sleb plan was searched on a 6-block model"),
 ]
 
 # -- eval ppl | zeroshot | speed ---------------------------------------------------------------
@@ -441,6 +457,7 @@ def inputs(tmp_path_factory):
     from PIL import Image
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from depthkit.compress.plan import CompressionPlan
     from depthkit.models.loading import DEFAULT_MODEL, load_tokenizer
     from depthkit.models.tiny import tiny_model
     from depthkit.recursive.model import RecursiveModel
@@ -470,6 +487,10 @@ def inputs(tmp_path_factory):
     tokenizer.save_pretrained(paths["model"])
     paths["recursive"] = root / "recursive"
     RecursiveModel.wrap(base, num_loops=2, connector_k=2).save_pretrained(paths["recursive"], tokenizer)
+    # plans of SLEB on tiny:llama (4 blocks) searched for one block, and on a 6-block model
+    for name, depth in (("sleb_plan", 4), ("deep_plan", 6)):
+        paths[name] = CompressionPlan("sleb", {}, MODEL, depth, 1, "prefix", [{"block": 1, "removes": 1, "score": 2.5}],
+                                      {"selection_tokens": [8, 256]}).save(root / f"{name}.json")
     paths["image"] = root / "image.png"
     Image.new("RGB", (8, 8), "white").save(paths["image"])
     paths["root"] = root

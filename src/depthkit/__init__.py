@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 # The public API is imported lazily so that `import depthkit` stays cheap (no torch, no transformers).
 _LAZY = {"compress": "depthkit.compress", "save_compressed": "depthkit.compress",
-         "CompressionReport": "depthkit.compress", "list_methods": "depthkit.compress"}
+         "CompressionReport": "depthkit.compress", "CompressionPlan": "depthkit.compress",
+         "list_methods": "depthkit.compress"}
 
 
 def __getattr__(name: str):

@@ -11,10 +11,12 @@ import types
 from depthkit.compress import methods  # noqa: F401 - registers the built-in methods
 from depthkit.compress.api import CompressionReport, compress, list_methods, save_compressed
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, get_method, register_method
+from depthkit.compress.plan import CompressionPlan
 
 __all__ = [
     "CompressionMethod",
     "CompressionOutcome",
+    "CompressionPlan",
     "CompressionReport",
     "compress",
     "get_method",

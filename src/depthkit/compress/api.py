@@ -18,17 +18,27 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 import depthkit
-from depthkit.compress.base import METHODS, blocks_to_remove, get_method
+from depthkit.compress.base import METHODS, blocks_to_remove, get_method, method_for_plan
 from depthkit.compress.common import count_parameters, num_blocks
+from depthkit.compress.plan import CompressionPlan
 from depthkit.data.blocks import DataSpec, sample_blocks, split_documents
 from depthkit.data.corpora import DEFAULT_CALIB, mixture_components
 from depthkit.errors import require, warn
-from depthkit.utils.io import atomic_output_dir, check_output_dir, format_table, json_text, write_json
+from depthkit.models.runner import BlockSink, BlockSource, InMemoryModel, ModelSink
+from depthkit.utils.io import (
+    atomic_output_dir,
+    check_output_dir,
+    check_output_file,
+    format_table,
+    json_text,
+    write_json,
+)
 
 CARD_JSON = "compression_card.json"
 DEFAULT_CALIB_BLOCKS = 64
 DEFAULT_CALIB_LEN = 256
 CARD_MD = "compression_card.md"
+DEFAULT_METHOD = "flatten"
 
 
 @dataclass
@@ -51,10 +61,18 @@ class CompressionReport:
     details: dict[str, Any] = field(default_factory=dict)
     paper: str = ""
     deviations: list[str] = field(default_factory=list)
+    # "searched" (this run's search), or where the plan it applied came from (a file, or "given")
+    plan_source: str = "searched"
+    plan: dict[str, Any] | None = None  # the plan applied (`CompressionPlan.from_dict` reads it back)
     depthkit_version: str = depthkit.__version__
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def applied_plan(self) -> CompressionPlan:
+        """The plan this run applied, to apply again (another count it serves, other fitting options)."""
+        require(self.plan is not None, "this report records no plan")
+        return CompressionPlan.from_dict(self.plan)
 
     def summary_row(self) -> dict[str, Any]:
         """One table row: the figures a user compares between methods."""
@@ -67,9 +85,72 @@ class CompressionReport:
         }
 
 
+class CompressionJob:
+    """One compression, checked before any work: the method and its options, the plan to apply (or
+    none: search one), how many blocks go. `compress`, `compress_checkpoint` and the command line
+    all build one, so each check, the search-or-plan choice and the card are written once; the
+    entry points differ only in the model's backend (its block source and sink).
+    """
+
+    def __init__(self, method: str | None, options: dict[str, Any], plan: CompressionPlan | str | Path | None = None,
+                 save_plan: str | Path | None = None) -> None:
+        """Checks what needs no model: the method, its options, the plan file and whether its
+        options agree, and that `save_plan` can be written."""
+        if isinstance(plan, (str, Path)):
+            self.plan, self.plan_source = CompressionPlan.load(plan), f"file {plan}"
+        else:
+            self.plan, self.plan_source = plan, ("searched" if plan is None else "given")
+        require(self.plan is None or save_plan is None,
+                "`save_plan` saves the plan a search chose; with a plan given nothing is searched")
+        if self.plan is None:
+            self.runner = get_method(method or DEFAULT_METHOD, **options)
+        else:
+            self.runner = method_for_plan(self.plan, method, options)
+        self.save_plan = None if save_plan is None else check_output_file(save_plan)
+        self.num_layers = self.num_remove = 0  # set by `for_depth`, with the ratio or target asked
+        self.ratio: float | None = None
+        self.target_layers: int | None = None
+
+    def for_depth(self, num_layers: int, ratio: float | None, target_layers: int | None) -> int:
+        """Checks what needs the model's depth (from its config: before any weight is loaded): the
+        blocks to remove, the method's depth-dependent options, and that the plan serves them."""
+        self.num_layers, self.ratio, self.target_layers = num_layers, ratio, target_layers
+        self.num_remove = blocks_to_remove(num_layers, ratio, target_layers)
+        if self.plan is not None:  # first: a plan's own options are checked against its count below
+            self.runner.check_plan(self.plan, num_layers, self.num_remove)
+        self.runner.check_depth(num_layers, self.num_remove)
+        return self.num_remove
+
+    @torch.no_grad()
+    def run(
+        self, source: BlockSource, sink: BlockSink, calib_ids: torch.Tensor, calibration: dict[str, Any],
+        model: str, parameters_before: dict[str, int],
+    ) -> CompressionReport:
+        """Search (unless a plan was given; a searched plan is saved before it is applied, so a failed
+        apply keeps it), apply, and the report, less what the backend knows once its sink is
+        finished (the caller sets `num_layers_after` and `parameters_after`)."""
+        began = time.perf_counter()
+        plan = self.plan
+        if plan is None:
+            plan = self.runner.search(source, calib_ids, self.num_remove)
+            plan.model = model
+            if self.save_plan is not None:
+                plan.save(self.save_plan)
+        outcome = self.runner.apply(source, plan, calib_ids, self.num_remove, sink)
+        return CompressionReport(
+            method=self.runner.name, options=dict(self.runner.options), model=model,
+            num_layers_before=self.num_layers, num_layers_after=0, blocks_requested=self.num_remove,
+            ratio=self.ratio, target_layers=self.target_layers, parameters_before=parameters_before,
+            parameters_after={}, calibration=calibration, seconds=time.perf_counter() - began,
+            saveable=outcome.saveable, details=outcome.details,
+            paper=self.runner.paper, deviations=self.runner.deviations(), plan_source=self.plan_source,
+            plan=plan.to_dict(),
+        )
+
+
 def compress(
     model: PreTrainedModel,
-    method: str = "flatten",
+    method: str | None = None,
     ratio: float | None = None,
     target_layers: int | None = None,
     calib_ids: torch.Tensor | None = None,
@@ -77,39 +158,36 @@ def compress(
     calib: DataSpec | str = DEFAULT_CALIB,
     num_calib_blocks: int = DEFAULT_CALIB_BLOCKS,
     calib_block_len: int = DEFAULT_CALIB_LEN,
+    plan: CompressionPlan | str | Path | None = None,
+    save_plan: str | Path | None = None,
     **method_options: Any,
 ) -> CompressionReport:
     """Compress `model` in place by `ratio` of its blocks (or down to `target_layers` blocks).
 
-    Calibration is `calib_ids` (sequences x tokens) when given, else `num_calib_blocks` blocks of
-    `calib_block_len` tokens sampled over all of `calib` (a corpus or mixture name means its
-    `calib` split; `sample_blocks`), tokenized with `tokenizer`. Everything a user can get wrong
-    is checked before any work starts.
+    `method` defaults to flatten, or to the method of `plan`: a `CompressionPlan` or the path of
+    one (`save_plan`, a card's `plan`), applied without searching; options not given are the
+    plan's. `save_plan` writes the plan this run's search chooses. Calibration is `calib_ids`
+    (sequences x tokens) when given, else `num_calib_blocks` blocks of `calib_block_len` tokens
+    sampled over all of `calib` (a corpus or mixture name means its `calib` split;
+    `sample_blocks`), tokenized with `tokenizer`. Everything a user can get wrong is checked
+    before any work starts.
     """
-    runner = get_method(method, **method_options)
-    depth = num_blocks(model)
-    num_remove = blocks_to_remove(depth, ratio, target_layers)
+    job = CompressionJob(method, method_options, plan, save_plan)
+    job.for_depth(num_blocks(model), ratio, target_layers)
     calib_ids, calibration = _calibration(model.config, next(model.parameters()).device, calib_ids, tokenizer,
                                           calib, num_calib_blocks, calib_block_len)
-    before = count_parameters(model)
     model.eval()
-    began = time.perf_counter()
-    with torch.no_grad():
-        outcome = runner.compress(model, calib_ids, num_remove)
-    seconds = time.perf_counter() - began
-    return CompressionReport(
-        method=method, options=dict(method_options), model=str(getattr(model, "name_or_path", "") or ""),
-        num_layers_before=depth, num_layers_after=num_blocks(model), blocks_requested=num_remove,
-        ratio=ratio, target_layers=target_layers, parameters_before=before,
-        parameters_after=count_parameters(model), calibration=calibration, seconds=seconds,
-        saveable=outcome.saveable, details=outcome.details, paper=runner.paper, deviations=runner.deviations(),
-    )
+    with ModelSink(model) as sink:
+        report = job.run(InMemoryModel(model), sink, calib_ids, calibration,
+                         str(getattr(model, "name_or_path", "") or ""), count_parameters(model))
+    report.num_layers_after, report.parameters_after = num_blocks(model), count_parameters(model)
+    return report
 
 
 def compress_checkpoint(
     model: str | Path,
     out: str | Path,
-    method: str = "flatten",
+    method: str | None = None,
     ratio: float | None = None,
     target_layers: int | None = None,
     calib_ids: torch.Tensor | None = None,
@@ -117,6 +195,8 @@ def compress_checkpoint(
     calib: DataSpec | str = DEFAULT_CALIB,
     num_calib_blocks: int = DEFAULT_CALIB_BLOCKS,
     calib_block_len: int = DEFAULT_CALIB_LEN,
+    plan: CompressionPlan | str | Path | None = None,
+    save_plan: str | Path | None = None,
     device: str = "cpu",
     dtype: str | torch.dtype = "auto",
     overwrite: bool = False,
@@ -129,37 +209,30 @@ def compress_checkpoint(
     (one for ShortGPT, SLEB, attention drop and width pruning, a pair and its wide block for
     FlattenGPT, the blocks of one merge for LaCo) plus the calibration activations (for the SLEB and LaCo searches,
     the cached states of their selection sequences), so a model larger than RAM (or GPU memory)
-    compresses on one device. `out` appears only once complete, with its compression card.
+    compresses on one device. `out` appears only once complete, with its compression card. The
+    method, plan and calibration arguments are `compress`'s.
     """
     from depthkit.models.loading import load_tokenizer, resolve_model_path
     from depthkit.models.streaming import StreamingModel, StreamingWriter, peak_memory_mb, return_freed_memory_to_os
 
-    runner = get_method(method, **method_options)
-    runner.require_streaming()
+    job = CompressionJob(method, method_options, plan, save_plan)
+    job.runner.require_streaming()
     check_output_dir(out, overwrite)
     return_freed_memory_to_os()
     folder = resolve_model_path(str(model))
     source = StreamingModel.open(folder, device=device, dtype=dtype)
-    num_remove = blocks_to_remove(source.num_layers, ratio, target_layers)
+    job.for_depth(source.num_layers, ratio, target_layers)
     if calib_ids is None and tokenizer is None:
         tokenizer = load_tokenizer(folder)
     calib_ids, calibration = _calibration(source.config, source.device, calib_ids, tokenizer, calib,
                                           num_calib_blocks, calib_block_len)
     before = source.parameter_count()
-    began = time.perf_counter()
-    with StreamingWriter(out, source.config, overwrite=overwrite) as writer, \
-            torch.no_grad():
+    with StreamingWriter(out, source.config, overwrite=overwrite) as writer:
         writer.write_non_layer(source)
-        outcome = runner.compress_blocks(source, calib_ids, num_remove, writer)
-        report = CompressionReport(
-            method=method, options=dict(method_options), model=str(model), num_layers_before=source.num_layers,
-            num_layers_after=writer.num_layers, blocks_requested=num_remove, ratio=ratio,
-            target_layers=target_layers, parameters_before={"total": before, "effective": before},
-            parameters_after={"total": writer.parameters, "effective": writer.effective_parameters},
-            calibration=calibration, seconds=time.perf_counter() - began, saveable=True,
-            details=outcome.details | {"offload": "disk", "peak_memory_mb": peak_memory_mb()},
-            paper=runner.paper, deviations=runner.deviations(),
-        )
+        report = job.run(source, writer, calib_ids, calibration, str(model), {"total": before, "effective": before})
+        report.num_layers_after = writer.num_layers
+        report.parameters_after = {"total": writer.parameters, "effective": writer.effective_parameters}
+        report.details |= {"offload": "disk", "peak_memory_mb": peak_memory_mb()}
         card = report.to_dict()
         writer.write_text(CARD_JSON, json_text(card))
         writer.write_text(CARD_MD, card_markdown(card))
@@ -243,6 +316,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         {"field": "effective parameters", "value": f"{before['effective']:,} -> {after['effective']:,}"},
         {"field": "calibration", "value": "{data}, {sequences} x {tokens_per_sequence} tokens".format(
             **card["calibration"])},
+        *([{"field": "plan", "value": _plan_line(card)}] if card.get("plan") else []),
         {"field": "paper", "value": card.get("paper") or "(depthkit's own method)"},
         {"field": "wall time", "value": f"{card['seconds']:.1f} s"},
         {"field": "depthkit", "value": card["depthkit_version"]},
@@ -258,6 +332,11 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines += ["## Method details", "", "```json",
               json_text(card["details"]).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _plan_line(card: dict[str, Any]) -> str:
+    plan = card["plan"]
+    return f"{card['plan_source']}: {len(plan['steps'])} steps for {plan['num_remove']} blocks, reuse {plan['reuse']}"
 
 
 def _requested(card: dict[str, Any]) -> str:

@@ -5,20 +5,23 @@ A method is one file in `depthkit/compress/methods/` that defines a subclass of
 an error); `depthkit.compress` imports them all once this module is complete, so nothing here
 imports the methods (no import circle). It reads the model through a block source (in memory or
 streamed from disk, `depthkit.models.runner`) with calibration token blocks and how many blocks to
-remove, writes the new blocks to a sink (the model in memory, or a new checkpoint), and returns
-what it did (`CompressionOutcome`), which becomes the compression card.
+remove, and is written as two halves: `search` chooses what to remove or merge and returns it as a
+`CompressionPlan` (`compress/plan.py`, reusable and saved as JSON), `apply` performs that plan,
+writing the new blocks to a sink (the model in memory, or a new checkpoint), and returns what it
+did (`CompressionOutcome`), which becomes the compression card.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
 
+from depthkit.compress.plan import CompressionPlan
 from depthkit.errors import DepthkitError, require
 from depthkit.models.runner import BlockSink, BlockSource, InMemoryModel, ModelSink
 
@@ -89,7 +92,7 @@ class CompressionOutcome:
 
 
 class CompressionMethod:
-    """Base class: subclasses set `name`, `description`, `options_class` and implement `compress`."""
+    """Base class: subclasses set `name`, `description`, `options_class` and implement `search` and `apply`."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -98,6 +101,14 @@ class CompressionMethod:
     options_class: ClassVar[type[MethodOptions]] = MethodOptions
     # False for methods whose result is never a standard checkpoint, so `--out` is refused up front.
     produces_checkpoint: ClassVar[bool] = True
+    # Options only `apply` reads (a least-squares fit, how much of a ranking to take): a saved plan may
+    # be applied with other values of these. Every other option shaped the search, so a plan refuses
+    # another value of it (`method_for_plan`).
+    apply_options: ClassVar[frozenset[str]] = frozenset()
+    # The method whose search this one shares (its plans apply here too); None: its own.
+    plan_method: ClassVar[str | None] = None
+    # What every step of its plans must say (`CompressionPlan` types the keys the methods share).
+    step_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
         self.options = options  # as given: what the compression card records
@@ -112,21 +123,62 @@ class CompressionMethod:
         lists them so a baseline is never weaker than published without saying so."""
         return []
 
-    def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
-        """Compress `model` in memory: the blocks the method writes become its blocks.
-
-        Methods that need the whole model at once (and cannot stream) override this instead of
-        `compress_blocks`.
-        """
+    def compress(
+        self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int, plan: CompressionPlan | None = None
+    ) -> CompressionOutcome:
+        """Compress `model` in memory (searching unless a plan is given): the blocks the method
+        writes become its blocks."""
         with ModelSink(model) as sink:
-            return self.compress_blocks(InMemoryModel(model), calib_ids, num_remove, sink)
+            return self.compress_blocks(InMemoryModel(model), calib_ids, num_remove, sink, plan)
 
     def compress_blocks(
-        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink
-    ) -> CompressionOutcome:  # pragma: no cover - interface
-        """The method, written once for both backends: read the model through `source` (in memory,
-        or streamed from disk one block at a time) and write the new blocks to `sink` in order."""
+        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink,
+        plan: CompressionPlan | None = None,
+    ) -> CompressionOutcome:
+        """The method on either backend: `apply(search(...))`, or `apply` of a plan given."""
+        if plan is None:
+            plan = self.search(source, calib_ids, num_remove)
+        else:
+            self.check_plan(plan, len(source.layers()), num_remove)
+        return self.apply(source, plan, calib_ids, num_remove, sink)
+
+    @classmethod
+    def planned_as(cls) -> str:
+        """The method name its plans carry."""
+        return cls.plan_method or cls.name
+
+    def check_plan(self, plan: CompressionPlan, num_layers: int, num_remove: int) -> None:
+        """Refuse a plan of another method or model depth, or one that cannot serve `num_remove`
+        exactly: known from the model's config, so checked before any weight is loaded."""
+        require(plan.method == self.planned_as(), f"the plan was searched by {plan.method}, not {self.name}")
+        missing = sorted({key for step in plan.steps for key in self.step_keys if key not in step})
+        require(not missing, f"the steps of a {plan.method} plan give {', '.join(self.step_keys)}; "
+                             f"this plan's lack {', '.join(missing)}")
+        plan.check_model(num_layers)
+        plan.check_count(num_remove)
+
+    def search(
+        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int
+    ) -> CompressionPlan:  # pragma: no cover - interface
+        """Choose what to remove or merge for `num_remove` blocks, reading the model through `source`
+        (in memory, or streamed from disk one block at a time); nothing is written."""
         raise NotImplementedError
+
+    def apply(
+        self, source: BlockSource, plan: CompressionPlan, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink
+    ) -> CompressionOutcome:  # pragma: no cover - interface
+        """Perform `plan` for `num_remove` blocks (it refuses a count it cannot serve exactly), writing
+        the new blocks to `sink` in order; `calib_ids` for methods that fit weights as they go."""
+        raise NotImplementedError
+
+    def new_plan(
+        self, source: BlockSource, num_remove: int, reuse: str, steps: list[dict[str, Any]],
+        details: dict[str, Any] | None = None, reuse_reason: str = "",
+    ) -> CompressionPlan:
+        """A plan of this method, with its options, for `source`'s depth (the caller names the model)."""
+        return CompressionPlan(method=self.planned_as(), options=dict(self.options), model="",
+                               num_layers=len(source.layers()), num_remove=num_remove, reuse=reuse, steps=steps,
+                               details=details or {}, reuse_reason=reuse_reason)
 
     def check_depth(self, num_layers: int, num_remove: int) -> None:
         """Options that depend on the model's depth, checked from its config before any weight is
@@ -140,7 +192,7 @@ class CompressionMethod:
     @classmethod
     def streams(cls) -> bool:
         """Methods written against a source and a sink whose result is a standard checkpoint."""
-        return cls.produces_checkpoint and cls.compress_blocks is not CompressionMethod.compress_blocks
+        return cls.produces_checkpoint and cls.apply is not CompressionMethod.apply
 
 
 def register_method(name: str):
@@ -166,6 +218,28 @@ def get_method(name: str, **options: Any) -> CompressionMethod:
     if name not in METHODS:
         raise DepthkitError(f"unknown method '{name}'; choose from {', '.join(sorted(METHODS))}")
     return METHODS[name](**options)
+
+
+def method_for_plan(plan: CompressionPlan, name: str | None, options: dict[str, Any]) -> CompressionMethod:
+    """The method that applies `plan`: the plan's (or `name`, if it shares the plan's search), with
+    the plan's options updated by `options`.
+
+    Any option that shaped the search given another value than the plan's is refused (compared as
+    the method reads them, so a preset and the options it sets agree): the plan would not be what
+    that option asks for. Options the method reads only in `apply` (`apply_options`) may differ.
+    """
+    cls = METHODS.get(name or plan.method)
+    require(cls is not None, f"unknown method '{name or plan.method}'; choose from {', '.join(sorted(METHODS))}")
+    require(cls.planned_as() == plan.method,
+            f"the plan was searched by {plan.method}, not {name}: drop --method, or search again without the plan")
+    theirs = asdict(cls.options_class.from_dict(plan.options, cls.name))
+    runner = cls(**{**plan.options, **options})
+    ours = asdict(runner.settings)
+    conflicts = sorted(key for key in ours if key not in cls.apply_options and ours[key] != theirs[key])
+    require(not conflicts, f"option(s) {', '.join(f'{key}={ours[key]!r}' for key in conflicts)} differ from the plan's "
+                           f"({', '.join(f'{key}={theirs[key]!r}' for key in conflicts)}), which its search depended "
+                           "on: drop them, or search again without the plan")
+    return runner
 
 
 def blocks_to_remove(num_layers: int, ratio: float | None = None, target_layers: int | None = None) -> int:

@@ -4,7 +4,7 @@ What every block-removal or merging baseline needs besides the block runner
 (`depthkit.models.runner`: the block states on calibration tokens, re-running only the blocks
 after an edit, in memory or streamed from disk): the calibration loss of a model, a way to cut
 blocks out so the checkpoint stays a plain Hugging Face model, parameter counts, and the options
-and base class of the methods that search by re-running candidates (SLEB, LaCo).
+of the methods that search by re-running candidates (SLEB, LaCo, FlattenGPT).
 """
 
 from __future__ import annotations
@@ -16,19 +16,31 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from depthkit.compress.base import CompressionMethod, CompressionOutcome, MethodOptions, option
+from depthkit.compress.base import MethodOptions, option
+from depthkit.compress.plan import CompressionPlan
 from depthkit.errors import require
 from depthkit.models.adapters import get_adapter
-from depthkit.models.runner import BlockSink, BlockSource, BlockStates, InMemoryModel, head_loss
+from depthkit.models.runner import BlockStates, InMemoryModel, head_loss
 
 
 def num_blocks(model: PreTrainedModel) -> int:
     return len(get_adapter(model).layers(model))
 
 
-def lowest(scores: Sequence[float], k: int) -> list[int]:
-    """Indices of the k smallest scores, sorted by position (one-shot selection of what to drop)."""
-    return sorted(sorted(range(len(scores)), key=scores.__getitem__)[:k])
+def ranking_steps(scores: Sequence[float]) -> list[dict[str, Any]]:
+    """The steps of a one-shot ranking plan: every block, lowest score first (ties: the earlier
+    block), so that the first k steps are the k blocks a one-shot selection of k drops."""
+    return [{"block": i, "score": scores[i]} for i in sorted(range(len(scores)), key=scores.__getitem__)]
+
+
+def ranked_blocks(plan: CompressionPlan, count: int) -> list[int]:
+    """The first `count` blocks of a ranking plan, sorted by position."""
+    return sorted(step["block"] for step in plan.steps[:count])
+
+
+def scores_by_block(plan: CompressionPlan) -> list[float]:
+    """The scores of a ranking plan in block order (as the card lists them)."""
+    return [step["score"] for step in sorted(plan.steps, key=lambda step: step["block"])]
 
 
 def remove_blocks(model: PreTrainedModel, indices: Iterable[int]) -> list[int]:
@@ -40,27 +52,6 @@ def remove_blocks(model: PreTrainedModel, indices: Iterable[int]) -> list[int]:
     require(len(drop) < len(layers), f"removing {len(drop)} of {len(layers)} blocks would leave none")
     adapter.set_layers(model, [layer for i, layer in enumerate(layers) if i not in drop])
     return drop
-
-
-class SearchMethod(CompressionMethod):
-    """A method that edits the `BlockStates` of a model and keeps its final blocks.
-
-    Subclasses implement `search`; the blocks it leaves are then written to the sink in order
-    (the model in memory, or the new checkpoint one block at a time with `--offload disk`).
-    """
-
-    @torch.no_grad()
-    def compress_blocks(
-        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink
-    ) -> CompressionOutcome:
-        states, details = self.search(source, calib_ids, num_remove)
-        states.write_to(sink)
-        return CompressionOutcome(details)
-
-    def search(
-        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int
-    ) -> tuple[BlockStates, dict[str, Any]]:  # pragma: no cover - interface
-        raise NotImplementedError
 
 
 @torch.no_grad()

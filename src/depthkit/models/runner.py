@@ -223,11 +223,6 @@ class BlockStates:
     def final(self, hidden: torch.Tensor) -> torch.Tensor:
         return final_representation(self.source.model, hidden)
 
-    def write_to(self, sink: BlockSink) -> None:
-        """Write the current blocks in order, one loaded at a time."""
-        for index in range(self.depth()):
-            sink.write_layer(index, self.load(index))
-
 
 @torch.no_grad()
 def head_loss(

@@ -150,6 +150,21 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file beside it, so that a kill mid-write never
+    leaves a truncated file where a complete one is expected (creating parent folders)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def json_text(data: Any) -> str:
     """`data` as indented, strict JSON text (`json_safe`)."""
     return json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"

@@ -1,9 +1,17 @@
 """FlattenGPT: depth compression by flattening adjacent blocks, then pruning channels back.
 
-Pipeline (`flatten_gpt`): choose groups of adjacent blocks on a small selection set
-(`selection.py`), flatten each group into one wide block (`merge.py`, exact), then prune the
+Pipeline: choose groups of adjacent blocks on a small selection set (`selection.py`; the search,
+`flatten_steps`), flatten each group into one wide block (`merge.py`, exact), then prune the
 wide blocks back to the original heads/neurons with least-squares compensation fitted on the
-calibration set, front to back with error propagation (`prune.py`, `channels.py`).
+calibration set, front to back with error propagation (`prune.py`, `channels.py`; the apply,
+`apply_steps`). `flatten_gpt` runs both.
+
+The search's steps are the flattens in the order it chose them, each removing one block (a plan's
+`steps`). Both selections are greedy: the re-scored one picks each flatten on the model left by the
+flattens before it, the one-pass one takes the best-scored disjoint pairs of the original model in
+turn; neither looks at how many flattens are asked for. A search for fewer blocks therefore makes
+the same first choices and stops earlier: the first k' steps of a plan searched for k >= k' are
+exactly what a search for k' chooses. Explicit `groups` fix the count.
 """
 
 from __future__ import annotations
@@ -26,8 +34,8 @@ from depthkit.errors import require
 from depthkit.models.runner import BlockSink, BlockSource, ModelSink, as_source
 
 __all__ = [
-    "FlattenOptions", "PruneOptions", "check_groups", "flatten_gpt", "flatten_layers", "select_groups",
-    "flatten_and_prune",
+    "PRUNING_OPTIONS", "FlattenOptions", "PruneOptions", "apply_steps", "check_groups", "flatten_gpt", "flatten_layers",
+    "flatten_steps", "select_groups", "flatten_and_prune",
 ]
 
 
@@ -65,6 +73,10 @@ class PruneOptions(MethodOptions):
             self.criterion, self.attn_criterion, self.target, self.ridge, self.batch_size, self.qk_norm,
             self.ridge_prior, refit,
         )
+
+
+# The options only the pruning stage reads (not the search): a plan's choice may be pruned another way.
+PRUNING_OPTIONS = frozenset({"criterion", "attn_criterion", "target", "ridge", "ridge_prior"})
 
 
 # Named recipes: `preset=paper` is FlattenGPT as the paper describes it (arXiv 2602.08858; no official
@@ -154,7 +166,7 @@ def flatten_gpt(
     progress: bool = True,
     sink: BlockSink | None = None,
 ) -> dict[str, Any]:
-    """Compress by `num_remove` blocks; returns the details for the card.
+    """Compress by `num_remove` blocks (the search, then its apply); returns the details for the card.
 
     The blocks go to `sink` (a `StreamingWriter` for a checkpoint streamed from disk: each block is
     written as soon as it is fitted); without one, a model in memory is changed in place. The same
@@ -167,43 +179,68 @@ def flatten_gpt(
         with ModelSink(model) as in_place:
             return flatten_gpt(model, selection_ids, fit_ids, num_remove, options, prune, progress, in_place)
     source = as_source(model)
-    num_layers = len(source.layers())
     began = time.perf_counter()
-    groups, log = choose_groups(source, selection_ids, num_remove, options, progress)
-    selected = time.perf_counter()
-    records = flatten_and_prune(source, groups, fit_ids, options.prune_settings(), sink, prune, progress)
-    return _details(options, prune, num_layers, groups, log, records, selection_ids, fit_ids, began, selected)
+    steps, _reuse = flatten_steps(source, selection_ids, num_remove, options, progress)
+    selection = {"selection_tokens": int(selection_ids.numel()), "seconds_selection": time.perf_counter() - began}
+    return apply_steps(source, steps, fit_ids, options, prune, sink, progress) | selection
 
 
-def choose_groups(
+def flatten_steps(
     source: BlockSource, selection_ids: torch.Tensor, num_remove: int, options: FlattenOptions, progress: bool = True,
-) -> tuple[list[list[int]], list[dict]]:
-    """The groups to flatten and the selection log: given (`groups`), re-scored after every flatten
-    (`select_groups`) or scored once (`one_pass_pairs`, `rescore` false)."""
+) -> tuple[list[dict[str, Any]], str]:
+    """The search: the flattens in the order chosen (`blocks`: the original blocks the flatten
+    joins, `removes`, `score`) and how a plan of them is reused ("prefix"; "exact" for explicit
+    `groups`, one step per group, unscored). Scored after every flatten (`select_groups`), or
+    once (`one_pass_pairs`, `rescore` false)."""
     if options.groups is not None:
-        return check_groups(options.groups, len(source.layers()), num_remove), []
+        groups = check_groups(options.groups, len(source.layers()), num_remove)
+        return [{"blocks": group, "removes": len(group) - 1} for group in groups if len(group) > 1], "exact"
     if options.rescore:
-        return select_groups(source, selection_ids, num_remove, options.selection, options.max_group,
-                             options.batch_size, options.qk_norm, options.shortlist, progress)
-    return one_pass_pairs(source, selection_ids, num_remove, options.selection, options.batch_size, options.qk_norm,
-                          progress)
+        _groups, log = select_groups(source, selection_ids, num_remove, options.selection, options.max_group,
+                                     options.batch_size, options.qk_norm, options.shortlist, progress)
+    else:
+        _groups, log = one_pass_pairs(source, selection_ids, num_remove, options.selection, options.batch_size,
+                                      options.qk_norm, progress)
+    return [{"blocks": entry["flattened"], "removes": 1, "score": entry["score"]} for entry in log], "prefix"
 
 
-def _details(
-    options: FlattenOptions, prune: bool, num_layers: int, groups: list[list[int]], log: list[dict],
-    records: list[dict], selection_ids: torch.Tensor, fit_ids: torch.Tensor, began: float, selected: float,
+def groups_of(steps: list[dict[str, Any]], num_layers: int) -> list[list[int]]:
+    """The groups of original blocks after `steps`, replayed from single blocks: each step joins the
+    adjacent groups that make up its `blocks` (refused if none do: a damaged plan)."""
+    groups = [[i] for i in range(num_layers)]
+    for step in steps:
+        blocks = step["blocks"]
+        start = next((p for p, group in enumerate(groups) if group[0] == blocks[0]), len(groups))
+        stop, joined = start, []
+        while stop < len(groups) and len(joined) < len(blocks):
+            joined += groups[stop]
+            stop += 1
+        require(joined == blocks and stop - start >= 2,
+                f"the plan flattens blocks {blocks}, which are not adjacent groups of the model left by its earlier "
+                "steps: the plan is damaged")
+        groups[start:stop] = [list(blocks)]
+    return groups
+
+
+def apply_steps(
+    source: BlockSource, steps: list[dict[str, Any]], fit_ids: torch.Tensor, options: FlattenOptions,
+    prune: bool, sink: BlockSink, progress: bool = True,
 ) -> dict[str, Any]:
-    """What the compression card records about a FlattenGPT run."""
+    """The apply: every group of `steps` flattened and (if `prune`) pruned back with least squares
+    on `fit_ids`, the blocks written to `sink`; the card's details, less the search's (its tokens
+    and time, which the plan holds)."""
+    num_layers = len(source.layers())
+    groups = groups_of(steps, num_layers)
+    began = time.perf_counter()
+    records = flatten_and_prune(source, groups, fit_ids, options.prune_settings(), sink, prune, progress)
     return {
         "options": dataclasses.asdict(options),
         "pruned": prune,
         "layers_before": num_layers,
         "layers_after": len(groups),
         "flattened_groups": [g for g in groups if len(g) > 1],
-        "selection_log": log,
+        "selection_log": [{"flattened": step["blocks"], "score": step["score"]} for step in steps if "score" in step],
         "blocks": records,
-        "selection_tokens": int(selection_ids.numel()),
         "fit_tokens": int(fit_ids.numel()) if prune else 0,
-        "seconds_selection": selected - began,
-        "seconds_prune": time.perf_counter() - selected,
+        "seconds_prune": time.perf_counter() - began,
     }

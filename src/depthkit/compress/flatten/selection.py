@@ -152,6 +152,9 @@ def select_groups(
     log = []
     for _ in tqdm(range(num_remove), desc=f"flatten selection ({selection})", disable=not progress):
         candidates = state.candidates(max_group)
+        require(bool(candidates), f"after {len(log)} flattens no two adjacent blocks can be flattened (groups of at "
+                                  f"most {max_group} blocks of one attention type): {num_remove} is too many for "
+                                  "this model")
         if selection == "greedy":
             scores = _greedy_scores(state, candidates, shortlist)
         elif selection == "local":

@@ -19,12 +19,16 @@ Design choices, recorded on the compression card:
 With `--offload disk` the scores come from one pass over the checkpoint's files, one block in
 memory at a time (the same code reads the model through a `BlockSource`), and every block is then
 written to the new checkpoint, its attention zeroed where chosen.
+
+Plan: every attention sublayer ranked by its importance, lowest first (`reuse` "ranking"). The
+scores are measured once on the original model, whatever the budget, so the first
+round(attention_per_block x k) of the ranking are exactly what a search for k blocks drops: one
+plan serves every ratio, and other values of `attention_per_block` (an option of apply alone).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +37,8 @@ from transformers import PreTrainedModel
 
 from depthkit.analysis.metrics import token_cosine
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, MethodOptions, option, register_method
-from depthkit.compress.common import lowest
+from depthkit.compress.common import ranked_blocks, ranking_steps, scores_by_block
+from depthkit.compress.plan import CompressionPlan
 from depthkit.errors import require
 from depthkit.models.adapters import ATTENTION_PROJECTIONS, ArchitectureAdapter, get_adapter
 from depthkit.models.runner import BlockRunner, BlockSink, BlockSource, as_source
@@ -108,6 +113,8 @@ class AttentionDrop(CompressionMethod):
     options_class = AttentionDropOptions
     paper = ("He et al., 2024, What Matters in Transformers? Not All Attention is Needed (LLM-Drop, "
              "attention drop)")
+    apply_options = frozenset({"attention_per_block"})
+    step_keys = ("block", "score")
 
     def deviations(self) -> list[str]:
         found = [
@@ -123,31 +130,39 @@ class AttentionDrop(CompressionMethod):
                          "for one")
         return found
 
-    def compress_blocks(
-        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink
+    def check_depth(self, num_layers: int, num_remove: int) -> None:
+        self.drop_count(num_layers, num_remove)
+
+    def search(self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int) -> CompressionPlan:
+        """Every attention sublayer scored in one pass and ranked, lowest importance first."""
+        self.drop_count(len(source.layers()), num_remove)  # a budget that drops none or all: before the pass
+        scores = attention_importance(source, calib_ids, self.settings.batch_size)
+        return self.new_plan(source, num_remove, "ranking", ranking_steps(scores))
+
+    def apply(
+        self, source: BlockSource, plan: CompressionPlan, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink
     ) -> CompressionOutcome:
-        """Scores from one pass, then every block written, its attention zeroed where chosen."""
-        details = self.choose(source, calib_ids, num_remove)
+        """Every block written, its attention zeroed if it is among the first of the ranking."""
+        plan.check_count(num_remove)
         adapter = get_adapter(source.model)
         layers = source.layers()
+        dropped = ranked_blocks(plan, self.drop_count(len(layers), num_remove))
         for index in range(len(layers)):
             layer = layers[index]
-            if index in details["dropped_attention"]:
+            if index in dropped:
                 zero_attention(adapter, layer)
             sink.write_layer(index, layer)
-        return CompressionOutcome(details)
+        return CompressionOutcome({
+            "dropped_attention": dropped,
+            "attention_per_block": self.settings.attention_per_block,
+            "attention_importance": scores_by_block(plan),
+            "warning": NO_SPEEDUP_WARNING,
+        })
 
-    def choose(self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int) -> dict[str, Any]:
-        """Score every attention sublayer and pick the ones to drop: the card's details."""
+    def drop_count(self, depth: int, num_remove: int) -> int:
+        """Attention sublayers dropped for `num_remove` blocks' worth: at least one, never all."""
         per_block = self.settings.attention_per_block
-        depth = len(source.layers())
         count = round(per_block * num_remove)
         require(1 <= count < depth, f"attn_drop would drop {count} of {depth} attention sublayers "
                                     f"({per_block} per block x {num_remove}); lower attention_per_block or the ratio")
-        scores = attention_importance(source, calib_ids, self.settings.batch_size)
-        return {
-            "dropped_attention": lowest(scores, count),
-            "attention_per_block": per_block,
-            "attention_importance": scores,
-            "warning": NO_SPEEDUP_WARNING,
-        }
+        return count

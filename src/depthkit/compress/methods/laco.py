@@ -20,6 +20,17 @@ got (`target_reached`). With `bisect=true` the walk is repeated with the thresho
 `threshold_floor` (default 0.45, the lowest threshold in the authors' notebooks) and the highest
 threshold that reaches the requested depth is kept.
 
+Plan: the accepted merges in the order the walk accepted them, each with its position among the
+blocks of that moment, the blocks it removes and its similarity (`reuse` "prefix"). The walk for
+k' < k blocks makes the same candidates and decisions as the walk for k until it has removed k':
+a candidate's size is min(C - 1, blocks above it, blocks still to remove), and between two
+accepted merges the walk only descends, so while k' leaves room for the next merge the walk for k
+accepts, every candidate up to it has the same size in both walks. The first merges of a plan
+are therefore exactly a fresh walk for the count they remove; a count that falls inside a merge
+would have made that merge smaller (another candidate) and is refused. Once `bisect` has lowered
+the threshold, it is the highest that reaches k, which depends on k: such a plan serves only k.
+Apply rebuilds the merges from the original blocks (the same arithmetic as the search's).
+
 With `--offload disk` the same walk runs on the checkpoint's files (`_LaCoSearch`): a candidate
 reads the layers of its group, merges them and runs the blocks above it one at a time from disk;
 an accepted merge is kept as its recipe (`Merge`) and rebuilt from the files whenever it is run
@@ -35,6 +46,7 @@ reached beside its quality.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,10 +54,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from depthkit.compress.base import option, register_method
-from depthkit.compress.common import SearchMethod, SearchOptions, selection_subset
+from depthkit.compress.base import CompressionMethod, CompressionOutcome, option, register_method
+from depthkit.compress.common import SearchOptions, selection_subset
+from depthkit.compress.plan import CompressionPlan
 from depthkit.errors import require, warn
-from depthkit.models.runner import BlockSource, BlockStates
+from depthkit.models.runner import BlockSink, BlockSource, BlockStates
 
 MERGES = ("rdsc", "drop")
 
@@ -115,9 +128,10 @@ class LaCoOptions(SearchOptions):
 
 
 @register_method("laco")
-class LaCo(SearchMethod):
+class LaCo(CompressionMethod):
     description = "LaCo layer collapse: walk down merging runs of layers (RDSC) while the output stays similar"
     options_class = LaCoOptions
+    step_keys = ("position", "removes", "blocks", "score")
     paper = "Yang et al., 2024, LaCo: Large Language Model Pruning via Layer Collapse (EMNLP 2024 Findings)"
 
     def deviations(self) -> list[str]:
@@ -140,28 +154,53 @@ class LaCo(SearchMethod):
                          "requested depth was reached; the paper keeps T fixed and merges less")
         return found
 
-    def search(
-        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int
-    ) -> tuple[BlockStates, dict[str, Any]]:
+    @torch.no_grad()
+    def search(self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int) -> CompressionPlan:
         opts = self.settings
         ids = selection_subset(calib_ids, opts.selection_blocks)
         search, tried = self._walk(source, ids, num_remove, opts.threshold), [opts.threshold]
         if opts.bisect and search.removed < num_remove:
             search, tried = self._bisect(source, ids, num_remove, search, tried)
-        if search.removed < num_remove:
-            warn(f"laco reached {search.depth()} blocks, not the {len(search.originals) - num_remove} "
-                 f"requested: no further merge kept the output similar above threshold {search.threshold}"
-                 + ("" if opts.bisect else " (option bisect=true lowers it)"))
-        return search, {
-            "merges": search.merges,
-            "removed_blocks": sorted(i for group in search.groups for i in group[1:]),
-            "merged_groups": [group for group in search.groups if len(group) > 1],
-            "threshold": search.threshold,
-            "thresholds_tried": tried,
-            "blocks_removed": search.removed,
-            "target_reached": search.removed == num_remove,
-            "selection_tokens": list(ids.shape),
-        }
+        bisected = len(tried) > 1
+        return self.new_plan(source, num_remove, "exact" if bisected else "prefix", search.steps,
+                             {"threshold": search.threshold, "thresholds_tried": tried,
+                              "selection_tokens": list(ids.shape)},
+                             "its threshold was bisected to the highest that reaches this count" if bisected else "")
+
+    def apply(
+        self, source: BlockSource, plan: CompressionPlan, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink
+    ) -> CompressionOutcome:
+        """The plan's first merges replayed on the original blocks, each merged block built once
+        (from its recipe, read from the files when streamed) as it is written."""
+        steps = plan.steps[: plan.steps_for(num_remove)]
+        layers = source.layers()
+        blocks: list[Any] = list(range(len(layers)))
+        groups = [[i] for i in range(len(layers))]
+        for step in steps:
+            start, stop = step["position"], step["position"] + 1 + step["removes"]
+            require(stop <= len(blocks) and [i for g in groups[start:stop] for i in g] == step["blocks"],
+                    f"the plan merges blocks {step['blocks']} at position {start}, which the blocks left by its "
+                    "earlier merges do not hold: the plan is damaged")
+            groups[start:stop] = [step["blocks"]]
+            blocks[start:stop] = [Merge(blocks[start], tuple(blocks[start + 1 : stop]), self.settings.merge)]
+        removed = sum(step["removes"] for step in steps)
+        threshold = plan.details.get("threshold")
+        if removed < num_remove:
+            warn(f"laco reached {len(blocks)} blocks, not the {len(layers) - num_remove} requested: no further merge "
+                 f"kept the output similar above threshold {threshold}"
+                 + ("" if self.settings.bisect else " (option bisect=true lowers it)"))
+        for index, block in enumerate(blocks):
+            sink.write_layer(index, build_block(block, layers))
+        return CompressionOutcome({
+            "merges": [{"blocks": step["blocks"], "similarity": step["score"]} for step in steps],
+            "removed_blocks": sorted(i for group in groups for i in group[1:]),
+            "merged_groups": [group for group in groups if len(group) > 1],
+            "threshold": threshold,
+            "thresholds_tried": plan.details.get("thresholds_tried"),
+            "blocks_removed": removed,
+            "target_reached": removed == num_remove,
+            "selection_tokens": plan.details.get("selection_tokens"),
+        })
 
     def _walk(self, source: BlockSource, ids: torch.Tensor, num_remove: int, threshold: float) -> _LaCoSearch:
         search = _LaCoSearch(source, ids, self.settings, threshold)
@@ -200,6 +239,21 @@ class Merge:
     kind: str = "rdsc"
 
 
+def build_block(block: Any, originals: Sequence[nn.Module]) -> nn.Module:
+    """The module of a block entry: an original block's index, a merged block kept in memory, or a
+    `Merge` recipe, built from the original blocks (read from disk when streamed).
+
+    Nested recipes are built first, so each is a single block before the plain layers of this
+    merge are read: a merge never holds more than the C blocks it combines plus its result.
+    """
+    if not isinstance(block, Merge):
+        return block if isinstance(block, nn.Module) else originals[block]
+    entries = [block.base, *block.others]
+    nested = {i: build_block(entry, originals) for i, entry in enumerate(entries) if isinstance(entry, Merge)}
+    parts = [nested.pop(i) if i in nested else build_block(entry, originals) for i, entry in enumerate(entries)]
+    return MERGE_FUNCTIONS[block.kind](parts[0], parts[1:])
+
+
 class _LaCoSearch(BlockStates):
     """The LaCo walk on a `BlockStates`, whose positions also hold merged blocks.
 
@@ -215,24 +269,11 @@ class _LaCoSearch(BlockStates):
         self.keep_merged = source.keeps_blocks
         self.reference = self.final(self.states[-1])  # the original model's: never updated
         self.groups = [[i] for i in range(self.depth())]  # original blocks behind each current block
-        self.merges: list[dict] = []
+        self.steps: list[dict[str, Any]] = []  # the accepted merges: the plan's steps
         self.removed = 0
 
     def load(self, position: int) -> nn.Module:
-        return self.build(self.blocks[position])
-
-    def build(self, block: Any) -> nn.Module:
-        """The module of a `blocks` entry: an original block, a kept merged one, or a recipe's merge.
-
-        Nested recipes are built first, so each is a single block before the plain layers of this
-        merge are read: a merge never holds more than the C blocks it combines plus its result.
-        """
-        if not isinstance(block, Merge):
-            return block if isinstance(block, nn.Module) else self.originals[block]
-        entries = [block.base, *block.others]
-        nested = {i: self.build(entry) for i, entry in enumerate(entries) if isinstance(entry, Merge)}
-        parts = [nested.pop(i) if i in nested else self.build(entry) for i, entry in enumerate(entries)]
-        return MERGE_FUNCTIONS[block.kind](parts[0], parts[1:])
+        return build_block(self.blocks[position], self.originals)
 
     def walk(self, target: int) -> None:
         """Algorithm 1 from layer H - C down to L, stopping early once `target` blocks are removed."""
@@ -258,7 +299,7 @@ class _LaCoSearch(BlockStates):
     def _candidate(self, start: int, count: int) -> tuple[Any, float]:
         """Positions start..start+count merged: the entry that stands for the merge, and its similarity."""
         recipe = Merge(self.blocks[start], tuple(self.blocks[start + 1 : start + 1 + count]), self.opts.merge)
-        merged = self.build(recipe)
+        merged = build_block(recipe, self.originals)
         hidden = self.run(merged, self.states[start])
         block = merged if self.keep_merged else recipe  # streamed: dropped now, rebuilt when run again
         del merged
@@ -268,6 +309,6 @@ class _LaCoSearch(BlockStates):
     def _accept(self, start: int, count: int, block: Any, similarity: float) -> None:
         group = [i for g in self.groups[start : start + 1 + count] for i in g]
         self.groups[start : start + 1 + count] = [group]
-        self.merges.append({"blocks": group, "similarity": similarity})
+        self.steps.append({"position": start, "removes": count, "blocks": group, "score": similarity})
         self.removed += count
         self.replace(start, start + 1 + count, [block])

@@ -14,20 +14,25 @@ With `--offload disk` the same search runs on the checkpoint's files: every bloc
 candidate needs it and dropped after use, so memory is one block plus the cached states of the
 selection sequences. The price is reading: a step of an n-block model reads about n^2/2 blocks
 (and the LM head for every candidate) where the model in memory reads none.
+
+Plan: the removed blocks in removal order, each with the calibration loss after its removal
+(`reuse` "prefix"). A search for fewer blocks makes the same first steps (every step depends only
+on the blocks removed before it) and stops earlier, so the first k' of a plan searched for k are
+exactly a fresh search for k' <= k; a larger count needs a longer search.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from depthkit.compress.base import option, register_method
-from depthkit.compress.common import SearchMethod, SearchOptions, selection_subset
+from depthkit.compress.base import CompressionMethod, CompressionOutcome, option, register_method
+from depthkit.compress.common import SearchOptions, selection_subset
+from depthkit.compress.plan import CompressionPlan
 from depthkit.errors import require
-from depthkit.models.runner import BlockSource, BlockStates
+from depthkit.models.runner import BlockSink, BlockSource, BlockStates
 
 
 @torch.no_grad()
@@ -55,9 +60,10 @@ class SLEBOptions(SearchOptions):
 
 
 @register_method("sleb")
-class SLEB(SearchMethod):
+class SLEB(CompressionMethod):
     description = "greedy: repeatedly remove the block whose removal raises calibration loss least"
     options_class = SLEBOptions
+    step_keys = ("block", "removes", "score")
     paper = ("Song et al., 2024, SLEB: Streamlining LLMs through Redundancy Verification and Elimination of "
              "Transformer Blocks (ICML 2024)")
 
@@ -73,18 +79,29 @@ class SLEB(SearchMethod):
             found.append("`allow_ends`: the first and last blocks were candidates (the authors exclude them)")
         return found
 
-    def search(
-        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int
-    ) -> tuple[BlockStates, dict[str, Any]]:
+    @torch.no_grad()
+    def search(self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int) -> CompressionPlan:
         ids = selection_subset(calib_ids, self.settings.selection_blocks)
         search = BlockStates(source, ids, self.settings.batch_size)
         require(num_remove <= search.depth() - (0 if self.settings.allow_ends else 2),
                 f"sleb keeps the first and last of {search.depth()} blocks, so it cannot remove {num_remove} "
                 "(option allow_ends=true lets it)")
         removed, losses = greedy_removal(search, num_remove, self.settings.allow_ends)
-        return search, {
+        steps = [{"block": block, "removes": 1, "score": loss} for block, loss in zip(removed, losses)]
+        return self.new_plan(source, num_remove, "prefix", steps, {"selection_tokens": list(ids.shape)})
+
+    def apply(
+        self, source: BlockSource, plan: CompressionPlan, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink
+    ) -> CompressionOutcome:
+        """The blocks of the plan's first `num_remove` steps go; the others are written in order."""
+        steps = plan.steps[: plan.steps_for(num_remove)]
+        removed = [step["block"] for step in steps]
+        layers = source.layers()
+        for new_index, old_index in enumerate(i for i in range(len(layers)) if i not in removed):
+            sink.write_layer(new_index, layers[old_index])
+        return CompressionOutcome({
             "removed_blocks": sorted(removed),
             "removal_order": removed,
-            "calibration_loss_after_each_step": losses,
-            "selection_tokens": list(ids.shape),
-        }
+            "calibration_loss_after_each_step": [step["score"] for step in steps],
+            "selection_tokens": plan.details.get("selection_tokens"),
+        })

@@ -19,11 +19,19 @@ the budget. A ratio that leaves no query head in a KV group is refused.
 With `--offload disk` the blocks are pruned one at a time from the checkpoint's files (one block,
 its pruned copy and the calibration activations in memory) and the config is written for the new
 widths: the same weights as in memory.
+
+Plan: the widths every block keeps (`reuse` "exact": they are the parameter budget of one count,
+rounded, so another count needs other widths). Which heads and neurons stay is chosen in apply,
+as FlattenGPT's channels are, because the choice cannot be made apart from the pruning: `width`
+chooses block i's channels on what the already refit blocks before it produce, and Minitron
+ranks the MLP neurons on the output of the block's already pruned attention, so both depend on
+the budget and a ranking searched for one count would not be another's. A plan therefore saves
+no work here; it records the budget, and applies with other fitting options or tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -31,8 +39,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from depthkit.compress.base import CompressionMethod, CompressionOutcome, MethodOptions, option, register_method
-from depthkit.compress.flatten import PruneOptions
+from depthkit.compress.flatten import PRUNING_OPTIONS, PruneOptions
 from depthkit.compress.flatten.prune import Widths, flatten_and_prune
+from depthkit.compress.plan import CompressionPlan
 from depthkit.errors import require
 from depthkit.models.adapters import ArchitectureAdapter, get_adapter
 from depthkit.models.runner import BlockSink, BlockSource
@@ -113,24 +122,50 @@ class _WidthPruning(CompressionMethod):
 
     refit: ClassVar[bool] = True
     options_class = WidthOptions
+    # Only `heads_per_group` shapes the widths (the search); the rest is how apply prunes.
+    apply_options = PRUNING_OPTIONS | {"batch_size", "qk_norm"}
 
     def prune_options(self) -> WidthOptions:
         """The pruning settings (`width`: the user's options)."""
         return self.settings
 
-    @torch.no_grad()
-    def compress_blocks(
-        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink
-    ) -> CompressionOutcome:
-        """Blocks pruned front to back (one in memory at a time when streamed); the sink's config
-        takes the new widths."""
+    def search(self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int) -> CompressionPlan:
+        """The widths that keep (depth - num_remove) / depth of every block's parameters: from the
+        config and one block's shapes, no calibration."""
         depth = len(source.layers())
-        options = self.prune_options()
-        widths, budget = plan_widths(source.model, (depth - num_remove) / depth, options.heads_per_group)
-        records = flatten_and_prune(source, [[i] for i in range(depth)], calib_ids, options.prune_settings(self.refit),
-                                    sink, widths=widths, propagate=self.refit)
+        widths, budget = plan_widths(source.model, (depth - num_remove) / depth, self.settings.heads_per_group)
+        return self.new_plan(source, num_remove, "exact", [], {"widths": budget, "kept_widths": asdict(widths)},
+                             "its widths are the parameter budget of this count")
+
+    def check_plan(self, plan: CompressionPlan, num_layers: int, num_remove: int) -> None:
+        super().check_plan(plan, num_layers, num_remove)
+        planned_widths(plan)
+
+    @torch.no_grad()
+    def apply(
+        self, source: BlockSource, plan: CompressionPlan, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink
+    ) -> CompressionOutcome:
+        """Blocks pruned front to back to the plan's widths (one in memory at a time when streamed);
+        the sink's config takes the new widths."""
+        plan.check_count(num_remove)
+        widths = planned_widths(plan)
+        depth = len(source.layers())
+        records = flatten_and_prune(source, [[i] for i in range(depth)], calib_ids,
+                                    self.prune_options().prune_settings(self.refit), sink, widths=widths,
+                                    propagate=self.refit)
         sink.set_widths(widths.kv_groups * widths.heads_per_group, widths.neurons)
-        return CompressionOutcome({"widths": budget, "blocks": records, "fit_tokens": int(calib_ids.numel())})
+        return CompressionOutcome({"widths": plan.details.get("widths"), "blocks": records,
+                                   "fit_tokens": int(calib_ids.numel())})
+
+
+def planned_widths(plan: CompressionPlan) -> Widths:
+    """The widths a width plan keeps, checked (a hand-edited plan is one clear error)."""
+    kept = plan.details.get("kept_widths")
+    names = [f.name for f in fields(Widths)]
+    require(isinstance(kept, dict) and sorted(kept) == sorted(names)
+            and all(isinstance(kept[name], int) and kept[name] >= 1 for name in names),
+            f"the plan's kept_widths must give {', '.join(names)} as whole numbers >= 1, got {kept!r}")
+    return Widths(**kept)
 
 
 @register_method("width")
@@ -150,6 +185,7 @@ class MinitronWidth(_WidthPruning):
              "(Minitron), width pruning")
     refit = False
     options_class = MinitronOptions
+    apply_options = frozenset({"batch_size"})
 
     def prune_options(self) -> WidthOptions:
         return WidthOptions(batch_size=self.settings.batch_size, heads_per_group=self.settings.heads_per_group,
