@@ -231,7 +231,8 @@ def method_for_plan(plan: CompressionPlan, name: str | None, options: dict[str, 
     cls = METHODS.get(name or plan.method)
     require(cls is not None, f"unknown method '{name or plan.method}'; choose from {', '.join(sorted(METHODS))}")
     require(cls.planned_as() == plan.method,
-            f"the plan was searched by {plan.method}, not {name}: drop --method, or search again without the plan")
+            f"the plan was searched by {plan.method}, not {name}: give no method (the plan names it), or search again "
+            "without the plan")
     theirs = asdict(cls.options_class.from_dict(plan.options, cls.name))
     runner = cls(**{**plan.options, **options})
     ours = asdict(runner.settings)
