@@ -144,6 +144,19 @@ def report(result: dict[str, Any], rows: list[dict[str, Any]], json_path: str | 
         print(f"wrote {write_json(json_path, result)}")
 
 
+def add_schedule_args(parser: argparse.ArgumentParser, defaults: Any, unit: str = "sequences", lr_of: str = "",
+                      per_stage: str = "") -> None:
+    """`--batch-size`, `--lr` and `--warmup-steps`, the same for every training command; `defaults`
+    is the command's settings (a `depthkit.training.TrainingSettings`), `unit` what a batch holds,
+    `lr_of` what the learning rate applies to, `per_stage` a note for commands that train in stages."""
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
+                        help=f"{unit} per optimizer step and process")
+    parser.add_argument("--lr", type=positive_float, default=defaults.lr,
+                        help=f"peak learning rate{lr_of}{per_stage} (warm-up, cosine decay)")
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=defaults.warmup_steps,
+                        help=f"linear learning-rate warm-up steps{per_stage}")
+
+
 def add_checkpoint_args(parser: argparse.ArgumentParser, defaults: Any, folder: str) -> None:
     """`--checkpoint-every`, `--keep-checkpoints` and `--resume`, the same for every training command;
     `defaults` is the command's settings (a `depthkit.training.TrainingSettings`), `folder` its checkpoints'."""

@@ -17,6 +17,7 @@ from depthkit.cli.common import (
     DTYPE_HELP,
     add_checkpoint_args,
     add_data_args,
+    add_schedule_args,
     data_spec,
     non_negative_int,
     positive_float,
@@ -60,12 +61,7 @@ def register(subparsers) -> None:
                         help="with --self-distill: most tokens per generated answer")
     parser.add_argument("--steps", type=non_negative_int, default=DEFAULTS.steps, help="optimizer steps")
     parser.add_argument("--seq-len", type=positive_int, default=DEFAULTS.seq_len, help="tokens per training sequence")
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size,
-                        help="sequences per step and process")
-    parser.add_argument("--lr", type=positive_float, default=DEFAULTS.lr,
-                        help="peak learning rate (warm-up, cosine decay)")
-    parser.add_argument("--warmup-steps", type=non_negative_int, default=DEFAULTS.warmup_steps,
-                        help="linear learning-rate warm-up steps")
+    add_schedule_args(parser, DEFAULTS)
     parser.add_argument("--lora-rank", type=non_negative_int, default=DEFAULTS.lora_rank,
                         help="rank of the LoRA adapters")
     parser.add_argument("--lora-alpha", type=positive_float, default=None,

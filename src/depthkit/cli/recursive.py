@@ -15,6 +15,7 @@ from depthkit.cli.common import (
     add_data_args,
     add_exit_rule_arg,
     add_model_args,
+    add_schedule_args,
     data_spec,
     device_name,
     finite_float,
@@ -129,8 +130,6 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-detach", action="store_true", help="do not detach the step r-1 loss (hinge form)")
     p.add_argument("--steps", type=non_negative_int, default=DEFAULTS.steps,
                    help="optimizer steps (0: convert/wrap and save only)")
-    p.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size,
-                   help="sequences per optimizer step and process")
     p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per training and held-out block")
     p.add_argument("--train-blocks", type=positive_int, default=400, help="training blocks of --seq-len tokens")
     p.add_argument("--eval-blocks", type=positive_int, default=8,
@@ -138,12 +137,9 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interleave", action="store_true",
                    help="take the training and held-out blocks in turn from every document of the corpus "
                         "(default: the first blocks of the documents concatenated)")
-    p.add_argument("--lr", type=positive_float, default=DEFAULTS.lr,
-                   help="peak learning rate of everything but the connector (warm-up, cosine decay)")
+    add_schedule_args(p, DEFAULTS, lr_of=" of everything but the connector")
     p.add_argument("--connector-lr", type=positive_float, default=DEFAULTS.connector_lr,
                    help="peak learning rate of the connector")
-    p.add_argument("--warmup-steps", type=non_negative_int, default=DEFAULTS.warmup_steps,
-                   help="linear learning-rate warm-up steps")
     p.add_argument("--eval-every", type=positive_int, default=DEFAULTS.eval_every,
                    help="steps between held-out evaluations of every recursion step")
     p.add_argument("--gradient-checkpointing", action="store_true",

@@ -8,10 +8,10 @@ from pathlib import Path
 from depthkit.cli.common import (
     add_checkpoint_args,
     add_model_args,
+    add_schedule_args,
     float_at_least,
     loop_count,
     non_negative_int,
-    positive_float,
     positive_int,
     run_context,
 )
@@ -48,12 +48,7 @@ def _register_train(commands) -> None:
     parser.add_argument("--stage1-steps", type=non_negative_int, default=150,
                         help="stage-1 (projector alignment) steps (0: skip stage 1)")
     parser.add_argument("--steps", type=positive_int, default=150, help="stage-2 steps")
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size,
-                        help="examples per optimizer step and process")
-    parser.add_argument("--lr", type=positive_float, default=DEFAULTS.lr, help="peak learning rate of both stages "
-                                                                     "(warm-up, cosine decay)")
-    parser.add_argument("--warmup-steps", type=non_negative_int, default=DEFAULTS.warmup_steps,
-                        help="linear learning-rate warm-up steps of each stage")
+    add_schedule_args(parser, DEFAULTS, unit="examples", per_stage=" of each stage")
     parser.add_argument("--num-mnist", type=positive_int, default=1200, help="MNIST digits in the dataset")
     parser.add_argument("--num-digits", type=positive_int, default=300, help="scikit-learn 8x8 digits in the dataset")
     parser.add_argument("--num-pairs", type=positive_int, default=600,
