@@ -123,24 +123,17 @@ class CompressionMethod:
         lists them so a baseline is never weaker than published without saying so."""
         return []
 
-    def compress(
-        self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int, plan: CompressionPlan | None = None
-    ) -> CompressionOutcome:
-        """Compress `model` in memory (searching unless a plan is given): the blocks the method
-        writes become its blocks."""
+    def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
+        """Compress `model` in memory: the blocks the method writes become its blocks. (A saved plan
+        is applied through `depthkit.compress(..., plan=...)`, which checks it first.)"""
         with ModelSink(model) as sink:
-            return self.compress_blocks(InMemoryModel(model), calib_ids, num_remove, sink, plan)
+            return self.compress_blocks(InMemoryModel(model), calib_ids, num_remove, sink)
 
     def compress_blocks(
-        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink,
-        plan: CompressionPlan | None = None,
+        self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int, sink: BlockSink
     ) -> CompressionOutcome:
-        """The method on either backend: `apply(search(...))`, or `apply` of a plan given."""
-        if plan is None:
-            plan = self.search(source, calib_ids, num_remove)
-        else:
-            self.check_plan(plan, len(source.layers()), num_remove)
-        return self.apply(source, plan, calib_ids, num_remove, sink)
+        """The method on either backend: `apply(search(...))`."""
+        return self.apply(source, self.search(source, calib_ids, num_remove), calib_ids, num_remove, sink)
 
     @classmethod
     def planned_as(cls) -> str:
