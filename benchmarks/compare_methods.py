@@ -20,7 +20,8 @@ A speed-up above what the model's arithmetic allows (`speed_bound`: the original
 token over the compressed model's) is noise, not a finding: it is re-measured up to twice and, if it
 stays implausible, flagged in the table instead of reported.
 
-Writes benchmarks/results/compare_methods.{json,md,png} (`_quick` for --quick), updated after every
+Writes benchmarks/results/compare_methods.{json,md,png} (`_quick` for --quick; `--stem` names another
+model's or setting's files), updated after every
 run (`--resume` keeps the runs already there with the same settings).
 """
 
@@ -86,6 +87,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-len", type=int, default=512)
     parser.add_argument("--throughput-runs", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="smoke run: 8x128 calibration, 2x128 per domain, 0.1")
+    parser.add_argument("--stem", default=None,
+                        help="results file name (default compare_methods, or compare_methods_quick)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs already in the results file (same settings) and do only the missing ones")
     args = parser.parse_args()
@@ -290,7 +293,7 @@ def main() -> None:
                  f"{dtype_name(base.dtype)}, median of {args.throughput_runs} paired runs",
         "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
     }
-    stem = "compare_methods_quick" if args.quick else "compare_methods"
+    stem = args.stem or ("compare_methods_quick" if args.quick else "compare_methods")
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = previous_rows(RESULTS / f"{stem}.json", meta) if args.resume else []
     done = {(r["method"], r["ratio"]) for r in rows}
