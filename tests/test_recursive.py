@@ -530,6 +530,41 @@ def test_cli_resumes_an_interrupted_run_from_its_own_checkpoints(tmp_path, capsy
     assert weights and all((out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes() for name in weights)
 
 
+def test_cli_saves_an_early_exit_default_that_generate_uses(tmp_path, capsys):
+    """`--save-exit-threshold` (with `--exit-rule`) goes into config.json, where transformers' remote code
+    reads it; `recursive generate` uses it too unless told otherwise, so the folder behaves the same."""
+    from depthkit.cli.main import main
+
+    def train_command(out, *extra):
+        return main(["recursive", "train", "--model", "tiny:llama", "--loops", "4", "--steps", "0",
+                     *_cli_text_args(tmp_path), "--out", str(out), *extra])
+
+    def generate_json(folder, *extra):
+        assert main(["recursive", "generate", str(folder), "--prompt", "word1 and", "--max-new-tokens", "4",
+                     "--json", str(tmp_path / "gen.json"), *extra]) == 0
+        return json.loads((tmp_path / "gen.json").read_text())
+
+    assert train_command(tmp_path / "exits", "--save-exit-threshold", "0.01", "--exit-rule", "hidden") == 0
+    assert train_command(tmp_path / "plain") == 0
+    saved = json.loads((tmp_path / "exits" / "config.json").read_text())
+    assert (saved["exit_threshold"], saved["exit_rule"]) == (0.01, "hidden")
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["exit_threshold"] is None
+
+    # a threshold every token is below: each exits at step 2 of 4, by default as when asked for
+    assert train_command(tmp_path / "eager", "--save-exit-threshold", "1000", "--exit-rule", "hidden") == 0
+    by_default = generate_json(tmp_path / "eager")
+    assert (by_default["exit_threshold"], by_default["exit_rule"], by_default["mean_steps"]) == (1000, "hidden", 2)
+    assert "the folder's saved default" in capsys.readouterr().out
+    assert by_default == generate_json(tmp_path / "plain", "--exit-threshold", "1000", "--exit-rule", "hidden")
+    turned_off = generate_json(tmp_path / "eager", "--exit-threshold", "off")
+    assert turned_off == {**generate_json(tmp_path / "plain"), "exit_rule": "hidden"}  # the saved rule stays
+    assert turned_off["exit_threshold"] is None and turned_off["mean_steps"] == turned_off["max_steps"] == 4
+    assert generate_json(tmp_path / "eager", "--exit-rule", "kl")["exit_rule"] == "kl"
+    capsys.readouterr()
+    assert main(["recursive", "generate", str(tmp_path / "eager"), "--prompt", "a", "--no-cache"]) == 2
+    assert "add --exit-threshold off" in capsys.readouterr().err
+
+
 def test_early_exit_prefill_fills_every_cache_slot():
     """Each step's coda has its own cache slot; a token that exits at step r runs step r's coda,
     which must see the prompt's keys and values there (not attend to itself alone)."""
@@ -571,3 +606,24 @@ def test_generation_refuses_to_run_past_the_context():
     model = RecursiveModel.wrap(tiny_model("llama"), num_loops=2).eval()  # 512-token context
     with pytest.raises(DepthkitError, match="500-token prompt plus 40 new tokens exceeds the model's context of 512"):
         generate(model, torch.randint(0, 256, (1, 500)), 40)
+
+
+def test_a_looped_folder_never_asks_about_remote_code_and_plain_commands_refuse_it(tmp_path, capsys):
+    """Its config.json names remote code: depthkit loads its tokenizer without transformers' terminal
+    prompt, and a command for plain checkpoints says what the folder is instead of prompting."""
+    from depthkit.cli.main import main
+    from depthkit.models.loading import LOOPED_MODEL_TYPE, load_tokenizer
+    from depthkit.recursive.modeling_depthkit_looped import DepthkitLoopedConfig
+
+    assert DepthkitLoopedConfig.model_type == LOOPED_MODEL_TYPE
+    folder = tmp_path / "looped"
+    assert main(["recursive", "train", "--model", "tiny:llama", "--loops", "2", "--steps", "0",
+                 *_cli_text_args(tmp_path), "--out", str(folder)]) == 0
+    capsys.readouterr()
+    assert load_tokenizer(str(folder))("word1 and")["input_ids"]
+    assert main(["eval", "ppl", "--model", str(folder), "--data", str(tmp_path / "text.txt")]) == 2
+    captured = capsys.readouterr()
+    assert "custom code" not in captured.out + captured.err
+    assert captured.err.strip().splitlines() == [
+        f"depthkit: error: {folder} is a depthkit looped model, not a plain checkpoint: use `depthkit recursive "
+        "eval|generate` or `depthkit serve` (transformers loads it with trust_remote_code=True)"]

@@ -245,6 +245,24 @@ def test_the_base_folder_of_a_looped_model_is_not_served(tmp_path):
         load_servable(str(tmp_path / "looped" / "base"), "float32")
 
 
+def test_serve_defaults_to_the_early_exit_saved_in_the_folder(tmp_path, monkeypatch, capsys):
+    """`recursive train --save-exit-threshold` (save_pretrained's exit_threshold) is the server's default
+    as it is transformers'; --exit-threshold and --exit-rule still win, `off` turns it off."""
+    import depthkit.serve.app
+    from depthkit.cli.main import main
+
+    served = []
+    monkeypatch.setattr(depthkit.serve.app, "create_app", lambda model: served.append(model) or "app")
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    model = RecursiveModel.wrap(tiny_model("llama"), num_loops=2, feedback="vanilla")
+    model.save_pretrained(tmp_path / "looped", load_model("tiny:llama")[1], exit_threshold=0.25, exit_rule="hidden")
+    for flags, expected in [([], (0.25, "hidden")), (["--exit-threshold", "off"], (None, "hidden")),
+                            (["--exit-threshold", "0.5", "--exit-rule", "kl"], (0.5, "kl"))]:
+        assert main(["serve", str(tmp_path / "looped"), "--dtype", "float32", *flags]) == 0
+        assert (served[-1].default_exit_threshold, served[-1].default_exit_rule) == expected
+    assert "early exit hidden < 0.25 (saved in the folder)" in capsys.readouterr().out
+
+
 # -- a real server on the loopback address -----------------------------------------------------------
 @pytest.fixture
 def live_server(tiny_served):

@@ -172,7 +172,10 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, defaults: Any, folder: 
 
 
 # Arguments that say where a run writes, on which device or how it checkpoints: not what it computes.
-_RUN_CONTROL = {"func", "out", "overwrite", "json", "device", "resume", "checkpoint_every", "keep_checkpoints"}
+# The early-exit default a looped model's folder is saved with (`recursive train --save-exit-threshold`) is
+# also only written, so a run can be resumed with another one (and older runs' checkpoints lack it).
+_RUN_CONTROL = {"func", "out", "overwrite", "json", "device", "resume", "checkpoint_every", "keep_checkpoints",
+                "save_exit_threshold", "exit_rule"}
 
 
 def run_context(args: argparse.Namespace) -> dict[str, Any]:
@@ -181,11 +184,37 @@ def run_context(args: argparse.Namespace) -> dict[str, Any]:
             if key not in _RUN_CONTROL and not key.endswith("command")}
 
 
-def add_exit_rule_arg(parser: argparse.ArgumentParser) -> None:
-    """`--exit-rule`, shared by `recursive eval|generate` and `serve`."""
+def add_exit_rule_arg(parser: argparse.ArgumentParser, lead: str = "", from_folder: bool = False) -> None:
+    """`--exit-rule`, shared by `recursive train|eval|generate` and `serve`; `lead` opens its help,
+    `from_folder`: the default is the rule saved in the loaded folder (`resolve_exit`), else kl."""
     from depthkit.recursive.generate import DEFAULT_EXIT_RULE, EXIT_RULES
 
-    parser.add_argument("--exit-rule", choices=EXIT_RULES, default=DEFAULT_EXIT_RULE,
-                        help="early exit's distance between consecutive steps: kl (Huginn: the steps' next-token "
-                             "distributions; the LM head at every step) or hidden (relative change of the block's "
-                             "output; the head only when the token exits)")
+    parser.add_argument("--exit-rule", choices=EXIT_RULES, default=None if from_folder else DEFAULT_EXIT_RULE,
+                        help=lead + "early exit's distance between consecutive steps: kl (Huginn: the steps' "
+                             "next-token distributions; the LM head at every step) or hidden (relative change of "
+                             "the block's output; the head only when the token exits)" +
+                             (f" (default: the rule saved in the folder's config.json, else {DEFAULT_EXIT_RULE})"
+                              if from_folder else ""))
+
+
+EXIT_OFF = "off"
+
+
+def exit_threshold_or_off(text: str) -> float | str:
+    """An argparse type: an early-exit threshold (a finite number >= 0), or `off`: no early exit, even
+    where the loaded folder saves a default (`recursive train --save-exit-threshold`)."""
+    return EXIT_OFF if text.strip().lower() == EXIT_OFF else non_negative_float(text)
+
+
+def resolve_exit(folder: str, threshold: float | str | None, rule: str | None) -> tuple[float | None, str, bool]:
+    """The early exit a command runs a loaded folder with: (threshold or None, rule, whether the threshold
+    is the folder's saved default). The flags where given (`off`: none), else what the folder's
+    `config.json` saves (as plain `transformers` loading it does), else none with the kl rule."""
+    from depthkit.recursive.export import saved_exit
+    from depthkit.recursive.generate import DEFAULT_EXIT_RULE
+
+    saved_threshold, saved_rule = saved_exit(folder)
+    rule = rule or saved_rule or DEFAULT_EXIT_RULE
+    if threshold is None:
+        return saved_threshold, rule, saved_threshold is not None
+    return (None if threshold == EXIT_OFF else float(threshold)), rule, False

@@ -18,6 +18,7 @@ from depthkit.cli.common import (
     add_schedule_args,
     data_spec,
     device_name,
+    exit_threshold_or_off,
     finite_float,
     float_at_least,
     loop_count,
@@ -26,6 +27,7 @@ from depthkit.cli.common import (
     positive_float,
     positive_int,
     report,
+    resolve_exit,
     run_context,
 )
 from depthkit.data import interleaved_blocks, token_blocks, token_stream
@@ -150,8 +152,16 @@ def _register_train(p: argparse.ArgumentParser) -> None:
                    help="seed of the data order and of --relax's initialisation")
     add_data_args(p, "--data", split="calib", default="austen")
     add_data_args(p, "--eval-data", split="heldout", default="austen:persuasion")
-    p.add_argument("--out", required=True, help="output folder (base/ + recursive_config.json + safetensors)")
+    p.add_argument("--out", required=True,
+                   help="output folder, loadable by depthkit and by plain transformers (remote code): config.json, "
+                        "model.safetensors, modeling_depthkit_looped.py, the tokenizer and recursive_config.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder depthkit wrote")
+    p.add_argument("--save-exit-threshold", type=non_negative_float, metavar="X",
+                   help="default early exit stored in the folder's config.json for whoever loads it (transformers "
+                        "remote code; depthkit recursive generate and serve): a token stops at the first step r >= 2 "
+                        "whose --exit-rule distance to the step before is below X; loaders can still override "
+                        "it (default: none, early exit off: every token runs all R steps)")
+    add_exit_rule_arg(p, lead="the rule saved with --save-exit-threshold: ")
     add_checkpoint_args(p, DEFAULTS, "OUT.checkpoints/")
     p.add_argument("--json", help="also write the training history here")
     p.set_defaults(func=run_train)
@@ -239,7 +249,8 @@ def run_train(args: argparse.Namespace) -> None:
     eval_ids = blocks(tokenizer, data_spec(args, "--eval-data"), args.eval_blocks, args.seq_len)
     result = train(model, train_ids, eval_ids, settings, checkpoint_dir=checkpoint_dir, resume=args.resume,
                    context=run_context(args)) if args.steps else None
-    model.save_pretrained(args.out, tokenizer, args.overwrite)
+    model.save_pretrained(args.out, tokenizer, args.overwrite, exit_threshold=args.save_exit_threshold,
+                          exit_rule=args.exit_rule)
     remove_checkpoints(checkpoint_dir)
     print(f"saved recursive model to {args.out}")
     if result is not None and result.evaluations:
@@ -268,7 +279,7 @@ def _register_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-threshold", type=non_negative_float, action="append",
                    help="also score with early exit at this threshold of --exit-rule (repeatable; token by token, "
                         "slower)")
-    add_exit_rule_arg(p)
+    add_exit_rule_arg(p, from_folder=True)
     p.add_argument("--exit-tokens", type=positive_int, default=256, help="tokens scored per early-exit threshold")
     add_data_args(p, "--data", split="heldout", default="austen:persuasion")
     p.add_argument("--json", help="write the results here")
@@ -276,6 +287,7 @@ def _register_eval(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    _, args.exit_rule, _ = resolve_exit(args.checkpoint, None, args.exit_rule)
     model, tokenizer = load_recursive(args.checkpoint, args.dtype, args.device)
     check_context(model.base, args.seq_len)  # positions past the context would score noise, silently
     loops = args.loops or model.config.num_loops
@@ -309,26 +321,33 @@ def _register_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", type=device_name, help=DEVICE_HELP)
     p.add_argument("--loops", type=loop_count, help="recursion steps R (default: the saved one)")
     p.add_argument("--max-new-tokens", type=positive_int, default=40, help="greedy tokens generated at most")
-    p.add_argument("--exit-threshold", type=non_negative_float, nargs="?", const=DEFAULT_THRESHOLD,
-                   help=f"early exit when the --exit-rule distance between consecutive steps < threshold (flag alone: "
-                        f"{DEFAULT_THRESHOLD}; default: every token runs all R steps)")
-    add_exit_rule_arg(p)
+    p.add_argument("--exit-threshold", type=exit_threshold_or_off, nargs="?", const=DEFAULT_THRESHOLD,
+                   help=f"early exit when the --exit-rule distance between consecutive steps < threshold (flag "
+                        f"alone: {DEFAULT_THRESHOLD}; off: every token runs all R steps; default: the one saved in the "
+                        "folder's config.json by `recursive train --save-exit-threshold`, as transformers uses it, "
+                        "else off)")
+    add_exit_rule_arg(p, from_folder=True)
     p.add_argument("--no-cache", action="store_true", help="re-run the whole prefix per token (reference)")
     p.add_argument("--json", help="write the result here")
     p.set_defaults(func=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    threshold, rule, saved = resolve_exit(args.checkpoint, args.exit_threshold, args.exit_rule)
+    if saved and args.no_cache:
+        raise DepthkitError(f"{args.checkpoint} saves early exit at {threshold} by default, which needs the KV "
+                            "cache; add --exit-threshold off to run --no-cache")
     model, tokenizer = load_recursive(args.checkpoint, args.dtype, args.device)
     ids = torch.tensor([tokenizer(args.prompt)["input_ids"]], device=args.device)
-    result = generate(model, ids, args.max_new_tokens, args.loops, args.exit_threshold, tokenizer.eos_token_id,
-                      use_cache=not args.no_cache, progress=True, exit_rule=args.exit_rule)
+    result = generate(model, ids, args.max_new_tokens, args.loops, threshold, tokenizer.eos_token_id,
+                      use_cache=not args.no_cache, progress=True, exit_rule=rule)
     text = tokenizer.decode(result.new_tokens, skip_special_tokens=True)
     print(args.prompt + text)
     summary = {"prompt": args.prompt, "completion": text, "loops": args.loops or model.config.num_loops,
-               "exit_threshold": args.exit_threshold, "exit_rule": args.exit_rule, **result.loops.to_dict()}
-    if args.exit_threshold is not None:
-        print(f"early exit: {result.loops.to_dict()['mean_steps']:.2f} of {result.loops.max_steps} steps per token, "
-              f"{100 * result.loops.saved_fraction:.1f}% of loops saved")
+               "exit_threshold": threshold, "exit_rule": rule, **result.loops.to_dict()}
+    if threshold is not None:
+        source = " (the folder's saved default; --exit-threshold off runs all R)" if saved else ""
+        print(f"early exit ({rule} < {threshold}{source}): {result.loops.to_dict()['mean_steps']:.2f} of "
+              f"{result.loops.max_steps} steps per token, {100 * result.loops.saved_fraction:.1f}% of loops saved")
     if args.json:
         print(f"wrote {write_json(args.json, summary)}")

@@ -8,10 +8,11 @@ from depthkit.cli.common import (
     DTYPE_HELP,
     add_exit_rule_arg,
     device_name,
+    exit_threshold_or_off,
     loop_count,
-    non_negative_float,
     port_number,
     positive_int,
+    resolve_exit,
 )
 
 HELP = "serve a plain or looped model over an OpenAI-compatible HTTP API (continuous batching)"
@@ -38,10 +39,12 @@ def register(subparsers) -> None:
     parser.add_argument("--max-loops", type=loop_count, default=None,
                         help=f"deepest recursion a request may ask for (`loops`), at most {MAX_LOOPS} "
                              "(default: the model's own depth)")
-    parser.add_argument("--exit-threshold", type=non_negative_float, default=None,
-                        help="early-exit threshold (of --exit-rule) for requests that do not set `exit_threshold` "
-                             "(default: none, every token runs all its loops)")
-    add_exit_rule_arg(parser)
+    parser.add_argument("--exit-threshold", type=exit_threshold_or_off, default=None,
+                        help="early-exit threshold (of --exit-rule) for requests that do not set `exit_threshold`; "
+                             "off: none (default: the one saved in a looped folder's config.json by `recursive "
+                             "train --save-exit-threshold`, as transformers uses it, else none: every token runs "
+                             "all its loops)")
+    add_exit_rule_arg(parser, from_folder=True)
     parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     parser.add_argument("--device", default="cpu", type=device_name, help="cpu, cuda or cuda:N")
     parser.set_defaults(func=run)
@@ -54,11 +57,14 @@ def run(args: argparse.Namespace) -> None:
     from depthkit.serve.engine import Engine
     from depthkit.serve.models import eos_token_ids, load_servable, served_name
 
+    threshold, rule, saved = resolve_exit(args.model, args.exit_threshold, args.exit_rule)
     model, tokenizer = load_servable(args.model, args.dtype, args.device)
     engine = Engine(model, eos_token_ids(model, tokenizer), rows=args.rows, capacity=args.context,
                     schedule=args.schedule, max_loops=args.max_loops)
     name = args.served_model_name or served_name(args.model)
-    app = create_app(ServedModel(engine, tokenizer, name, args.exit_threshold, args.exit_rule))
+    app = create_app(ServedModel(engine, tokenizer, name, threshold, rule))
+    exits = "" if threshold is None else f", early exit {rule} < {threshold}{' (saved in the folder)' * saved}"
     print(f"depthkit: serving {name} on http://{args.host}:{args.port}/v1 ({args.schedule} batching, {args.rows} rows, "
-          f"{engine.capacity}-token context, loops {model.config.num_loops}, max {engine.max_loops})", flush=True)
+          f"{engine.capacity}-token context, loops {model.config.num_loops}, max {engine.max_loops}{exits})",
+          flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

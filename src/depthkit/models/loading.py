@@ -250,10 +250,28 @@ def model_config(name_or_path: str) -> PretrainedConfig:
     return config
 
 
+LOOPED_MODEL_TYPE = "depthkit_looped"  # `recursive/modeling_depthkit_looped.py`'s config, loaded with remote code
+
+
+def looped_config(folder: str | Path) -> dict | None:
+    """The `config.json` of a depthkit looped-model folder as a dict; None for anything else (a plain
+    checkpoint, a hub id, an unreadable config: whoever loads it names the problem)."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and config.get("model_type") == LOOPED_MODEL_TYPE else None
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     path = resolve_model_path(name_or_path)
+    looped = looped_config(path)
+    # A looped folder's config.json names remote code: handing AutoTokenizer its base model's config
+    # instead keeps transformers from asking on the terminal whether to run it (only the tokenizer is wanted).
+    hint = {} if looped is None else {"config": AutoConfig.for_model(**looped.get("base_config", {}))}
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **hint)
     except (OSError, ValueError) as err:
         raise DepthkitError(f"could not load the tokenizer of '{name_or_path}': {_first_line(err)}") from err
 
@@ -278,8 +296,11 @@ def checkpoint_config(folder: Path) -> PretrainedConfig:
     halfway through a compression) with a message that names neither the file nor the fix. Only
     the headers are read: the check costs milliseconds, whatever the model's size.
     """
-    try:
-        config = AutoConfig.from_pretrained(folder)
+    if looped_config(folder) is not None:
+        raise DepthkitError(f"{folder} is a depthkit looped model, not a plain checkpoint: use `depthkit recursive "
+                            "eval|generate` or `depthkit serve` (transformers loads it with trust_remote_code=True)")
+    try:  # never prompt on the terminal for a folder's remote code: refuse it (depthkit loads no custom code)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
         raise _damaged(folder / "config.json", "model config", err) from None
     index = folder / SAFE_WEIGHTS_INDEX_NAME

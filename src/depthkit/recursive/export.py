@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from depthkit.errors import require
 from depthkit.models.adapters import NORM_ROLES, PROJECTION_ROLES, module_prefix
+from depthkit.models.loading import looped_config
 
 MODELING_FILE = Path(__file__).with_name("modeling_depthkit_looped.py")
 WEIGHTS = "model.safetensors"
@@ -83,6 +84,23 @@ def write_portable(model: torch.nn.Module, folder: Path, exit_threshold: float |
     model.base.generation_config.save_pretrained(folder)
     save_file(unshared_state(model), str(folder / WEIGHTS), metadata={"format": "pt"})
     shutil.copyfile(MODELING_FILE, folder / MODELING_FILE.name)
+
+
+def saved_exit(folder: str | Path) -> tuple[float | None, str | None]:
+    """The early-exit default (threshold, rule) that `write_portable` saved into `folder`'s `config.json`;
+    (None, None) where the folder has none (a plain checkpoint, an older depthkit folder, not a folder)."""
+    from depthkit.recursive.modeling_depthkit_looped import EXIT_RULES
+
+    config = looped_config(folder)
+    if config is None:
+        return None, None
+    threshold, rule = config.get("exit_threshold"), config.get("exit_rule", "kl")
+    path = Path(folder) / "config.json"
+    require(threshold is None or (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+                                  and 0 <= threshold < float("inf")),
+            f"{path}: exit_threshold must be null or a number >= 0, got {threshold!r}")
+    require(rule in EXIT_RULES, f"{path}: unknown exit_rule {rule!r}; choose from {', '.join(EXIT_RULES)}")
+    return (None if threshold is None else float(threshold)), rule
 
 
 def unshared_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
