@@ -18,10 +18,11 @@ from depthkit.compress.flatten.channels import (
     ridge_solve,
     select_units,
 )
+from depthkit.compress.flatten.prune import GroupPruner
 from depthkit.errors import DepthkitError
 from depthkit.models.adapters import get_adapter
 from depthkit.models.blockwise import block_context, embed, run_block
-from depthkit.models.runner import iterate_blocks
+from depthkit.models.runner import BlockRunner, iterate_blocks
 from depthkit.models.tiny import PRE_NORM_ARCHITECTURES, TINY_ARCHITECTURES, tiny_model
 from tests.conftest import random_ids
 
@@ -227,3 +228,27 @@ def test_paper_preset_fills_in_the_papers_recipe_and_refuses_conflicts():
                                preset="paper")
     assert report.num_layers_after == 4 and report.details["options"]["preset"] == "paper"
     assert report.deviations and "paper's recipe" in report.deviations[0] and "2602.08858" in report.paper
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_refitting_an_unpruned_block_gives_the_block_back(arch):
+    """Least squares on a block that keeps every channel must return the block itself, post-norms
+    included: Gemma's post-norm gains span 0 to hundreds, and a target in another per-token scale
+    (or a ridge pulling towards weights of another scale) made width pruning on the real Gemma 3
+    worse than no refit at all."""
+    model = tiny_model(arch, num_layers=2, dtype=torch.float32)
+    adapter = get_adapter(model)
+    layer = adapter.layers(model)[0]
+    parts = adapter.block(layer)
+    generator = torch.Generator().manual_seed(1)
+    for norm in (parts.attn_post_norm, parts.mlp_post_norm):
+        if norm is not None:  # gains from 0 to ~300, as in the real Gemma 3
+            gains = torch.rand(norm.weight.shape, generator=generator).pow(4) * 300
+            gains[0] = 0.0
+            adapter.set_norm_gain(norm, gains)
+    ids = random_ids(model, batch=4, length=32)
+    x = embed(model, ids)
+    runner = BlockRunner(model, x, batch_size=2)
+    settings = FlattenOptions().prune_settings()
+    _, details = GroupPruner(model, runner, settings).prune([layer], x, None)
+    assert details["pruned_error"] < 1e-5, details  # squared error over the block's squared update

@@ -18,7 +18,6 @@ For a group of original blocks g_1..g_k on input x, the ridge targets are (optio
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -61,10 +60,11 @@ class Widths:
     neurons: int
 
 
-def gram_of_input(module: nn.Module, run: Callable[[], object], target: Callable[[int, int], torch.Tensor],
-                  sequences: int) -> GramAccumulator:
+def gram_of_input(module: nn.Module, run: Callable[[], object],
+                  target: Callable[[int, int, torch.Tensor], torch.Tensor], sequences: int) -> GramAccumulator:
     """Gram statistics of the channels entering `module` (an output projection) during `run()`,
-    against the target rows `target(start, stop)` of those sequences (in the order `run` goes).
+    against the target rows `target(start, stop, channels)` of those sequences (in the order `run`
+    goes; `channels`: what enters the projection for them).
 
     Accumulated call by call, and the float32 target built for each call's rows only, so neither
     the wide channel activations nor a float copy of the target ever exist for all calibration
@@ -73,8 +73,8 @@ def gram_of_input(module: nn.Module, run: Callable[[], object], target: Callable
     gram, seen = GramAccumulator(), [0]
 
     def add(_module, args) -> None:
-        rows = args[0].shape[0]
-        gram.add(args[0].detach(), target(seen[0], seen[0] + rows))
+        rows, channels = args[0].shape[0], args[0].detach()
+        gram.add(channels, target(seen[0], seen[0] + rows, channels))
         seen[0] += rows
 
     handle = module.register_forward_pre_hook(add)
@@ -107,50 +107,62 @@ def _bias(linear: nn.Linear) -> torch.Tensor | float:
 
 
 class _OutputFit:
-    """The least-squares target of an output projection, and the post-norm after it if any.
+    """The least-squares target of an output projection, whose output a post-norm may follow.
 
     Pre-norm blocks: the projection's output must equal the branch target T (minus its bias).
-    Post-norm blocks (Gemma) compute `G * v / rms(v)`, `v` the projection's output: only the
-    direction of `v` per token matters. G is set to the per-channel RMS of T over the calibration
-    tokens and `v` is fitted to the direction of T / G, at the scale the projection already has (so
-    the ridge's pull towards the current weights stays meaningful); what is lost is the per-token
-    norm of T / G, which one normalised branch cannot reproduce.
+    Post-norm blocks (Gemma) add `G * v / rms(v)`, `v` the projection's output: the per-token scale
+    of `v` is lost, its direction is what counts. The target is `rms(v) T / G` per token, `v` what
+    the block computes now (rms with the norm's epsilon, which matters for small outputs): for a
+    block whose output already gives T this is `v` itself, so an unpruned block refits to itself
+    and the ridge's pull towards the current weights agrees with the target. A channel whose gain
+    is 0 adds nothing to the output but still counts in rms(v): its target is its current output.
+
+    A single original block keeps its gain: it is right. A flattened block's merged gain is only
+    a guess (`merge.py`), so `regain` replaces it by the per-channel RMS of T over the calibration
+    tokens, as stored (a `(1 + w)` gain in bf16 is coarse near 0), and scales the projection's rows
+    by old gain / new gain, the prior that gives the same `G * v` as before. Gemma's post-norm
+    gains span 0 to several hundred: a fit in another scale than the norm's costs more than all the
+    pruning does (width pruning of the real Gemma 3 was worse than no refit at all).
     """
 
     def __init__(self, linear: nn.Linear, post_norm: nn.Module | None, rows: Callable[[int, int], torch.Tensor],
-                 sequences: int, adapter: ArchitectureAdapter, refit: bool = True):
+                 sequences: int, adapter: ArchitectureAdapter, refit: bool = True, regain: bool = False):
         """`rows(start, stop)`: the float32 branch target of those calibration sequences. Without
-        `refit` the post-norm keeps its gain (nothing is fitted)."""
-        self.linear, self.post_norm, self.adapter, self.rows = linear, post_norm, adapter, rows
-        self.bias = _bias(linear)
-        self.gain, self.tokens = None, 0
+        `refit` nothing is fitted and nothing changes."""
+        self.linear, self.rows = linear, rows
+        self.gain, self.row_scale, self.eps = None, None, 0.0
         if post_norm is not None and refit:
-            energy = 0.0
-            for start in range(0, sequences, 8):  # a few sequences at a time: never a float copy of all
-                chunk = rows(start, min(start + 8, sequences))
-                energy = energy + chunk.pow(2).sum(dim=(0, 1))
-                self.tokens += chunk.shape[0] * chunk.shape[1]
-            self.gain = (energy / self.tokens).sqrt().clamp_min(1e-6)
+            self.eps = getattr(post_norm, "variance_epsilon", None) or post_norm.eps
+            self.gain = adapter.norm_gain(post_norm)
+            if regain:
+                self._regain(post_norm, adapter, sequences)
 
-    def target(self, start: int, stop: int) -> torch.Tensor:
-        rows = self.rows(start, stop)
+    @torch.no_grad()
+    def _regain(self, post_norm: nn.Module, adapter: ArchitectureAdapter, sequences: int) -> None:
+        energy, tokens = 0.0, 0
+        for start in range(0, sequences, 8):  # a few sequences at a time: never a float copy of all
+            chunk = self.rows(start, min(start + 8, sequences))
+            energy = energy + chunk.pow(2).sum(dim=(0, 1))
+            tokens += chunk.shape[0] * chunk.shape[1]
+        rms = (energy / tokens).sqrt()
+        adapter.set_norm_gain(post_norm, torch.where(rms > 1e-6, rms, self.gain))
+        new = adapter.norm_gain(post_norm)
+        self.row_scale = torch.where(new != 0, self.gain / torch.where(new != 0, new, 1.0), 1.0)
+        self.linear.weight.copy_((self.linear.weight.float() * self.row_scale[:, None]).to(self.linear.weight.dtype))
+        if self.linear.bias is not None:
+            self.linear.bias.copy_((self.linear.bias.float() * self.row_scale).to(self.linear.bias.dtype))
+        self.gain = new
+
+    def target(self, start: int, stop: int, channels: torch.Tensor) -> torch.Tensor:
+        """The target of the projection's weight (bias left out) for these sequences."""
+        rows, bias = self.rows(start, stop), _bias(self.linear)
         if self.gain is None:
-            return rows - self.bias
-        direction = rows / self.gain
-        return direction * torch.rsqrt(direction.pow(2).mean(-1, keepdim=True).clamp_min(1e-12))
-
-    def rescale(self, gram: GramAccumulator) -> None:
-        """Give the normalised target the RMS that the projection's current output has."""
-        if self.gain is None:
-            return
-        weight = self.linear.weight.detach().double()
-        scale = math.sqrt(float(((weight @ gram.C) * weight).sum()) / (self.tokens * weight.shape[0]))
-        gram.R *= scale
-        gram.target_energy *= scale**2
-
-    def set_post_norm(self) -> None:
-        if self.gain is not None:
-            self.adapter.set_norm_gain(self.post_norm, self.gain)
+            return rows - bias
+        current = channels.float() @ self.linear.weight.detach().float().T + bias
+        before = current if self.row_scale is None else current / self.row_scale  # what the block computes
+        scale = (before.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        gain = torch.where(self.gain != 0, self.gain, 1.0)
+        return torch.where(self.gain != 0, scale * rows / gain, current) - bias
 
 
 class GroupPruner:
@@ -169,59 +181,64 @@ class GroupPruner:
         self.original = Widths(self.adapter.num_kv_heads(config), self.heads_per_group,
                                self.adapter.intermediate_size(config))
 
-    def _select(self, gram: GramAccumulator, weight: torch.Tensor, units: list[torch.Tensor], keep: int,
+    def _select(self, gram: GramAccumulator, fit: _OutputFit, units: list[torch.Tensor], keep: int,
                 criterion: str, lam: float) -> list[int]:
-        """All units when all are kept, else the `keep` best by `criterion`."""
+        """All units when all are kept, else the `keep` best by `criterion`, each output channel
+        weighted as it reaches the block's output (`_OutputFit.output_weight`)."""
         if keep >= len(units):
             return list(range(len(units)))
-        return select_units(gram.C, gram.R, weight, units, keep, criterion, lam)
+        weight, R = fit.linear.weight.detach(), gram.R
+        if fit.gain is not None:
+            scale = fit.gain.abs()
+            weight, R = weight.float() * scale[:, None], R * scale.to(R.dtype)
+        return select_units(gram.C, R, weight, units, keep, criterion, lam)
 
-    def prune_attention(self, wide: nn.Module, x: torch.Tensor, attn_target: torch.Tensor, widths: Widths) -> dict:
+    def prune_attention(self, wide: nn.Module, x: torch.Tensor, attn_target: torch.Tensor, widths: Widths,
+                        regain: bool = False) -> dict:
+        """Prune the attention to `widths` and refit its output projection (`regain`: a flattened
+        block's post-norm gain is refit too, see `_OutputFit`)."""
         parts = self.adapter.block(wide)
         fit = _OutputFit(parts.attn_out, parts.attn_post_norm, lambda start, stop: attn_target[start:stop],
-                         len(x), self.adapter, self.settings.refit)
+                         len(x), self.adapter, self.settings.refit, regain)
         gram = gram_of_input(parts.attn_out, lambda: self.runner.attention(wide, x), fit.target, len(x))
-        fit.rescale(gram)
         head_dim, per_group = self.head_dim, self.heads_per_group
         group_cols = per_group * head_dim
         groups = [torch.arange(g * group_cols, (g + 1) * group_cols) for g in range(gram.C.shape[0] // group_cols)]
         lam = ridge_lambda(gram.C, self.settings.ridge)
         criterion = self.settings.attn_criterion or self.settings.criterion
-        kept = self._select(gram, parts.attn_out.weight, groups, widths.kv_groups, criterion, lam)
+        kept = self._select(gram, fit, groups, widths.kv_groups, criterion, lam)
         heads = {}
         for g in kept:  # query heads within each kept group (all of them unless width pruning asks fewer)
             units = [groups[g][h * head_dim : (h + 1) * head_dim] for h in range(per_group)]
-            heads[g] = self._select(gram, parts.attn_out.weight, units, widths.heads_per_group, criterion, lam)
+            heads[g] = self._select(gram, fit, units, widths.heads_per_group, criterion, lam)
         columns = torch.cat([groups[g][h * head_dim : (h + 1) * head_dim] for g in kept for h in heads[g]])
         kv_rows = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in kept])
         _keep_rows(parts.query, columns)  # query rows of a kept head = attn_out columns of that head
         _keep_rows(parts.key, kv_rows)
         _keep_rows(parts.value, kv_rows)
         self._fit_output(parts.attn_out, gram, columns, lam)
-        fit.set_post_norm()
         self.adapter.set_heads_per_group(wide, widths.heads_per_group)
         details = {"kept_kv_groups": kept}
         if widths.heads_per_group < per_group:
             details["kept_heads"] = {str(g): heads[g] for g in kept}
         return details
 
-    def prune_mlp(self, wide: nn.Module, y: torch.Tensor, goal: torch.Tensor, widths: Widths) -> dict:
+    def prune_mlp(self, wide: nn.Module, y: torch.Tensor, goal: torch.Tensor, widths: Widths,
+                  regain: bool = False) -> dict:
         """Prune the MLP, whose input is y (x + pruned attention) and target `goal - y`."""
         parts = self.adapter.block(wide)
         fit = _OutputFit(parts.mlp_out, parts.mlp_post_norm,
                          lambda start, stop: goal[start:stop].float() - y[start:stop].float(), len(y), self.adapter,
-                         self.settings.refit)
+                         self.settings.refit, regain)
         gram = gram_of_input(parts.mlp_out, lambda: self.runner.mlp(wide, y), fit.target, len(y))
-        fit.rescale(gram)
         units = list(torch.arange(gram.C.shape[0]).unsqueeze(1))
         lam = ridge_lambda(gram.C, self.settings.ridge)
         kept = torch.tensor(
-            self._select(gram, parts.mlp_out.weight, units, widths.neurons, self.settings.criterion, lam)
+            self._select(gram, fit, units, widths.neurons, self.settings.criterion, lam)
         )
         _keep_rows(parts.gate, kept)
         _keep_rows(parts.up, kept)
         self._fit_output(parts.mlp_out, gram, kept, lam)
-        fit.set_post_norm()
         return {"kept_neurons_from_first_block": int((kept < self.original.neurons).sum())}
 
     def _fit_output(self, linear: nn.Linear, gram: GramAccumulator, columns: torch.Tensor, lam: float) -> None:
@@ -248,10 +265,11 @@ class GroupPruner:
             if source is not x:
                 attn_goal += source.float() - x.float()
         flatten_error = relative_error(self.runner.block(wide, x), goal, x)
-        details = self.prune_attention(wide, x, attn_goal, widths)
+        flattened = len(layers) > 1
+        details = self.prune_attention(wide, x, attn_goal, widths, flattened)
         del attn_goal  # float32, as large as two bf16 activations: not needed for the MLP
         y = x + self.runner.attention(wide, x)
-        details |= self.prune_mlp(wide, y, goal, widths)
+        details |= self.prune_mlp(wide, y, goal, widths, flattened)
         details |= {
             "flatten_error": flatten_error,
             "pruned_error": relative_error(self.runner.block(wide, x), goal, x),
