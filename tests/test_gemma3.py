@@ -10,11 +10,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import depthkit
+from depthkit.analysis.metrics import relative_error
 from depthkit.compress.api import save_compressed
+from depthkit.compress.flatten import flatten_layers
 from depthkit.data import DataSpec
 from depthkit.data.blocks import sample_blocks, sequence_prefix, token_stream
 from depthkit.evaluate.perplexity import perplexity
+from depthkit.models.adapters import get_adapter
 from depthkit.models.loading import GEMMA3, GEMMA_TERMS, load_model, offline_model_dir
+from depthkit.models.runner import BlockRunner, as_source
 
 pytestmark = pytest.mark.integration
 
@@ -72,16 +76,28 @@ def test_block_removal_reloads_in_plain_transformers_with_the_remaining_layer_ty
 
 
 def test_flattengpt_on_gemma3_approximates_its_post_norms_and_reloads(tmp_path):
-    """Post-norms make the flatten approximate; least squares repairs it and the block stays standard."""
+    """Post-norms make the flatten approximate; least squares repairs it on text it was not fitted
+    to (on few calibration tokens the error on them says little: a refit free to fit 512 tokens
+    once reached 0.06 on them and 1.75 on other text), and the block stays standard."""
+    original, _ = load_model(GEMMA3, dtype="float32")  # the module's model is compressed by another test
     model, tokenizer = load_model(GEMMA3, dtype="float32")
     report = depthkit.compress(model, "flatten", target_layers=17, tokenizer=tokenizer, calib="mix",
-                               num_calib_blocks=8, calib_block_len=64, selection_blocks=4)
+                               num_calib_blocks=16, calib_block_len=128, selection_blocks=4)
     (block,) = report.details["blocks"]
-    assert block["pruned_error"] < block["flatten_error"]
+    first, second = block["group"]
+    layers = get_adapter(original).layers(original)
+    ids = sample_blocks(tokenizer, DataSpec("shakespeare", "heldout"), 2, 128)
+    x = as_source(original).embed(ids)
+    runner = BlockRunner(original, x, batch_size=2)
+    for layer in layers[:first]:
+        x = runner.block(layer, x)
+    goal = runner.sequential([layers[first], layers[second]], x)[1]
+    flattened = flatten_layers(original, [layers[first], layers[second]], "average")
+    pruned = get_adapter(model).layers(model)[first]
+    assert relative_error(runner.block(pruned, x), goal, x) < relative_error(runner.block(flattened, x), goal, x)
     types = model.config.layer_types
     assert len(types) == 17 and types.count("full_attention") == 3
     save_compressed(model, tokenizer, tmp_path / "out", report)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
-    ids = sample_blocks(tokenizer, DataSpec("shakespeare", "heldout"), 1, 48)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
