@@ -258,13 +258,17 @@ class ArchitectureAdapter:
         with torch.no_grad():
             norm.weight.copy_(torch.as_tensor(gain, dtype=torch.float32) - self.norm_offset)
 
+    @staticmethod
+    def norm_eps(norm: nn.Module) -> float:
+        """The epsilon a norm adds to the mean square (LLaMA's RMSNorm calls it `variance_epsilon`)."""
+        return getattr(norm, "variance_epsilon", None) or norm.eps
+
     def apply_norm(self, norm: nn.Module, hidden: torch.Tensor, weight: torch.Tensor,
                    dtype: torch.dtype) -> torch.Tensor:
         """`norm(hidden)` (whose output has `dtype`) computed with `weight` in place of the module's own
         (per-loop norms), in the dtype steps of the family's RMSNorm so that equal weights give equal outputs."""
-        eps = getattr(norm, "variance_epsilon", None) or norm.eps
         x = hidden.float()
-        normalised = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        normalised = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.norm_eps(norm))
         if self.norm_offset:  # Gemma: scale in float32, then cast
             return (normalised * (self.norm_offset + weight.float())).to(dtype)
         return weight.to(dtype) * normalised.to(hidden.dtype)

@@ -106,6 +106,11 @@ def _bias(linear: nn.Linear) -> torch.Tensor | float:
     return linear.bias.detach().float() if linear.bias is not None else 0.0
 
 
+def _zeros_to_one(gain: torch.Tensor) -> torch.Tensor:
+    """`gain` with its zeros replaced by 1, to divide by (the zero channels are masked by the caller)."""
+    return torch.where(gain != 0, gain, 1.0)
+
+
 class _OutputFit:
     """The least-squares target of an output projection, whose output a post-norm may follow.
 
@@ -132,7 +137,7 @@ class _OutputFit:
         self.linear, self.rows = linear, rows
         self.gain, self.row_scale, self.eps = None, None, 0.0
         if post_norm is not None and refit:
-            self.eps = getattr(post_norm, "variance_epsilon", None) or post_norm.eps
+            self.eps = adapter.norm_eps(post_norm)
             self.gain = adapter.norm_gain(post_norm)
             if regain:
                 self._regain(post_norm, adapter, sequences)
@@ -147,7 +152,7 @@ class _OutputFit:
         rms = (energy / tokens).sqrt()
         adapter.set_norm_gain(post_norm, torch.where(rms > 1e-6, rms, self.gain))
         new = adapter.norm_gain(post_norm)
-        self.row_scale = torch.where(new != 0, self.gain / torch.where(new != 0, new, 1.0), 1.0)
+        self.row_scale = torch.where(new != 0, self.gain / _zeros_to_one(new), 1.0)
         self.linear.weight.copy_((self.linear.weight.float() * self.row_scale[:, None]).to(self.linear.weight.dtype))
         if self.linear.bias is not None:
             self.linear.bias.copy_((self.linear.bias.float() * self.row_scale).to(self.linear.bias.dtype))
@@ -161,8 +166,7 @@ class _OutputFit:
         current = channels.float() @ self.linear.weight.detach().float().T + bias
         before = current if self.row_scale is None else current / self.row_scale  # what the block computes
         scale = (before.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
-        gain = torch.where(self.gain != 0, self.gain, 1.0)
-        return torch.where(self.gain != 0, scale * rows / gain, current) - bias
+        return torch.where(self.gain != 0, scale * rows / _zeros_to_one(self.gain), current) - bias
 
 
 class GroupPruner:
@@ -184,7 +188,7 @@ class GroupPruner:
     def _select(self, gram: GramAccumulator, fit: _OutputFit, units: list[torch.Tensor], keep: int,
                 criterion: str, lam: float) -> list[int]:
         """All units when all are kept, else the `keep` best by `criterion`, each output channel
-        weighted as it reaches the block's output (`_OutputFit.output_weight`)."""
+        weighted by its post-norm gain (if any), as its error reaches the block's output."""
         if keep >= len(units):
             return list(range(len(units)))
         weight, R = fit.linear.weight.detach(), gram.R
