@@ -197,9 +197,8 @@ def _note(report, skipped: list[int]) -> str:
     notes = []
     if skipped:
         notes.append(f"{len(skipped)} attention sublayers skipped")
-    if report.details.get("target_reached") is False:  # LaCo stops at its threshold
-        wanted = report.num_layers_before - report.blocks_requested
-        notes.append(f"reached {report.num_layers_after} blocks, not {wanted}")
+    if report.shortfall():
+        notes.append(report.shortfall())
     if not report.saveable:
         notes.append("not a standard checkpoint (wide blocks)")
     return "; ".join(notes)

@@ -318,9 +318,8 @@ def run_one(base_model, name: str, method: str, options: dict[str, Any], calib: 
     seconds = time.perf_counter() - began
     row |= {"seconds": seconds, **judge.measure(model, zeroshot=calib == DEFAULT_CALIB, calib=calib),
             "details": report.details, "saveable": report.saveable}
-    target = report.num_layers_before - report.blocks_requested
-    if report.num_layers_after != target:  # e.g. LaCo at its paper threshold: it stops where it stops
-        row["note"] = f"reached {report.num_layers_after} blocks, not {target}"
+    if report.shortfall():
+        row["note"] = report.shortfall()
     print(f"{name} | {calib} | {ratio}: " + ", ".join(f"{d} {v['perplexity']:.2f}" for d, v in row["domains"].items()),
           flush=True)
     return row

@@ -191,6 +191,7 @@ def test_laco_merges_less_when_the_threshold_cannot_reach_the_depth(capsys, tmp_
     report = depthkit.compress(model, "laco", target_layers=2, calib_ids=ids, threshold=0.9999)
     assert report.num_layers_after > 2 and not report.details["target_reached"]
     assert report.details["blocks_removed"] == 6 - report.num_layers_after
+    assert report.shortfall() == f"reached {report.num_layers_after} blocks, not 2"
     assert "laco reached" in capsys.readouterr().err
     save_compressed(model, None, tmp_path / "out", report)
     card = (tmp_path / "out" / "compression_card.md").read_text()

@@ -69,6 +69,13 @@ class CompressionReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def shortfall(self) -> str | None:
+        """"reached N blocks, not M" when the method stopped short of the depth asked for (LaCo stops
+        at its threshold); None otherwise, and for width methods, which keep every block by design."""
+        if self.details.get("target_reached") is not False:
+            return None
+        return f"reached {self.num_layers_after} blocks, not {self.num_layers_before - self.blocks_requested}"
+
     def applied_plan(self) -> CompressionPlan:
         """The plan this run applied, to apply again (another count it serves, other fitting options)."""
         require(self.plan is not None, "this report records no plan")
