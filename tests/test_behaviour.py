@@ -5,6 +5,7 @@ import copy
 import torch
 
 from depthkit.compress.common import remove_blocks
+from depthkit.evaluate import behaviour
 from depthkit.evaluate.behaviour import (
     chat_prompts,
     chat_reference,
@@ -31,6 +32,20 @@ def test_a_model_agrees_with_itself_and_a_cut_one_does_not():
     remove_blocks(cut, [1, 2])
     other = compare_behaviour(cut, blocks, reference)
     assert other.top1_agreement < 1.0 and other.kl > 1e-3
+
+
+def test_the_chunk_size_follows_the_vocabulary_and_not_the_figures(monkeypatch):
+    model = tiny_model("llama", num_layers=2)
+    blocks = random_ids(model, batch=4, length=16)
+    default = reference_logprobs(model, blocks)
+    monkeypatch.setattr(behaviour, "CHUNK_LOGITS_BYTES", 2 * 15 * model.config.vocab_size * 4)
+    pairs = reference_logprobs(model, blocks)
+    assert (default.batch_size, pairs.batch_size) == (4, 2)
+    cut = copy.deepcopy(model)
+    remove_blocks(cut, [1])
+    by_four, by_two = compare_behaviour(cut, blocks, default), compare_behaviour(cut, blocks, pairs)
+    assert abs(by_four.perplexity - by_two.perplexity) < 1e-4 * by_four.perplexity
+    assert abs(by_four.kl - by_two.kl) < 1e-4 and by_four.top1_agreement == by_two.top1_agreement
 
 
 def test_chat_answers_are_the_originals_own_choices():

@@ -26,6 +26,9 @@ from transformers import PreTrainedModel
 # float16 keeps log-probabilities to ~1e-3 relative over their whole range (bf16: ~1e-2) at half the memory.
 REFERENCE_DTYPE = torch.float16
 STORED_REFERENCE_LIMIT = 1 << 30  # bytes of stored predictions per text, beyond which they are recomputed
+# float32 log-probabilities per forward: SmolLM2's 49k words take 4 sequences of 512 tokens, Gemma's 262k one,
+# so that two benchmarks fit side by side (each forward makes several temporaries of this size).
+CHUNK_LOGITS_BYTES = 1 << 29
 
 
 @dataclass
@@ -66,23 +69,25 @@ class Reference:
     """The reference model's predictions on token blocks, chunk by chunk: stored, or recomputed from
     a frozen copy of the model when storing them would exceed `STORED_REFERENCE_LIMIT`."""
 
-    def __init__(self, model: PreTrainedModel, blocks: torch.Tensor, batch_size: int = 4,
+    def __init__(self, model: PreTrainedModel, blocks: torch.Tensor, batch_size: int | None = None,
                  frozen: PreTrainedModel | None = None) -> None:
-        """`frozen`: a copy of `model` that nobody changes, to share between the references of
+        """`batch_size`: sequences per forward (default: as many as `CHUNK_LOGITS_BYTES` allows, at most 4);
+        `frozen`: a copy of `model` that nobody changes, to share between the references of
         several texts (else one is made here when the predictions are too large to store)."""
-        self.batch_size = batch_size
+        per_sequence = (blocks.shape[1] - 1) * model.config.vocab_size * 4
+        self.batch_size = batch_size or max(1, min(4, CHUNK_LOGITS_BYTES // per_sequence))
         self.model = None
         if _stored_size(model, blocks) > STORED_REFERENCE_LIMIT:
             self.model = frozen if frozen is not None else copy.deepcopy(model).eval()
         self.stored = None if self.model is not None else [
-            _predictions(_log_probs(model, chunk)) for chunk in blocks.split(batch_size)]
+            _predictions(_log_probs(model, chunk)) for chunk in blocks.split(self.batch_size)]
 
     def predictions(self, index: int, chunk: torch.Tensor) -> Predictions:
         """The predictions on `chunk`, the `index`-th chunk of the blocks."""
         return self.stored[index] if self.stored is not None else _predictions(_log_probs(self.model, chunk))
 
 
-def reference_logprobs(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int = 4,
+def reference_logprobs(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int | None = None,
                        frozen: PreTrainedModel | None = None) -> Reference:
     """The reference model's next-token predictions on `blocks` (n x len)."""
     return Reference(model, blocks, batch_size, frozen)
