@@ -197,8 +197,8 @@ def _note(report, skipped: list[int]) -> str:
     notes = []
     if skipped:
         notes.append(f"{len(skipped)} attention sublayers skipped")
-    if report.shortfall():
-        notes.append(report.shortfall())
+    if shortfall := report.shortfall():
+        notes.append(shortfall)
     if not report.saveable:
         notes.append("not a standard checkpoint (wide blocks)")
     return "; ".join(notes)

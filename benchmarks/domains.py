@@ -318,8 +318,8 @@ def run_one(base_model, name: str, method: str, options: dict[str, Any], calib: 
     seconds = time.perf_counter() - began
     row |= {"seconds": seconds, **judge.measure(model, zeroshot=calib == DEFAULT_CALIB, calib=calib),
             "details": report.details, "saveable": report.saveable}
-    if report.shortfall():
-        row["note"] = report.shortfall()
+    if note := report.shortfall():
+        row["note"] = note
     print(f"{name} | {calib} | {ratio}: " + ", ".join(f"{d} {v['perplexity']:.2f}" for d, v in row["domains"].items()),
           flush=True)
     return row
