@@ -48,7 +48,7 @@ from depthkit.data.corpora import DEFAULT_CALIB, MIX_COMPONENTS, mixture_sources
 from depthkit.errors import DepthkitError  # noqa: E402
 from depthkit.evaluate.behaviour import BehaviourSuite  # noqa: E402
 from depthkit.evaluate.report import geo_mean  # noqa: E402
-from depthkit.evaluate.zeroshot import zero_shot  # noqa: E402
+from depthkit.evaluate.zeroshot import DOMAIN_ITEMS, ZEROSHOT_DOMAINS, retention, zero_shot_by_domain  # noqa: E402
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
@@ -58,7 +58,6 @@ RESULTS = Path(__file__).parent / "results"
 DOMAINS = MIX_COMPONENTS
 BLOCK_REMOVAL = ("shortgpt", "sleb", "laco")  # the baselines FlattenGPT must beat (attention drop removes no block)
 DIAGNOSTIC = ("flatten_unpruned",)  # upper bounds, not products: measured only when asked for
-ZEROSHOT_DOMAINS = ("austen", "shakespeare", "pydoc")  # sentence tasks need prose: not built from source code
 # Runs are comparable (and a results file is resumed or shared) when these settings are equal.
 SETTINGS = ("model", "dtype", "calibration", "evaluation", "chat", "zeroshot")
 
@@ -79,7 +78,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks per domain")
     parser.add_argument("--eval-len", type=int, default=512)
     parser.add_argument("--stem", default=None, help="results file name (default domains, or domains_quick)")
-    parser.add_argument("--zeroshot-limit", type=int, default=200,
+    parser.add_argument("--zeroshot-limit", type=int, default=DOMAIN_ITEMS,
                         help="zero-shot items per task and domain for the runs calibrated on the default mixture "
                              "(0: none)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8x128 calibration, 2x128 per domain")
@@ -131,8 +130,7 @@ class Judge:
             left_out = [d for d in DOMAINS if not (calib and in_calibration(calib, d))]
             result["cv"] = self.calib.measure(model, left_out)["domains"]
         if zeroshot and self.zeroshot_limit:
-            result["zeroshot"] = {domain: zero_shot(model, self.tokenizer, limit=self.zeroshot_limit,
-                                                    corpus=domain).average for domain in ZEROSHOT_DOMAINS}
+            result["zeroshot"] = zero_shot_by_domain(model, self.tokenizer, self.zeroshot_limit)
         return result
 
 
@@ -176,7 +174,7 @@ def retained(rows: list[dict[str, Any]], base: dict[str, Any]) -> float | None:
     scored = [r["zeroshot"] for r in rows if r.get("zeroshot")]
     if not scored or not base.get("zeroshot"):
         return None
-    return float(np.mean([z[d] / base["zeroshot"][d] for z in scored for d in z]))
+    return float(np.mean([retention(z, base["zeroshot"]) for z in scored]))
 
 
 def write_results(result: dict[str, Any], stem: str) -> None:

@@ -18,6 +18,9 @@ of perplexity over the domains in / not in the training text.
 Behaviour retention (`depthkit.evaluate.behaviour`), before and after recovery: top-1 agreement and
 KL(original || model) per token on those held-out blocks, and on depthkit's 24 evaluation chat prompts
 (never trained on) the share of identical greedy answers and the KL per token on the original's answers.
+Zero-shot, for the original and before and after recovery: depthkit's cloze and continuation tasks built
+from the heldout split of each prose domain (`--zeroshot-limit` items per task and domain), and the
+accuracy retained relative to the original, averaged over those domains.
 `--distill-weight` distils from the original on the text; `--self-distill N` also trains every
 `--self-distill-every`-th step on the original's greedy answers to N chat prompts over training passages.
 Writes benchmarks/results/<name>.{json,md,png} (`--name`, default `recovery`; `_quick` suffix for --quick).
@@ -46,6 +49,7 @@ from depthkit.data.corpora import MIX_COMPONENTS, mixture_sources  # noqa: E402
 from depthkit.errors import require  # noqa: E402
 from depthkit.evaluate.behaviour import BehaviourSuite  # noqa: E402
 from depthkit.evaluate.report import geo_mean  # noqa: E402
+from depthkit.evaluate.zeroshot import DOMAIN_ITEMS, ZEROSHOT_DOMAINS, retention, zero_shot_by_domain  # noqa: E402
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.recover import RecoverySettings, recover  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
@@ -80,11 +84,19 @@ def parse_args() -> argparse.Namespace:
                         help="> 0: also learn the original's answers to N chat prompts over training passages")
     parser.add_argument("--self-distill-every", type=int, default=4, metavar="K",
                         help="with --self-distill: every K-th step is a batch of those answers")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the LoRA start and the order of the training blocks")
+    parser.add_argument("--zeroshot-limit", type=int, default=DOMAIN_ITEMS,
+                        help=f"zero-shot items per task and domain ({', '.join(ZEROSHOT_DOMAINS)}), before and after "
+                             "recovery (0: none)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 avoids spin-wait collapse on a CPU shared with other jobs)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 held-out windows per domain, *_quick")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 held-out windows per domain, 8 zero-shot items per task, *_quick")
     parser.add_argument("--name", default="recovery", help="results file prefix (e.g. recovery_flatten)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.quick:
+        args.eval_windows, args.zeroshot_limit = 2, min(args.zeroshot_limit, 8)
+    return args
 
 
 def compressed_model(args: argparse.Namespace, calib: DataSpec) -> tuple[Any, str, dict[str, Any] | None]:
@@ -115,25 +127,29 @@ def main() -> None:
     check_method(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    windows = 2 if args.quick else args.eval_windows
+    torch.manual_seed(args.seed)
     train = DataSpec(args.train_data, "calib")
     trained_on = mixture_sources(args.train_data)
     settings = RecoverySettings(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                                 lora_rank=args.lora_rank, eval_every=args.eval_every,
-                                eval_tokens=windows * args.seq_len * len(trained_on), checkpoint_every=0,
+                                eval_tokens=args.eval_windows * args.seq_len * len(trained_on), checkpoint_every=0,
                                 distill_weight=args.distill_weight, self_distill=args.self_distill,
-                                self_distill_every=args.self_distill_every)
+                                self_distill_every=args.self_distill_every, seed=args.seed)
     settings.validate()
     original, tokenizer = load_model(args.original)
-    suite = BehaviourSuite(original, tokenizer, list(MIX_COMPONENTS), "heldout", blocks=windows,
+    suite = BehaviourSuite(original, tokenizer, list(MIX_COMPONENTS), "heldout", blocks=args.eval_windows,
                            block_len=args.seq_len)
     # What the trainer scores during training: the held-out text of the training domains.
     train_heldout = torch.cat([suite.texts[d].flatten() for d in MIX_COMPONENTS if d in trained_on])
-    measured = {"original": suite.measure(original)}
+
+    def measure(model) -> dict[str, Any]:
+        scores = zero_shot_by_domain(model, tokenizer, args.zeroshot_limit) if args.zeroshot_limit else {}
+        return suite.measure(model) | {"zeroshot": scores}
+
+    measured = {"original": measure(original)}
     base_depth = original.config.num_hidden_layers
     model, source, compression = compressed_model(args, train)
-    measured["before"] = suite.measure(model)
+    measured["before"] = measure(model)
     teacher = original if args.distill_weight > 0 or args.self_distill > 0 else None
     if teacher is None:
         del original
@@ -142,7 +158,7 @@ def main() -> None:
         card = recover(model, tokenizer, sample_blocks(tokenizer, train, blocks, args.seq_len).flatten(),
                        train_heldout, settings, out, teacher=teacher,
                        meta={"model": source, "data": train.describe(), "eval_data": "heldout of the training domains"})
-        measured["after"] = suite.measure(load_model(str(Path(out) / "model"))[0])
+        measured["after"] = measure(load_model(str(Path(out) / "model"))[0])
     write_results(args, card, measured, trained_on, base_depth, source, compression, model.config.num_hidden_layers)
 
 
@@ -196,11 +212,15 @@ def perplexity_rows(args, card, ppl: dict[str, dict[str, float]], trained_on: li
 
 def behaviour_rows(measured: dict[str, dict]) -> list[dict[str, Any]]:
     """Before and after recovery: agreement with the original per domain, and on the chat prompts."""
+    base = measured["original"]["zeroshot"]
+
     def row(label: str, m: dict) -> dict[str, Any]:
+        zeroshot = {f"{d} zero-shot": m["zeroshot"][d] for d in base}
         return {"model": label, **{f"{d} top-1": b["top1_agreement"] for d, b in m["domains"].items()},
                 "mean top-1": m["mean_top1_agreement"], "mean KL": m["mean_kl"],
                 "chat same answer": m["chat"]["same_answer"], "chat top-1": m["chat"]["answer_top1_agreement"],
-                "chat KL/token": m["chat"]["answer_kl"]}
+                "chat KL/token": m["chat"]["answer_kl"], **zeroshot,
+                **({"zero-shot retained": retention(m["zeroshot"], base)} if base else {})}
 
     return [row("before recovery", measured["before"]), row("after recovery", measured["after"])]
 
@@ -216,15 +236,26 @@ def markdown(args, card, result: dict[str, Any], table: str, behaviour: str, ste
         f"# Recovery fine-tuning ({result['model']})\n\n"
         f"LoRA rank {args.lora_rank} on q/k/v/o/gate/up/down of every block, {card['steps']} steps x "
         f"{args.batch_size} x {args.seq_len} tokens sampled over {result['train_data']} ({card['tokens_trained']} "
-        f"tokens, lr {args.lr}, distill weight {args.distill_weight}{self_distill}). Held-out: {result['heldout']}; "
+        f"tokens, lr {args.lr}, distill weight {args.distill_weight}{self_distill}, seed {args.seed}). "
+        f"Held-out: {result['heldout']}; "
         f"in domain = {', '.join(result['trained_domains'])}, out of domain = the rest.\n\n{table}\n\n"
         f"Recovery closed {_pct(closed['in_domain'])} of the gap to the original in domain and "
         f"{_pct(closed['out_of_domain'])} out of domain.\n\n"
         "Behaviour retention against the original: top-1 agreement of the next-token predictions per domain "
         "(same held-out blocks), mean KL(original || model) per token; on the 24 evaluation chat prompts (never "
         "trained on), the share of greedy answers identical to the original's, top-1 agreement and KL per token on "
-        f"the original's answers:\n\n{behaviour}\n\n"
+        f"the original's answers{zeroshot_note(args, result)}:\n\n{behaviour}\n\n"
         f"Held-out perplexity during training:\n\n{curve}\n\n![curve]({stem}.png)\n")
+
+
+def zeroshot_note(args, result: dict[str, Any]) -> str:
+    base = result["behaviour"]["original"]["zeroshot"]
+    if not base:
+        return ""
+    accuracy = ", ".join(f"{d} {a:.3f}" for d, a in base.items())
+    return (f"; zero-shot: average accuracy of depthkit's cloze and continuation tasks ({args.zeroshot_limit} items "
+            f"each, built from the heldout split of each domain; original: {accuracy}), `retained` = accuracy over "
+            "the original's, averaged over those domains")
 
 
 def _pct(value: float | None) -> str:

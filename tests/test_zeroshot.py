@@ -19,7 +19,7 @@ from depthkit.evaluate.tasks.items import (
     final_word,
 )
 from depthkit.evaluate.tasks.text import book_sentences, paragraphs, split_sentences
-from depthkit.evaluate.zeroshot import zero_shot
+from depthkit.evaluate.zeroshot import ZEROSHOT_DOMAINS, retention, zero_shot, zero_shot_by_domain
 from depthkit.models.loading import load_model
 from depthkit.models.tiny import TINY_ARCHITECTURES
 
@@ -129,6 +129,14 @@ def test_lm_eval_scores_a_tiny_model(tiny_lm):
         assert 0.0 <= score.accuracy <= 1.0 and score.accuracy == score.metrics[score.metric]
     assert result.tasks["depthkit_continuation"].metric == "acc_norm"
     assert result.to_dict()["average"] == pytest.approx(sum(s.accuracy for s in result.tasks.values()) / 2)
+
+
+def test_per_domain_scores_and_retention(tiny_lm):
+    scores = zero_shot_by_domain(*tiny_lm, limit=4)
+    assert list(scores) == list(ZEROSHOT_DOMAINS) and all(0.0 <= a <= 1.0 for a in scores.values())
+    assert scores["austen"] == zero_shot(*tiny_lm, limit=4).average  # the same tasks as `corpus="austen"`
+    # every domain weighs the same, whatever its accuracy
+    assert retention({"a": 0.3, "b": 0.8}, {"a": 0.6, "b": 0.8}) == pytest.approx(0.75)
 
 
 @pytest.mark.parametrize("arch", [a for a in TINY_ARCHITECTURES if a != "llama"])

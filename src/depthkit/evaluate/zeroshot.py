@@ -19,6 +19,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from depthkit.errors import DepthkitError
 from depthkit.evaluate.tasks import DEPTHKIT_TASKS, build_tasks
 
+# The offline tasks are sentences cut from running text, so they are built from the prose domains
+# (the manual's paragraphs count); source code has no sentences to cloze.
+ZEROSHOT_DOMAINS = ("austen", "shakespeare", "pydoc")
+DOMAIN_ITEMS = 200  # items per task and domain in the benchmarks: about +-2.5 points of sampling error each
 STANDARD_TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa")
 # The field's convention (e.g. ShortGPT, SliceGPT tables): length-normalised accuracy where choices
 # are free text of varying length, plain accuracy elsewhere.
@@ -147,6 +151,20 @@ def zero_shot(
     seconds = time.perf_counter() - began
     scores = {name: _task_score(name, output["results"][name], output["samples"][name]) for name in names}
     return ZeroShotResult(scores, seconds, limit, folder.manifest if folder else {})
+
+
+def zero_shot_by_domain(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, limit: int | None,
+    domains: tuple[str, ...] = ZEROSHOT_DOMAINS,
+) -> dict[str, float]:
+    """Average accuracy on depthkit's offline tasks built from each domain's heldout split: one
+    domain's tasks would judge a model calibrated or trained on that domain on its home ground."""
+    return {domain: zero_shot(model, tokenizer, limit=limit, corpus=domain).average for domain in domains}
+
+
+def retention(scores: dict[str, float], base: dict[str, float]) -> float:
+    """Accuracy kept relative to the original, averaged over domains (each domain weighs the same)."""
+    return sum(scores[d] / base[d] for d in scores) / len(scores)
 
 
 def _task_score(task: str, results: dict, samples: list[dict]) -> TaskScore:
