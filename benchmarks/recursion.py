@@ -12,6 +12,9 @@ early-exit sweep decodes 9 x 255 held-out tokens one at a time (a few minutes). 
 the recorded setting, is four of these (two jobs of two seeds: about two hours). On a CPU without
 native bf16 (AVX2 only) `--mixed-precision auto` trains in float32, about 4x slower a step (measured
 before 2026-12-02: 2.95 s standard, 12.3 s RecursiveVLM), so a few hours a seed.
+On Gemma 3 270M (`--model gemma3-270m --out benchmarks/results/recursion_gemma3`) a seed took 76
+minutes on two threads (2026-12-04): 2.2 s/step standard and vanilla, 9.0 s/step RecursiveVLM, whose
+monotonic loss pays the 262k-word LM head at every step.
 `--steps 2 --eval-blocks 2 --exit-tokens 12` is a two-minute smoke run. `--eval-every N` adds a
 learning curve: held-out perplexity of every step every N optimizer steps
 (benchmarks/results/recursion_options/learning_curve_seed0.*, an earlier setting).
