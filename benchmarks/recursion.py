@@ -108,6 +108,7 @@ from depthkit.utils.io import format_table, write_json  # noqa: E402
 from depthkit.utils.precision import MIXED_PRECISIONS, resolve_mixed_precision  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+ZOOM_PCT = 15.0  # top of the plot against the standard model, in percent
 SAVE_TARGET, COST_TARGET = 0.30, 2.0  # early exit: >= 30% of loops saved at < 2% perplexity cost
 DATA_CHOICES = ("interleaved", "first")
 PERSUASION_HELDOUT = DataSpec("austen:persuasion", "heldout")  # early-exit text; `--data first` held-out
@@ -278,15 +279,21 @@ def plot_steps(ax, variants: list[dict]) -> None:
 
 def plot_against_standard(ax, variants: list[dict]) -> None:
     """Per-step perplexity relative to the standard model, for the looped variants that come within
-    10% of it at some step: the differences that decide the targets, invisible on the full scale."""
+    10% of it at some step: the differences that decide the targets, invisible on the full scale
+    (values above ZOOM_PCT are drawn at it and labelled)."""
     standard = next((v["ppl_after"][0] for v in variants if v["loops"] == 1), None)
     looped = [v for v in variants if v["loops"] > 1]  # in plot_steps' colour order
     for index, v in enumerate(looped):
         values = v.get("ppl_deeper") or v["ppl_after"]
         if standard is None or min(values) > 1.1 * standard:
             continue
-        ax.plot(range(1, len(values) + 1), [100 * (p / standard - 1) for p in values], marker="o",
-                color=f"C{index}", label=f"{v['variant']} (R={v['loops']})")
+        steps, percent = range(1, len(values) + 1), [100 * (p / standard - 1) for p in values]
+        ax.plot(steps, [min(x, ZOOM_PCT) for x in percent], marker="o", color=f"C{index}",
+                label=f"{v['variant']} (R={v['loops']})")
+        for step, x in zip(steps, percent):
+            if x > ZOOM_PCT:  # e.g. vanilla's step 1, thousands of percent: drawn at the top, labelled
+                ax.annotate(f"{x:+.3g}%", (step, ZOOM_PCT), textcoords="offset points", xytext=(4, -10),
+                            fontsize=8, color=f"C{index}")
         if len(values) > v["loops"]:
             ax.axvline(v["loops"], color="gray", linestyle=":", linewidth=0.8)
     ax.axhline(0, linestyle="--", color="gray", label="standard (R = 1)")
