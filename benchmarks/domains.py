@@ -39,6 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from depthkit.cli.common import non_negative_int  # noqa: E402
 from depthkit.cli.compress import parse_options  # noqa: E402
 from depthkit.compress import compress  # noqa: E402
 from depthkit.compress.api import list_methods  # noqa: E402
@@ -78,7 +79,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks per domain")
     parser.add_argument("--eval-len", type=int, default=512)
     parser.add_argument("--stem", default=None, help="results file name (default domains, or domains_quick)")
-    parser.add_argument("--zeroshot-limit", type=int, default=DOMAIN_ITEMS,
+    parser.add_argument("--zeroshot-limit", type=non_negative_int, default=DOMAIN_ITEMS,
                         help="zero-shot items per task and domain for the runs calibrated on the default mixture "
                              "(0: none)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8x128 calibration, 2x128 per domain")

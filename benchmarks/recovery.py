@@ -41,6 +41,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from depthkit.cli.common import non_negative_int  # noqa: E402
 from depthkit.cli.compress import parse_options  # noqa: E402
 from depthkit.compress import compress, get_method  # noqa: E402
 from depthkit.data import DataSpec  # noqa: E402
@@ -85,7 +86,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--self-distill-every", type=int, default=4, metavar="K",
                         help="with --self-distill: every K-th step is a batch of those answers")
     parser.add_argument("--seed", type=int, default=0, help="seeds the LoRA start and the order of the training blocks")
-    parser.add_argument("--zeroshot-limit", type=int, default=DOMAIN_ITEMS,
+    parser.add_argument("--zeroshot-limit", type=non_negative_int, default=DOMAIN_ITEMS,
                         help=f"zero-shot items per task and domain ({', '.join(ZEROSHOT_DOMAINS)}), before and after "
                              "recovery (0: none)")
     parser.add_argument("--threads", type=int, default=None,
