@@ -28,8 +28,8 @@ def smollm2_float32(smollm2):
 @pytest.mark.parametrize("stride", [256, 128])
 def test_perplexity_matches_transformers_on_pride_and_prejudice(smollm2, smollm2_float32, pride_ids, stride):
     """Exact in float32, batched against transformers' one window at a time. In bf16 the GEMMs round
-    differently with the batch's shape (logits differ by 0.12 on average between batch 4 and 1 here),
-    so the default dtype is held to bf16's precision (5e-3; batch 4 and batch 1 differ by 1.4e-3 here)."""
+    differently with the batch's shape (logits differ by 0.12 on average between batch 4 and 1, the
+    perplexities by 1.4e-3), so the default dtype is held to bf16's precision, 5e-3."""
     stream = pride_ids[:1024]
     exact = perplexity(smollm2_float32, stream, window=256, stride=stride, batch_size=4, progress=False)
     assert exact.perplexity == pytest.approx(direct_perplexity(smollm2_float32, stream, 256, stride), rel=1e-5)
