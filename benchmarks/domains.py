@@ -49,7 +49,15 @@ from depthkit.data.corpora import DEFAULT_CALIB, MIX_COMPONENTS, mixture_sources
 from depthkit.errors import DepthkitError  # noqa: E402
 from depthkit.evaluate.behaviour import BehaviourSuite  # noqa: E402
 from depthkit.evaluate.report import geo_mean  # noqa: E402
-from depthkit.evaluate.zeroshot import DOMAIN_ITEMS, ZEROSHOT_DOMAINS, retention, zero_shot_by_domain  # noqa: E402
+from depthkit.evaluate.zeroshot import (  # noqa: E402
+    DOMAIN_ITEMS,
+    ZEROSHOT_DOMAINS,
+    domain_averages,
+    domain_items,
+    retention,
+    retention_interval,
+    zero_shot_by_domain,
+)
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
@@ -131,7 +139,8 @@ class Judge:
             left_out = [d for d in DOMAINS if not (calib and in_calibration(calib, d))]
             result["cv"] = self.calib.measure(model, left_out)["domains"]
         if zeroshot and self.zeroshot_limit:
-            result["zeroshot"] = zero_shot_by_domain(model, self.tokenizer, self.zeroshot_limit)
+            scores = zero_shot_by_domain(model, self.tokenizer, self.zeroshot_limit)
+            result |= {"zeroshot": domain_averages(scores), "zeroshot_items": domain_items(scores)}
         return result
 
 
@@ -165,7 +174,7 @@ def summary(rows: list[dict[str, Any]], base: dict[str, Any]) -> list[dict[str, 
                       "top-1 agreement": float(np.mean([d["top1_agreement"] for r in mine
                                                         for d in r["domains"].values()])),
                       "chat same answer": float(np.mean([r["chat"]["same_answer"] for r in mine])),
-                      "zero-shot retained": retained(mine, base),
+                      "zero-shot retained": retained(mine, base), "95% interval": retained_interval(mine, base),
                       "note": "; ".join(sorted({r["note"] for r in mine if r.get("note")}))})
     return table
 
@@ -176,6 +185,16 @@ def retained(rows: list[dict[str, Any]], base: dict[str, Any]) -> float | None:
     if not scored or not base.get("zeroshot"):
         return None
     return float(np.mean([retention(z, base["zeroshot"]) for z in scored]))
+
+
+def retained_interval(rows: list[dict[str, Any]], base: dict[str, Any]) -> str:
+    """The paired bootstrap interval of `retained`, where one run measured it item by item (runs of
+    an older file hold averages only)."""
+    scored = [r["zeroshot_items"] for r in rows if r.get("zeroshot_items")]
+    if len(scored) != 1 or not base.get("zeroshot_items"):
+        return ""
+    low, high = retention_interval(scored[0], base["zeroshot_items"])
+    return f"{low:.3f} - {high:.3f}"
 
 
 def write_results(result: dict[str, Any], stem: str) -> None:
@@ -197,7 +216,9 @@ def write_results(result: dict[str, Any], stem: str) -> None:
              "figure over that of the best of ShortGPT, SLEB and LaCo with the same calibration (< 1: better; a "
              "baseline that stopped short of the requested depth, noted, does not count). "
              "`CV`: the same out-of-domain figure on the calib split of the left-out domains, text that no run "
-             "calibrates on and no reported figure uses: defaults are chosen on it, never on held-out text.", "",
+             "calibrates on and no reported figure uses: defaults are chosen on it, never on held-out text. "
+             "`95% interval`: of the zero-shot retention, a paired bootstrap over the items (the model and the "
+             "original resampled together).", "",
              format_table(summary(rows, base)), "", "## Every run (perplexity per held-out domain)", ""]
     columns = ["method", "calib", "ratio", *DOMAINS, "top-1 agreement (mean)", "chat same answer",
                "zero-shot acc (mean)", "compress s", "note"]

@@ -50,7 +50,15 @@ from depthkit.data.corpora import MIX_COMPONENTS, mixture_sources  # noqa: E402
 from depthkit.errors import require  # noqa: E402
 from depthkit.evaluate.behaviour import BehaviourSuite  # noqa: E402
 from depthkit.evaluate.report import geo_mean  # noqa: E402
-from depthkit.evaluate.zeroshot import DOMAIN_ITEMS, ZEROSHOT_DOMAINS, retention, zero_shot_by_domain  # noqa: E402
+from depthkit.evaluate.zeroshot import (  # noqa: E402
+    DOMAIN_ITEMS,
+    ZEROSHOT_DOMAINS,
+    domain_averages,
+    domain_items,
+    retention,
+    retention_interval,
+    zero_shot_by_domain,
+)
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.recover import RecoverySettings, recover  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
@@ -145,7 +153,7 @@ def main() -> None:
 
     def measure(model) -> dict[str, Any]:
         scores = zero_shot_by_domain(model, tokenizer, args.zeroshot_limit) if args.zeroshot_limit else {}
-        return suite.measure(model) | {"zeroshot": scores}
+        return suite.measure(model) | {"zeroshot": domain_averages(scores), "zeroshot_items": domain_items(scores)}
 
     measured = {"original": measure(original)}
     base_depth = original.config.num_hidden_layers
@@ -213,15 +221,17 @@ def perplexity_rows(args, card, ppl: dict[str, dict[str, float]], trained_on: li
 
 def behaviour_rows(measured: dict[str, dict]) -> list[dict[str, Any]]:
     """Before and after recovery: agreement with the original per domain, and on the chat prompts."""
-    base = measured["original"]["zeroshot"]
+    base, base_items = measured["original"]["zeroshot"], measured["original"]["zeroshot_items"]
 
     def row(label: str, m: dict) -> dict[str, Any]:
         zeroshot = {f"{d} zero-shot": m["zeroshot"][d] for d in base}
+        interval = retention_interval(m["zeroshot_items"], base_items) if base else None
         return {"model": label, **{f"{d} top-1": b["top1_agreement"] for d, b in m["domains"].items()},
                 "mean top-1": m["mean_top1_agreement"], "mean KL": m["mean_kl"],
                 "chat same answer": m["chat"]["same_answer"], "chat top-1": m["chat"]["answer_top1_agreement"],
                 "chat KL/token": m["chat"]["answer_kl"], **zeroshot,
-                **({"zero-shot retained": retention(m["zeroshot"], base)} if base else {})}
+                **({"zero-shot retained": retention(m["zeroshot"], base),
+                    "95% interval": f"{interval[0]:.3f} - {interval[1]:.3f}"} if base else {})}
 
     return [row("before recovery", measured["before"]), row("after recovery", measured["after"])]
 

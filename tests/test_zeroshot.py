@@ -3,6 +3,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import yaml
 
@@ -19,7 +20,15 @@ from depthkit.evaluate.tasks.items import (
     final_word,
 )
 from depthkit.evaluate.tasks.text import book_sentences, paragraphs, split_sentences
-from depthkit.evaluate.zeroshot import ZEROSHOT_DOMAINS, retention, zero_shot, zero_shot_by_domain
+from depthkit.evaluate.zeroshot import (
+    ZEROSHOT_DOMAINS,
+    domain_averages,
+    domain_items,
+    retention,
+    retention_interval,
+    zero_shot,
+    zero_shot_by_domain,
+)
 from depthkit.models.loading import load_model
 from depthkit.models.tiny import TINY_ARCHITECTURES
 
@@ -127,16 +136,35 @@ def test_lm_eval_scores_a_tiny_model(tiny_lm):
         assert score.items == 8 and score.chance == 0.25
         assert {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr"} <= set(score.metrics)
         assert 0.0 <= score.accuracy <= 1.0 and score.accuracy == score.metrics[score.metric]
+        assert len(score.correct) == 8 and sum(score.correct) / 8 == pytest.approx(score.accuracy)
     assert result.tasks["depthkit_continuation"].metric == "acc_norm"
     assert result.to_dict()["average"] == pytest.approx(sum(s.accuracy for s in result.tasks.values()) / 2)
 
 
 def test_per_domain_scores_and_retention(tiny_lm):
-    scores = zero_shot_by_domain(*tiny_lm, limit=4)
+    results = zero_shot_by_domain(*tiny_lm, limit=4)
+    scores, items = domain_averages(results), domain_items(results)
     assert list(scores) == list(ZEROSHOT_DOMAINS) and all(0.0 <= a <= 1.0 for a in scores.values())
     assert scores["austen"] == zero_shot(*tiny_lm, limit=4).average  # the same tasks as `corpus="austen"`
+    assert {len(correct) for tasks in items.values() for correct in tasks.values()} == {4}
     # every domain weighs the same, whatever its accuracy
     assert retention({"a": 0.3, "b": 0.8}, {"a": 0.6, "b": 0.8}) == pytest.approx(0.75)
+
+
+def test_retention_interval_is_paired():
+    rng = np.random.default_rng(1)
+    base = {d: {"cloze": rng.integers(0, 2, 400).tolist(), "continuation": rng.integers(0, 2, 400).tolist()}
+            for d in ("a", "b")}
+    assert retention_interval(base, base) == (1.0, 1.0)  # the same answers: no doubt at all, however few items
+    # the model loses 10% of the original's right answers and gains none
+    worse = {d: {t: [c if i % 10 else 0 for i, c in enumerate(correct)] for t, correct in tasks.items()}
+             for d, tasks in base.items()}
+    low, high = retention_interval(worse, base)
+    point = retention({d: np.mean([np.mean(c) for c in t.values()]) for d, t in worse.items()},
+                      {d: np.mean([np.mean(c) for c in t.values()]) for d, t in base.items()})
+    assert low < point < high < 1.0 and high - low < 0.05  # unpaired errors would span about +-7 points
+    with pytest.raises(DepthkitError, match="different items"):
+        retention_interval({"a": {"cloze": [1, 0]}}, {"a": {"cloze": [1, 0, 1]}})
 
 
 @pytest.mark.parametrize("arch", [a for a in TINY_ARCHITECTURES if a != "llama"])
