@@ -88,6 +88,18 @@ def test_single_document_calibration_warns_once(capsys, tmp_path):
     assert code == 0 and len(warnings) == 1 and "one document" in warnings[0]
 
 
+@pytest.mark.parametrize("method, warned", [("flatten", True), ("width", True), ("sleb", False), ("minitron", False)])
+def test_one_corpus_calibration_warns_methods_that_refit(capsys, tmp_path, method, warned):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text("".join(f"Line {i} of book {name}, more words.\n" for i in range(800)))
+    code = main(["compress", "--model", "tiny:llama", "--ratio", "0.5", "--method", method, "--calib", str(tmp_path),
+                 "--num-calib-blocks", "4", "--calib-block-len", "32"])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("depthkit: warning:")]
+    assert code == 0 and len(warnings) == int(warned)
+    if warned:  # the advice names a mixture that exists: the user's folder and depthkit's domains
+        assert "one corpus" in warnings[0] and f"--calib {tmp_path}+mix" in warnings[0]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -18,11 +18,11 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 import depthkit
-from depthkit.compress.base import METHODS, blocks_to_remove, get_method, method_for_plan
+from depthkit.compress.base import METHODS, CompressionMethod, blocks_to_remove, get_method, method_for_plan
 from depthkit.compress.common import count_parameters, num_blocks
 from depthkit.compress.plan import CompressionPlan
 from depthkit.data.blocks import DataSpec, sample_blocks, split_documents
-from depthkit.data.corpora import DEFAULT_CALIB, mixture_components
+from depthkit.data.corpora import DEFAULT_CALIB, MIX_COMPONENTS, mixture_components, mixture_sources
 from depthkit.errors import require, warn
 from depthkit.models.runner import BlockSink, BlockSource, InMemoryModel, ModelSink
 from depthkit.utils.io import (
@@ -182,7 +182,7 @@ def compress(
     job = CompressionJob(method, method_options, plan, save_plan)
     job.for_depth(num_blocks(model), ratio, target_layers)
     calib_ids, calibration = _calibration(model.config, next(model.parameters()).device, calib_ids, tokenizer,
-                                          calib, num_calib_blocks, calib_block_len)
+                                          calib, num_calib_blocks, calib_block_len, job.runner)
     model.eval()
     with ModelSink(model) as sink:
         report = job.run(InMemoryModel(model), sink, calib_ids, calibration,
@@ -232,7 +232,7 @@ def compress_checkpoint(
     if calib_ids is None and tokenizer is None:
         tokenizer = load_tokenizer(folder)
     calib_ids, calibration = _calibration(source.config, source.device, calib_ids, tokenizer, calib,
-                                          num_calib_blocks, calib_block_len)
+                                          num_calib_blocks, calib_block_len, job.runner)
     before = source.parameter_count()
     with StreamingWriter(out, source.config, overwrite=overwrite) as writer:
         writer.write_non_layer(source)
@@ -246,6 +246,21 @@ def compress_checkpoint(
     return report
 
 
+def _warn_if_narrow(spec: DataSpec, method: CompressionMethod) -> None:
+    """One warning line where calibration text is narrower than what it calibrates: one document,
+    or, for a method that refits weights, one corpus (FlattenGPT and width pruning calibrated on one
+    domain are worse than SLEB on the others, benchmarks/results/domains_single.md)."""
+    if len(split_documents(spec.corpus, spec.split)) == 1:
+        warn(f"all calibration text comes from one document ({spec.corpus}); what the method fits may not "
+             f"transfer to other text (the default, {DEFAULT_CALIB}, samples every offline domain)")
+    elif method.refits_weights and len(mixture_components(spec.corpus)) == 1:
+        offline = mixture_sources(spec.corpus)[0] in MIX_COMPONENTS
+        wider = DEFAULT_CALIB if offline else f"{spec.corpus}+{DEFAULT_CALIB}"
+        warn(f"{method.name} refits weights to the calibration text, all of it from one corpus ({spec.corpus}): "
+             f"on other text the result may be worse than plain block removal; calibrate on a mixture, "
+             f"e.g. --calib {wider}")
+
+
 def _calibration(
     config: PretrainedConfig,
     device: torch.device,
@@ -254,8 +269,10 @@ def _calibration(
     calib: DataSpec | str,
     num_blocks_: int,
     block_len: int,
+    method: CompressionMethod,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The calibration tokens (on the model's device) and how the card describes them."""
+    """The calibration tokens (on the model's device) and how the card describes them; a warning
+    where the text is too narrow for what `method` fits."""
     if calib_ids is None:
         require(tokenizer is not None, "give calib_ids, or a tokenizer to tokenize the calibration text")
         spec = calib if isinstance(calib, DataSpec) else DataSpec(calib, "calib")
@@ -263,9 +280,7 @@ def _calibration(
         source = spec.describe()
         extra = {"corpora": mixture_components(spec.corpus),
                  "sampling": "blocks spread over every document, corpora of a mixture in equal shares"}
-        if len(split_documents(spec.corpus, spec.split)) == 1:
-            warn(f"all calibration text comes from one document ({spec.corpus}); what the method fits may not "
-                 f"transfer to other text (the default, {DEFAULT_CALIB}, samples every offline domain)")
+        _warn_if_narrow(spec, method)
     else:
         source, extra = "token ids given by the caller", {}
     require(calib_ids.dim() == 2 and not calib_ids.is_floating_point(),

@@ -123,6 +123,13 @@ class CompressionMethod:
         lists them so a baseline is never weaker than published without saying so."""
         return []
 
+    @property
+    def refits_weights(self) -> bool:
+        """Whether weights are refit to the calibration text (least squares): what such a method
+        fits follows that text, so a calibration from one corpus is warned about (measured in
+        benchmarks/results/domains_single.md)."""
+        return False
+
     def compress(self, model: PreTrainedModel, calib_ids: torch.Tensor, num_remove: int) -> CompressionOutcome:
         """Compress `model` in memory: the blocks the method writes become its blocks. (A saved plan
         is applied through `depthkit.compress(..., plan=...)`, which checks it first.)"""

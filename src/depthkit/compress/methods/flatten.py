@@ -41,6 +41,10 @@ class _FlattenBase(CompressionMethod):
                 "sequential output and pulled towards the kept weights (chosen by leave-one-domain-out "
                 "cross-validation, benchmarks/domains.py)"]
 
+    @property
+    def refits_weights(self) -> bool:
+        return self.prune
+
     def check_depth(self, num_layers: int, num_remove: int) -> None:
         if self.settings.groups:
             check_groups(self.settings.groups, num_layers, num_remove)

@@ -129,6 +129,10 @@ class _WidthPruning(CompressionMethod):
         """The pruning settings (`width`: the user's options)."""
         return self.settings
 
+    @property
+    def refits_weights(self) -> bool:
+        return self.refit
+
     def search(self, source: BlockSource, calib_ids: torch.Tensor, num_remove: int) -> CompressionPlan:
         """The widths that keep (depth - num_remove) / depth of every block's parameters: from the
         config and one block's shapes, no calibration."""
