@@ -249,7 +249,7 @@ def compress_checkpoint(
 def _warn_if_narrow(spec: DataSpec, method: CompressionMethod) -> None:
     """One warning line where calibration text is narrower than what it calibrates: one document,
     or, for a method that refits weights, one corpus (FlattenGPT and width pruning calibrated on one
-    domain are worse than SLEB on the others, benchmarks/results/domains_single.md)."""
+    domain are worse than SLEB on the others on average, benchmarks/results/domains_single.md)."""
     if len(split_documents(spec.corpus, spec.split)) == 1:
         warn(f"all calibration text comes from one document ({spec.corpus}); what the method fits may not "
              f"transfer to other text (the default, {DEFAULT_CALIB}, samples every offline domain)")
