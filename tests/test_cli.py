@@ -85,7 +85,7 @@ def test_single_document_calibration_warns_once(capsys, tmp_path):
                  "--num-calib-blocks", "4", "--calib-block-len", "32"])
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("depthkit: warning:")]
-    assert code == 0 and len(warnings) == 1 and "one document" in warnings[0]
+    assert code == 0 and len(warnings) == 1 and "one document" in warnings[0] and f"--calib {path}+mix" in warnings[0]
 
 
 @pytest.mark.parametrize("method, warned", [("flatten", True), ("width", True), ("sleb", False), ("minitron", False)])

@@ -250,12 +250,12 @@ def _warn_if_narrow(spec: DataSpec, method: CompressionMethod) -> None:
     """One warning line where calibration text is narrower than what it calibrates: one document,
     or, for a method that refits weights, one corpus (FlattenGPT and width pruning calibrated on one
     domain are worse than SLEB on the others on average, benchmarks/results/domains_single.md)."""
+    offline = all(source in MIX_COMPONENTS for source in mixture_sources(spec.corpus))
+    wider = DEFAULT_CALIB if offline else f"{spec.corpus}+{DEFAULT_CALIB}"
     if len(split_documents(spec.corpus, spec.split)) == 1:
         warn(f"all calibration text comes from one document ({spec.corpus}); what the method fits may not "
-             f"transfer to other text (the default, {DEFAULT_CALIB}, samples every offline domain)")
+             f"transfer to other text; calibrate on a mixture, e.g. --calib {wider}")
     elif method.refits_weights and len(mixture_components(spec.corpus)) == 1:
-        offline = mixture_sources(spec.corpus)[0] in MIX_COMPONENTS
-        wider = DEFAULT_CALIB if offline else f"{spec.corpus}+{DEFAULT_CALIB}"
         warn(f"{method.name} refits weights to the calibration text, all of it from one corpus ({spec.corpus}): "
              f"on other text the result may be worse than plain block removal; calibrate on a mixture, "
              f"e.g. --calib {wider}")
