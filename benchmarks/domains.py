@@ -52,11 +52,9 @@ from depthkit.evaluate.report import geo_mean  # noqa: E402
 from depthkit.evaluate.zeroshot import (  # noqa: E402
     DOMAIN_ITEMS,
     ZEROSHOT_DOMAINS,
-    domain_averages,
-    domain_items,
     retention,
     retention_interval,
-    zero_shot_by_domain,
+    zero_shot_record,
 )
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
@@ -139,8 +137,7 @@ class Judge:
             left_out = [d for d in DOMAINS if not (calib and in_calibration(calib, d))]
             result["cv"] = self.calib.measure(model, left_out)["domains"]
         if zeroshot and self.zeroshot_limit:
-            scores = zero_shot_by_domain(model, self.tokenizer, self.zeroshot_limit)
-            result |= {"zeroshot": domain_averages(scores), "zeroshot_items": domain_items(scores)}
+            result |= zero_shot_record(model, self.tokenizer, self.zeroshot_limit)
         return result
 
 

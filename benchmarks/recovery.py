@@ -53,11 +53,9 @@ from depthkit.evaluate.report import geo_mean  # noqa: E402
 from depthkit.evaluate.zeroshot import (  # noqa: E402
     DOMAIN_ITEMS,
     ZEROSHOT_DOMAINS,
-    domain_averages,
-    domain_items,
     retention,
     retention_interval,
-    zero_shot_by_domain,
+    zero_shot_record,
 )
 from depthkit.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from depthkit.recover import RecoverySettings, recover  # noqa: E402
@@ -152,8 +150,7 @@ def main() -> None:
     train_heldout = torch.cat([suite.texts[d].flatten() for d in MIX_COMPONENTS if d in trained_on])
 
     def measure(model) -> dict[str, Any]:
-        scores = zero_shot_by_domain(model, tokenizer, args.zeroshot_limit) if args.zeroshot_limit else {}
-        return suite.measure(model) | {"zeroshot": domain_averages(scores), "zeroshot_items": domain_items(scores)}
+        return suite.measure(model) | zero_shot_record(model, tokenizer, args.zeroshot_limit)
 
     measured = {"original": measure(original)}
     base_depth = original.config.num_hidden_layers

@@ -22,12 +22,10 @@ from depthkit.evaluate.tasks.items import (
 from depthkit.evaluate.tasks.text import book_sentences, paragraphs, split_sentences
 from depthkit.evaluate.zeroshot import (
     ZEROSHOT_DOMAINS,
-    domain_averages,
-    domain_items,
     retention,
     retention_interval,
     zero_shot,
-    zero_shot_by_domain,
+    zero_shot_record,
 )
 from depthkit.models.loading import load_model
 from depthkit.models.tiny import TINY_ARCHITECTURES
@@ -142,11 +140,12 @@ def test_lm_eval_scores_a_tiny_model(tiny_lm):
 
 
 def test_per_domain_scores_and_retention(tiny_lm):
-    results = zero_shot_by_domain(*tiny_lm, limit=4)
-    scores, items = domain_averages(results), domain_items(results)
+    record = zero_shot_record(*tiny_lm, limit=4)
+    scores, items = record["zeroshot"], record["zeroshot_items"]
     assert list(scores) == list(ZEROSHOT_DOMAINS) and all(0.0 <= a <= 1.0 for a in scores.values())
     assert scores["austen"] == zero_shot(*tiny_lm, limit=4).average  # the same tasks as `corpus="austen"`
     assert {len(correct) for tasks in items.values() for correct in tasks.values()} == {4}
+    assert zero_shot_record(*tiny_lm, limit=0) == {"zeroshot": {}, "zeroshot_items": {}}  # no zero-shot asked for
     # every domain weighs the same, whatever its accuracy
     assert retention({"a": 0.3, "b": 0.8}, {"a": 0.6, "b": 0.8}) == pytest.approx(0.75)
 

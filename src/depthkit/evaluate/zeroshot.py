@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -164,15 +165,17 @@ def zero_shot_by_domain(
     return {domain: zero_shot(model, tokenizer, limit=limit, corpus=domain) for domain in domains}
 
 
-def domain_averages(results: dict[str, ZeroShotResult]) -> dict[str, float]:
-    """Average accuracy per domain (what `retention` compares)."""
-    return {domain: result.average for domain, result in results.items()}
-
-
-def domain_items(results: dict[str, ZeroShotResult]) -> dict[str, dict[str, list[float]]]:
-    """Per domain and task, each item's score (what `retention_interval` resamples)."""
-    return {domain: {task: score.correct for task, score in result.tasks.items()}
-            for domain, result in results.items()}
+def zero_shot_record(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, limit: int,
+) -> dict[str, dict[str, Any]]:
+    """What a benchmark stores of a model's zero-shot run (`limit` items per task and domain; 0:
+    none, both parts empty): `zeroshot`, the average accuracy per domain (what `retention`
+    compares), and `zeroshot_items`, each item's score per domain and task (what
+    `retention_interval` resamples)."""
+    results = zero_shot_by_domain(model, tokenizer, limit) if limit else {}
+    return {"zeroshot": {domain: result.average for domain, result in results.items()},
+            "zeroshot_items": {domain: {task: score.correct for task, score in result.tasks.items()}
+                               for domain, result in results.items()}}
 
 
 def retention(scores: dict[str, float], base: dict[str, float]) -> float:
