@@ -404,6 +404,7 @@ SERVE_CASES = [
     *numbers(SERVE, "--exit-threshold", "-1", "nan", fragment="argument --exit-threshold: must be a finite number"),
     (f"{SERVE} --exit-rule bogus", "argument --exit-rule: invalid choice"),
     (f"{SERVE} --schedule bogus", "argument --schedule: invalid choice"),
+    *numbers(SERVE, "--head-share", "-0.1", "1.5", "nan", fragment="argument --head-share: must be a number in [0, 1]"),
     ("serve {missing}", "does not exist"),
     ("serve {noconfig}", "no config.json"),
     ("serve {gpt2}", "unsupported architecture 'gpt2'"),

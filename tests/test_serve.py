@@ -21,7 +21,7 @@ from depthkit.recursive.generate import generate
 from depthkit.recursive.model import RecursiveModel
 from depthkit.recursive.relaxed import relax
 from depthkit.serve.app import ServedModel, create_app
-from depthkit.serve.engine import SCHEDULES, Engine, GenerationParams, Sequence
+from depthkit.serve.engine import HEAD_SHARE, SCHEDULES, Engine, GenerationParams, Sequence
 from depthkit.serve.models import eos_token_ids, load_servable
 from depthkit.serve.text import TextStream
 
@@ -35,10 +35,10 @@ def prompts(seed: int = 0) -> list[list[int]]:
 
 
 def serve_all(model: RecursiveModel, schedule: str, plans: list[tuple[float | None, str]] | None = None,
-              rows: int = 2) -> list[Sequence]:
+              rows: int = 2, head_share: float = HEAD_SHARE) -> list[Sequence]:
     """Every prompt through one engine with fewer rows than prompts (rows are reused); `plans` gives
     each prompt its early exit (threshold, rule)."""
-    engine = Engine(model, set(), rows=rows, capacity=64, schedule=schedule)
+    engine = Engine(model, set(), rows=rows, capacity=64, schedule=schedule, head_share=head_share)
     plans = plans or [(None, "kl")] * len(PROMPT_LENGTHS)
     sequences = [engine.submit(Sequence(p, GenerationParams(max_tokens=NEW_TOKENS, temperature=0,
                                                             exit_threshold=threshold, exit_rule=rule)))
@@ -78,11 +78,31 @@ def test_looped_model_batched_equals_generate_alone(arch, one_thread):
     alone = [generate(model, torch.tensor([p]), NEW_TOKENS, 3, threshold, exit_rule=rule)
              for p, (threshold, rule) in zip(prompts(), EXIT_PLANS)]
     assert sum(map(sum, (r.loops.steps_used for r in alone))) < 3 * sum(len(r.loops.steps_used) for r in alone)
-    for schedule in SCHEDULES:
-        served = serve_all(model, schedule, EXIT_PLANS)
-        assert [s.tokens for s in served] == [r.new_tokens for r in alone], schedule
+    for schedule, rows in [(schedule, rows) for schedule in SCHEDULES for rows in (2, 3)]:
+        # 3 rows: a done token waits for the head while fewer than half the rows do
+        served = serve_all(model, schedule, EXIT_PLANS, rows=rows)
+        assert [s.tokens for s in served] == [r.new_tokens for r in alone], (schedule, rows)
         # the prompt's first token is decoded at full depth (not counted); each later one may exit early
-        assert [s.steps_used for s in served] == [r.loops.steps_used for r in alone], schedule
+        assert [s.steps_used for s in served] == [r.loops.steps_used for r in alone], (schedule, rows)
+
+
+def test_done_tokens_wait_to_share_the_lm_head(one_thread, monkeypatch):
+    """The LM head costs about the same for one row as for many, so a done token waits until
+    `HEAD_SHARE` of the rows are done too: fewer head calls than running it whenever a token is done,
+    and still `generate`'s tokens."""
+    model = RecursiveModel.wrap(tiny_model("llama", num_layers=4), ends=1, num_loops=6, feedback="vanilla")
+    plans = [(0.3, "hidden"), (None, "kl"), (0.8, "hidden"), (0.3, "hidden")]  # done at different steps
+    alone = [generate(model, torch.tensor([p]), NEW_TOKENS, 6, threshold, exit_rule=rule).new_tokens
+             for p, (threshold, rule) in zip(prompts(), plans)]
+    original, calls = model.decode, []
+    monkeypatch.setattr(model, "decode", lambda hidden, *args: calls.append(hidden.shape[1] == 1) or
+                        original(hidden, *args))
+    head_calls = {}
+    for share in (0.0, HEAD_SHARE):
+        calls.clear()
+        assert [s.tokens for s in serve_all(model, "depthwise", plans, rows=4, head_share=share)] == alone, share
+        head_calls[share] = sum(calls)  # one query per row: the decode phase's, not the prompts'
+    assert head_calls[HEAD_SHARE] < head_calls[0.0]
 
 
 def test_relaxed_model_runs_each_loop_with_its_own_adapters(one_thread):

@@ -94,6 +94,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """An argparse type: a number in [0, 1] (a share of something, both ends allowed)."""
+    value = _number(text)
+    if not 0 <= value <= 1:  # false for nan too
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value
+
+
 def device_name(text: str) -> str:
     """An argparse type: a torch device this machine has (`cuda` without CUDA is refused up front)."""
     import torch

@@ -14,6 +14,13 @@ running ones. Two schedules (`SCHEDULES`):
   step 0 in the next pass, and a finished sequence's row is refilled at once. Early exit then
   saves compute instead of idle time (Relaxed Recursive Transformers' continuous depth-wise batching).
 
+The LM head is the one part whose cost hardly depends on how many rows it serves (on SmolLM2 its
+49k x 576 matrix is read once per call, as much as ~8 layers), so a done token whose logits decide
+nothing (its last step, or a `hidden`-rule exit) does not run it at once: it waits in its row until
+`head_share` (default `HEAD_SHARE`) of the running rows are waiting too (all of them in lockstep, at the end of the
+iteration), and one head call serves them all. The `kl` rule needs a row's logits at every step to
+decide, so those run at once.
+
 Early exit follows `depthkit.recursive.generate` exactly (the KL rule between consecutive steps,
 earliest after step 2): a token that exits at step r gives the skipped steps' cache slots a copy of
 its step-r keys and values, so later tokens at those steps attend to its last computed state. The
@@ -43,6 +50,10 @@ from depthkit.serve.cache import SlotCache, attention_masks, prompt_masks
 SCHEDULES = ("depthwise", "lockstep")
 DEFAULT_ROWS = 16
 DEFAULT_CAPACITY = 2048
+# Depth-wise: the share of running rows that must wait for the LM head before it runs (it then
+# serves them all). Waiting rows skip block passes, so too high a share idles them; on the serving
+# benchmark's 8 rows, half lies in the flat optimum of a cost model where the head costs 8 layers.
+HEAD_SHARE = 0.5
 log = logging.getLogger(__name__)
 
 
@@ -90,6 +101,7 @@ class Sequence:
     hidden: torch.Tensor | None = None  # the current step's input (1, 1, hidden)
     origin: torch.Tensor | None = None  # the prelude's output for the pending token
     previous: torch.Tensor | None = None  # the last step's log-probs (`kl` rule) or block output (`hidden`)
+    final: torch.Tensor | None = None  # a done token's last hidden state, waiting for the batched LM head
     generator: torch.Generator | None = None
 
     @property
@@ -106,9 +118,11 @@ class Engine:
     """Serves one model to many sequences; `start()` runs it in a background thread."""
 
     def __init__(self, model: RecursiveModel, eos_token_ids: set[int], rows: int = DEFAULT_ROWS,
-                 capacity: int | None = None, schedule: str = "depthwise", max_loops: int | None = None):
+                 capacity: int | None = None, schedule: str = "depthwise", max_loops: int | None = None,
+                 head_share: float = HEAD_SHARE):
         require(schedule in SCHEDULES, f"unknown schedule '{schedule}'; choose from {', '.join(SCHEDULES)}")
         require(rows >= 1, f"rows must be >= 1, got {rows}")
+        require(0 <= head_share <= 1, f"head_share must be in [0, 1], got {head_share}")
         config = model.config
         self.model, self.schedule, self.eos = model.eval(), schedule, set(eos_token_ids)
         self.max_loops = check_loops(max_loops or config.num_loops)
@@ -118,7 +132,7 @@ class Engine:
         self.capacity = min(capacity or DEFAULT_CAPACITY, context)
         self.cache = SlotCache(model.num_slots(self.max_loops), rows, self.capacity)
         self.per_loop_weights = bool(len(model.adapters.relax) or len(model.adapters.norms))
-        self.rows = rows
+        self.rows, self.head_share = rows, head_share
         self.running: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self._lock = threading.Lock()
@@ -195,15 +209,17 @@ class Engine:
         """Admit waiting requests into free rows, then advance the running ones (see `SCHEDULES`)."""
         self._drop_cancelled()
         try:
-            if self.schedule == "depthwise" or all(s.step == 0 for s in self.running):
-                self._admit()
             if self.schedule == "depthwise":
-                self._advance(self.running)
+                self._admit()
+                self._run_head(everyone=False)
+                self._advance([s for s in self.running if s.final is None])
                 return
+            self._admit()  # lockstep: every token of the last iteration is done
             batch = list(self.running)
             while batch:
                 done = self._advance(batch)
                 batch = [s for s in batch if s not in done and s.finish_reason is None]
+            self._run_head(everyone=True)
         finally:
             self.model.reset_layer_indices()
 
@@ -275,7 +291,7 @@ class Engine:
                                          past_key_values=self.cache, decode_all=early, logits_to_keep=1,
                                          context=context)
         for sequence, log_probs in zip(sequences, F.log_softmax(last.logits[:, -1].float(), dim=-1)):
-            self._emit_token(sequence, log_probs, steps=None)
+            self._emit_token(sequence, log_probs)
 
     @property
     def _eager(self) -> bool:
@@ -345,36 +361,59 @@ class Engine:
 
     def _decode(self, group: list[Sequence], coda: list[int], output: torch.Tensor, step: int,
                 same_step: bool) -> set[int]:
-        """The coda for rows `coda` (indices in `group`), the LM head for those that need it now (last
-        step, the `kl` rule, or a `hidden`-rule exit); returns the indices whose token is done."""
+        """The coda for rows `coda` (indices in `group`); returns the indices whose token is done.
+        A done token waits for the batched LM head (`_run_head`); the `kl` rule's rows need their
+        logits now, to decide."""
         rows = [group[i] for i in coda]
         hidden = output[torch.tensor(coda, device=output.device)]
         final = self.model.run_coda(step, self.max_loops, hidden, self._bind(rows, hidden, not same_step), self.cache)
-        head = [k for k, sequence in enumerate(rows) if self._needs_head(sequence, hidden[k, -1])]
-        finished = set()
-        if not head:
+        finished, deciding = set(), []
+        for k, sequence in enumerate(rows):
+            if sequence.step == sequence.loops - 1 or self._hidden_rule_exits(sequence, hidden[k, -1]):
+                self._wait_for_head(sequence, final[k: k + 1])
+                finished.add(coda[k])
+            elif sequence.params.exit_rule == "kl":
+                deciding.append(k)
+        if not deciding:
             return finished
-        logits = self.model.decode(final[torch.tensor(head, device=final.device)], 1)
-        for k, probs in zip(head, F.log_softmax(logits[:, -1].float(), dim=-1)):
+        logits = self.model.decode(final[torch.tensor(deciding, device=final.device)], 1)
+        for k, log_probs in zip(deciding, F.log_softmax(logits[:, -1].float(), dim=-1)):
             sequence = rows[k]
-            exits = sequence.step < sequence.loops - 1  # the `hidden` rule decided already
-            if sequence.params.exit_rule == "kl" and exits:
-                previous, sequence.previous = sequence.previous, probs
-                exits = previous is not None and float(kl_divergence(probs, previous)) < sequence.params.exit_threshold
-            if exits or sequence.step == sequence.loops - 1:
-                if exits:
-                    self._reuse_latest_kv(sequence, sequence.step)
-                self._emit_token(sequence, probs, steps=sequence.step + 1)
+            previous, sequence.previous = sequence.previous, log_probs
+            if previous is not None and float(kl_divergence(log_probs, previous)) < sequence.params.exit_threshold:
+                self._mark_done(sequence)
+                self._emit_token(sequence, log_probs)
                 finished.add(coda[k])
         return finished
 
     @staticmethod
-    def _needs_head(sequence: Sequence, block_output: torch.Tensor) -> bool:
-        """Whether this row's logits are needed at this step; a `hidden`-rule row decides its exit here."""
-        if sequence.step == sequence.loops - 1 or sequence.params.exit_rule == "kl":
-            return True
+    def _hidden_rule_exits(sequence: Sequence, block_output: torch.Tensor) -> bool:
+        """Whether a `hidden`-rule row exits at this step (its block output barely moved)."""
+        if sequence.params.exit_rule != "hidden":
+            return False
         previous, sequence.previous = sequence.previous, block_output
         return previous is not None and float(hidden_change(block_output, previous)) < sequence.params.exit_threshold
+
+    def _mark_done(self, sequence: Sequence) -> None:
+        """Record the token's loop count; an early exit fills its skipped steps' cache slots."""
+        if sequence.step < sequence.loops - 1:
+            self._reuse_latest_kv(sequence, sequence.step)
+        sequence.steps_used.append(sequence.step + 1)
+
+    def _wait_for_head(self, sequence: Sequence, final: torch.Tensor) -> None:
+        self._mark_done(sequence)
+        sequence.final = final
+
+    def _run_head(self, everyone: bool) -> None:
+        """The LM head once for the rows waiting for it, when at least `head_share` of the running rows
+        wait (or `everyone`): each samples its token and starts the next one."""
+        waiting = [s for s in self.running if s.final is not None]
+        if not waiting or (not everyone and len(waiting) < self.head_share * len(self.running)):
+            return
+        logits = self.model.decode(torch.cat([s.final for s in waiting]), 1)
+        for sequence, log_probs in zip(waiting, F.log_softmax(logits[:, -1].float(), dim=-1)):
+            sequence.final = None
+            self._emit_token(sequence, log_probs)
 
     def _reuse_latest_kv(self, sequence: Sequence, exit_step: int) -> None:
         model, loops = self.model, sequence.loops
@@ -383,11 +422,9 @@ class Engine:
             self.cache.copy_position(sequence.row, sequence.position, sources, model.step_slots(step, loops))
 
     # -- tokens ------------------------------------------------------------------------------
-    def _emit_token(self, sequence: Sequence, log_probs: torch.Tensor, steps: int | None) -> None:
+    def _emit_token(self, sequence: Sequence, log_probs: torch.Tensor) -> None:
         """Sample the next token, report it, and end the sequence or queue the token's own pass."""
         token = sample(log_probs, sequence.params, sequence.generator)
-        if steps is not None:
-            sequence.steps_used.append(steps)
         sequence.step = 0
         if token in self.eos:
             self._finish(sequence, "stop")
@@ -409,7 +446,7 @@ class Engine:
                 last.row = sequence.row
             self.running.remove(sequence)
             self.running.sort(key=lambda s: s.row)
-        sequence.hidden = sequence.origin = sequence.previous = None
+        sequence.hidden = sequence.origin = sequence.previous = sequence.final = None
         sequence.emit(Event(finish_reason=reason, error=error))
 
 
