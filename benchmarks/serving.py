@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/serving.py             # every server below, 8 clients
     .venv/bin/python benchmarks/serving.py --quick     # smoke run: 2 clients, few short requests
     .venv/bin/python benchmarks/serving.py --servers original flatten24
+    .venv/bin/python benchmarks/serving.py --looped r8 --servers "looped fixed R" "looped exit hidden, depthwise"
 
 Each server (`SERVERS`) is started as its own process on the loopback address and warmed up; then,
 for `--rounds` rounds, each is loaded in turn (an idle server uses no CPU) by `--clients` concurrent
@@ -18,10 +19,14 @@ too: each rule's threshold is the largest of a grid within 1% of full depth on C
 its cost is measured on held-out text (`early_exit_nll`, token by token with the KV reuse, as served).
 
 Models (built once, cached under the depthkit cache's `bench/`): the original SmolLM2-135M, its
-30 -> 24 FlattenGPT model (`depthkit compress`, default options), and the looped model of the
-README (6 stepwise layers, 1 + 4x4 + 1, R = 4, connector, 300 steps; `depthkit recursive train`).
-Tokens are counted by re-tokenizing each received text with the model's tokenizer (the same rule
-for every server). Writes benchmarks/results/serving{,_quick}.{json,md,png}.
+30 -> 24 FlattenGPT model (`depthkit compress`, default options), and a looped model of
+`LOOPED_MODELS` (`--looped`; `depthkit recursive train`, 6 stepwise layers of which the first and last
+run once around a 4-layer loop, 300 steps): `r4`, the README's (R = 4, connector), or `r8` (R = 8,
+the last hidden state fed back, trained with the monotonic loss over every step), whose steps still
+improve its held-out perplexity after step 2, so its tokens exit at different steps. The looped model's
+held-out perplexity at every step is reported too. Tokens are counted by re-tokenizing each received
+text with the model's tokenizer (the same rule for every server). Writes
+benchmarks/results/serving{,_r8}{,_quick}.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +52,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from depthkit.data import DataSpec  # noqa: E402
 from depthkit.data.blocks import sample_blocks, token_stream  # noqa: E402
 from depthkit.data.corpora import MIX_COMPONENTS  # noqa: E402
 from depthkit.models.loading import default_model_dir, load_tokenizer  # noqa: E402
 from depthkit.paths import cache_dir  # noqa: E402
-from depthkit.recursive.generate import early_exit_nll  # noqa: E402
+from depthkit.recursive.generate import LoopsReport, early_exit_nll  # noqa: E402
 from depthkit.recursive.model import RecursiveModel, tokenizer_folder  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
@@ -59,7 +67,6 @@ from depthkit.utils.io import format_table, write_json  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 BENCH = cache_dir() / "bench"
 FLATTEN24 = BENCH / "smollm2-flatten24"
-LOOPED = BENCH / "looped-r4"
 CLI = [sys.executable, "-m", "depthkit.cli.main"]
 # name -> (server kind, model, depthkit serve options, early-exit rule or None)
 SERVERS: dict[str, tuple[str, str, list[str], str | None]] = {
@@ -67,22 +74,43 @@ SERVERS: dict[str, tuple[str, str, list[str], str | None]] = {
     "original (transformers serve, CB)": ("transformers", "original", ["--continuous-batching"], None),
     "original": ("depthkit", "original", [], None),
     "flatten24": ("depthkit", "flatten24", [], None),
-    "looped R=4": ("depthkit", "looped", ["--schedule", "lockstep"], None),
+    "looped fixed R": ("depthkit", "looped", ["--schedule", "lockstep"], None),
     "looped exit kl, depthwise": ("depthkit", "looped", ["--schedule", "depthwise"], "kl"),
     "looped exit hidden, lockstep": ("depthkit", "looped", ["--schedule", "lockstep"], "hidden"),
     "looped exit hidden, depthwise": ("depthkit", "looped", ["--schedule", "depthwise"], "hidden"),
+    # the same without the batched LM head (`depthkit serve --head-share 0`): the head runs whenever a token is done
+    "looped exit hidden, depthwise, head at once": ("depthkit", "looped", ["--schedule", "depthwise", "--head-share",
+                                                                          "0"], "hidden"),
 }
-EXACT = "looped R=4"
-LOOPS = 4
+EXACT = "looped fixed R"
+
+
+@dataclass(frozen=True)
+class LoopedRecipe:
+    """A looped model the benchmark serves: its folder in the cache, its depth R and how it is trained."""
+
+    folder: Path
+    loops: int
+    train: tuple[str, ...]
+
+
+TRAINING = ("--layers", "6", "--layer-pick", "stepwise", "--ends", "1", "--interleave", "--seq-len", "128",
+            "--steps", "300", "--lr", "5e-4")
+LOOPED_MODELS = {
+    "r4": LoopedRecipe(BENCH / "looped-r4", 4, TRAINING + ("--loops", "4")),
+    "r8": LoopedRecipe(BENCH / "looped-r8", 8, TRAINING + ("--loops", "8", "--feedback", "vanilla",
+                                                           "--loss", "monotonic")),
+}
 # Early-exit thresholds tried on CALIBRATION text; the largest whose perplexity cost stays under
 # `EXIT_BUDGET` is served (held-out text then says what it really costs).
-EXIT_GRID = {"kl": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "hidden": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3]}
+EXIT_GRID = {"kl": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "hidden": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]}
 EXIT_BUDGET = 0.01
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS), metavar="NAME")
+    p.add_argument("--looped", default="r4", choices=list(LOOPED_MODELS), help="the looped model served")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients")
     p.add_argument("--requests", type=int, default=3, help="requests per client, back to back")
     p.add_argument("--prompt-tokens", type=int, default=64)
@@ -97,20 +125,20 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.clients, args.requests, args.max_tokens, args.prompt_tokens, args.exit_tokens = 2, 1, 8, 16, 32
         args.rounds = 1
+    args.recipe = LOOPED_MODELS[args.looped]
     return args
 
 
 # -- models -------------------------------------------------------------------------------------------
-def model_folder(kind: str) -> Path:
+def model_folder(kind: str, recipe: LoopedRecipe) -> Path:
     """The model's folder, built once: `depthkit compress` / `depthkit recursive train` into the cache."""
     if kind == "original":
         return default_model_dir()
     if kind == "flatten24" and not FLATTEN24.is_dir():
         run_cli(["compress", "--method", "flatten", "--ratio", "0.2", "--out", str(FLATTEN24)])
-    if kind == "looped" and not LOOPED.is_dir():
-        run_cli(["recursive", "train", "--layers", "6", "--layer-pick", "stepwise", "--ends", "1", "--loops", "4",
-                 "--interleave", "--seq-len", "128", "--steps", "300", "--lr", "5e-4", "--out", str(LOOPED)])
-    return {"flatten24": FLATTEN24, "looped": LOOPED}[kind]
+    if kind == "looped" and not recipe.folder.is_dir():
+        run_cli(["recursive", "train", *recipe.train, "--out", str(recipe.folder)])
+    return {"flatten24": FLATTEN24, "looped": recipe.folder}[kind]
 
 
 def run_cli(arguments: list[str]) -> None:
@@ -206,7 +234,7 @@ def measure_servers(names: list[str], prompts: list[str], args: argparse.Namespa
     try:
         for name in names:
             print(f"starting: {name}", flush=True)
-            servers[name] = start_server(name, model_folder(SERVERS[name][1]), args, thresholds)
+            servers[name] = start_server(name, model_folder(SERVERS[name][1], args.recipe), args, thresholds)
             _, url, model = servers[name]
             stream_request(url, model, prompts[0], 4, args.timeout)  # warm-up
         rounds: dict[str, list[tuple[list[dict], float]]] = {name: [] for name in names}
@@ -250,28 +278,38 @@ def domain_stream(tokenizer, split: str, tokens: int) -> torch.Tensor:
     return torch.cat([token_stream(tokenizer, DataSpec(d, split))[:tokens] for d in MIX_COMPONENTS])
 
 
+def looped_model(recipe: LoopedRecipe) -> tuple[RecursiveModel, Any]:
+    folder = model_folder("looped", recipe)
+    return RecursiveModel.from_pretrained(folder, "float32"), load_tokenizer(str(tokenizer_folder(folder)))
+
+
 def exit_cost(model: RecursiveModel, stream: torch.Tensor, window: int, rule: str, threshold: float | None
-              ) -> tuple[float, float]:
-    """(perplexity, fraction of loops saved) decoding `stream` token by token with early exit."""
-    nll, report = early_exit_nll(model, stream, LOOPS, threshold, window=window, max_windows=len(MIX_COMPONENTS),
-                                 progress=False, rule=rule)
-    return math.exp(nll), report.saved_fraction
+              ) -> tuple[float, LoopsReport]:
+    """Perplexity and loop counts decoding `stream` token by token with early exit (as served)."""
+    nll, report = early_exit_nll(model, stream, model.config.num_loops, threshold, window=window,
+                                 max_windows=len(MIX_COMPONENTS), progress=False, rule=rule)
+    return math.exp(nll), report
 
 
-def choose_thresholds(args: argparse.Namespace) -> tuple[dict[str, float], list[dict]]:
+def exit_steps(report: LoopsReport) -> str:
+    """How many tokens exited at each step 1..R, as `a/b/c/...`."""
+    counts = Counter(report.steps_used)
+    return "/".join(str(counts[step]) for step in range(1, report.max_steps + 1))
+
+
+def choose_thresholds(model: RecursiveModel, streams: dict[str, torch.Tensor], window: int
+                      ) -> tuple[dict[str, float], list[dict]]:
     """Per rule, the largest threshold of `EXIT_GRID` within `EXIT_BUDGET` of full depth on CALIB text,
     and every threshold's cost on calib and held-out text."""
-    model = RecursiveModel.from_pretrained(model_folder("looped"), "float32")
-    tokenizer = load_tokenizer(str(tokenizer_folder(LOOPED)))
-    streams = {split: domain_stream(tokenizer, split, args.exit_tokens) for split in ("calib", "heldout")}
-    full = {split: exit_cost(model, stream, args.exit_tokens, "kl", None)[0] for split, stream in streams.items()}
+    full = {split: exit_cost(model, stream, window, "kl", None)[0] for split, stream in streams.items()}
     rows, chosen = [], {}
     for rule, grid in EXIT_GRID.items():
         for threshold in grid:
             row = {"rule": rule, "threshold": threshold}
             for split, stream in streams.items():
-                ppl, saved = exit_cost(model, stream, args.exit_tokens, rule, threshold)
-                row |= {f"{split}_ppl_cost": ppl / full[split] - 1, f"{split}_loops_saved": saved}
+                ppl, report = exit_cost(model, stream, window, rule, threshold)
+                row |= {f"{split}_ppl_cost": ppl / full[split] - 1, f"{split}_loops_saved": report.saved_fraction}
+            row["heldout_exit_steps"] = exit_steps(report)
             rows.append(row)
             if row["calib_ppl_cost"] < EXIT_BUDGET:
                 chosen[rule] = threshold
@@ -282,13 +320,23 @@ def choose_thresholds(args: argparse.Namespace) -> tuple[dict[str, float], list[
 
 
 @torch.no_grad()
-def continuation_quality(runs: dict[str, dict]) -> dict[str, dict]:
+def step_perplexities(model: RecursiveModel, stream: torch.Tensor, window: int) -> list[float]:
+    """Teacher-forced perplexity of `stream` (windows of `window` tokens) after each step 1..R: whether
+    the loops still improve the model after the step where early exit stops them."""
+    windows = stream[: stream.numel() // window * window].view(-1, window)
+    output = model(windows, return_all_steps=True)
+    targets = windows[:, 1:].flatten()
+    return [math.exp(float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets)))
+            for logits in output.step_logits]
+
+
+@torch.no_grad()
+def continuation_quality(runs: dict[str, dict], recipe: LoopedRecipe) -> dict[str, dict]:
     """Every looped server's continuations scored by the looped model at full depth (teacher-forced NLL
     of the continuation given its prompt) and compared token by token with the exact decoding's."""
     if EXACT not in runs:
         return {}
-    model = RecursiveModel.from_pretrained(LOOPED, "float32")
-    tokenizer = load_tokenizer(str(tokenizer_folder(LOOPED)))
+    model, tokenizer = looped_model(recipe)
     exact = {c["prompt"]: c["text"] for c in runs[EXACT]["continuations"]}
     quality = {}
     for name, run in runs.items():
@@ -304,7 +352,7 @@ def continuation_quality(runs: dict[str, dict]) -> dict[str, dict]:
             if not new:
                 continue
             ids = torch.tensor([prompt + new])
-            log_probs = torch.log_softmax(model(ids, LOOPS).logits[0, len(prompt) - 1:-1].float(), -1)
+            log_probs = torch.log_softmax(model(ids).logits[0, len(prompt) - 1:-1].float(), -1)
             nll -= float(log_probs.gather(-1, torch.tensor(new).unsqueeze(-1)).sum())
             count += len(new)
         quality[name] = {"continuation_ppl": math.exp(nll / max(count, 1)), "token_agreement": agree / max(compared, 1)}
@@ -337,10 +385,14 @@ def targets(runs: dict[str, dict], exits: list[dict]) -> list[str]:
     return lines
 
 
-def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[dict], args: argparse.Namespace
-                  ) -> None:
-    stem = RESULTS / ("serving_quick" if args.quick else "serving")
-    settings = {k: getattr(args, k) for k in ("clients", "requests", "prompt_tokens", "max_tokens", "rows", "rounds")}
+def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[dict], steps: list[float],
+                  args: argparse.Namespace) -> None:
+    stem = RESULTS / ("serving" + ("" if args.looped == "r4" else f"_{args.looped}") + ("_quick" if args.quick else ""))
+    settings = {k: getattr(args, k) for k in ("clients", "requests", "prompt_tokens", "max_tokens", "rows", "rounds",
+                                              "looped")}
+    recipe = args.recipe
+    looped = (f"Looped model `{args.looped}`: R = {recipe.loops}, `depthkit recursive train "
+              f"{' '.join(recipe.train)}`.")
     columns = ["server", "tokens_per_s", "latency_p50", "latency_p95", "ttft_p50", "ttft_p95", "loops_per_token",
                "completion_tokens"]
     quality_columns = ["continuation_ppl", "token_agreement"]
@@ -349,14 +401,17 @@ def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[d
     goals = targets(runs, exits)
     write_json(stem.with_suffix(".json"), {"settings": settings, "machine": platform.processor() or platform.machine(),
                                            "torch_threads": torch.get_num_threads(), "runs": runs,
-                                           "quality": quality, "early_exit": exits, "targets": goals})
+                                           "quality": quality, "early_exit": exits,
+                                           "looped_step_perplexity": steps, "targets": goals})
     lines = ["# Serving under load", "",
              f"{args.clients} concurrent streaming clients x {args.requests} requests, {args.prompt_tokens}-token "
              f"held-out prompts (every domain), {args.max_tokens} new tokens, greedy; depthkit serve with "
              f"{args.rows} rows; every server loaded in turn, {args.rounds} rounds (tokens/s: median). "
              f"Latencies in seconds. `continuation_ppl`: the looped model at full depth scoring "
-             f"each server's continuations; `token_agreement` with the full-depth decoding's.", "",
+             f"each server's continuations; `token_agreement` with the full-depth decoding's. {looped}", "",
              format_table(rows), "", "## Targets", "", *goals, "",
+             "## The looped model's held-out perplexity after each step 1..R (teacher-forced, every domain)", "",
+             " / ".join(f"{ppl:.2f}" for ppl in steps), "",
              f"## Early-exit thresholds (chosen on calib text: the largest within {100 * EXIT_BUDGET:g}% of full "
              f"depth; {args.exit_tokens} tokens per domain, decoded token by token with KV reuse)", "",
              format_table(exits)]
@@ -380,10 +435,15 @@ def main() -> None:
     args = parse_args()
     tokenizer = load_tokenizer(str(default_model_dir()))
     prompts = held_out_prompts(args.clients * args.requests, args.prompt_tokens)
-    looped = any(SERVERS[name][1] == "looped" for name in args.servers)
-    thresholds, exits = choose_thresholds(args) if looped else ({}, [])
+    thresholds, exits, steps = {}, [], []
+    if any(SERVERS[name][1] == "looped" for name in args.servers):
+        model, looped_tokenizer = looped_model(args.recipe)
+        streams = {split: domain_stream(looped_tokenizer, split, args.exit_tokens) for split in ("calib", "heldout")}
+        steps = step_perplexities(model, streams["heldout"], args.exit_tokens)
+        thresholds, exits = choose_thresholds(model, streams, args.exit_tokens)
+        del model
     runs = measure_servers(args.servers, prompts, args, tokenizer, thresholds)
-    write_results(runs, continuation_quality(runs), exits, args)
+    write_results(runs, continuation_quality(runs, args.recipe), exits, steps, args)
 
 
 if __name__ == "__main__":
