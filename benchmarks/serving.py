@@ -75,6 +75,8 @@ SERVERS: dict[str, tuple[str, str, list[str], str | None]] = {
     "original": ("depthkit", "original", [], None),
     "flatten24": ("depthkit", "flatten24", [], None),
     "looped fixed R": ("depthkit", "looped", ["--schedule", "lockstep"], None),
+    # requests ask for the depth with the lowest perplexity on CALIBRATION text (`loops`, the API's extra field)
+    "looped fixed best R": ("depthkit", "looped", ["--schedule", "lockstep"], None),
     "looped exit kl, depthwise": ("depthkit", "looped", ["--schedule", "depthwise"], "kl"),
     "looped exit hidden, lockstep": ("depthkit", "looped", ["--schedule", "lockstep"], "hidden"),
     "looped exit hidden, depthwise": ("depthkit", "looped", ["--schedule", "depthwise"], "hidden"),
@@ -83,6 +85,7 @@ SERVERS: dict[str, tuple[str, str, list[str], str | None]] = {
                                                                           "0"], "hidden"),
 }
 EXACT = "looped fixed R"
+BEST_DEPTH = "looped fixed best R"
 
 
 @dataclass(frozen=True)
@@ -163,8 +166,8 @@ def free_port() -> int:
 
 
 def start_server(name: str, folder: Path, args: argparse.Namespace, thresholds: dict[str, float]
-                 ) -> tuple[subprocess.Popen, str, str]:
-    """The server process, its URL and the model name its clients send."""
+                 ) -> tuple[subprocess.Popen, str, dict[str, Any]]:
+    """The server process, its URL and what every request to it carries (the model name, extra fields)."""
     kind, _, options, rule = SERVERS[name]
     port = free_port()
     if kind == "transformers":
@@ -184,7 +187,7 @@ def start_server(name: str, folder: Path, args: argparse.Namespace, thresholds: 
             raise RuntimeError(f"{name} exited: {process.stderr.read()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url, model
+                return process, url, {"model": model} | ({"loops": args.best_loops} if name == BEST_DEPTH else {})
         except httpx.HTTPError:
             pass
         time.sleep(1)
@@ -192,9 +195,10 @@ def start_server(name: str, folder: Path, args: argparse.Namespace, thresholds: 
     raise RuntimeError(f"{name} did not answer /health within 300 s")
 
 
-def stream_request(url: str, model: str, prompt: str, max_tokens: int, timeout: float) -> dict[str, Any]:
+def stream_request(url: str, request: dict[str, Any], prompt: str, max_tokens: int, timeout: float
+                   ) -> dict[str, Any]:
     """One streaming completion: its text, time to first text, latency and depthkit's loop usage."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = request | {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     start, first, text, usage = time.perf_counter(), None, "", {}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as response:
         response.raise_for_status()
@@ -212,12 +216,13 @@ def stream_request(url: str, model: str, prompt: str, max_tokens: int, timeout: 
             "loops_per_token": usage.get("mean_loops_per_token")}
 
 
-def load(url: str, model: str, prompts: list[str], args: argparse.Namespace) -> tuple[list[dict], float]:
+def load(url: str, request: dict[str, Any], prompts: list[str], args: argparse.Namespace
+         ) -> tuple[list[dict], float]:
     """`--clients` clients, each sending its share of the prompts back to back; returns results and wall time."""
     shares = [prompts[i::args.clients] for i in range(args.clients)]
 
     def client(share: list[str]) -> list[dict]:
-        return [stream_request(url, model, prompt, args.max_tokens, args.timeout) for prompt in share]
+        return [stream_request(url, request, prompt, args.max_tokens, args.timeout) for prompt in share]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(args.clients) as pool:
@@ -235,12 +240,12 @@ def measure_servers(names: list[str], prompts: list[str], args: argparse.Namespa
         for name in names:
             print(f"starting: {name}", flush=True)
             servers[name] = start_server(name, model_folder(SERVERS[name][1], args.recipe), args, thresholds)
-            _, url, model = servers[name]
-            stream_request(url, model, prompts[0], 4, args.timeout)  # warm-up
+            _, url, request = servers[name]
+            stream_request(url, request, prompts[0], 4, args.timeout)  # warm-up
         rounds: dict[str, list[tuple[list[dict], float]]] = {name: [] for name in names}
         for index in range(args.rounds):
-            for name, (_, url, model) in servers.items():
-                rounds[name].append(load(url, model, prompts, args))
+            for name, (_, url, request) in servers.items():
+                rounds[name].append(load(url, request, prompts, args))
                 results, wall = rounds[name][-1]
                 print(f"  round {index + 1} {name}: {count_tokens(tokenizer, results) / wall:.1f} tokens/s", flush=True)
     finally:
@@ -376,6 +381,16 @@ def targets(runs: dict[str, dict], exits: list[dict]) -> list[str]:
         value = ratio(a, b)
         if value is not None:
             lines.append(f"- {what}: {value:.2f}x tokens/s (target >= {goal}): **{'yes' if value >= goal else 'no'}**")
+    # not targets: what the depth-wise server gains over the alternatives a user has
+    for a, b, what in [("looped exit hidden, depthwise", BEST_DEPTH,
+                        "depth-wise batching with early exit (hidden rule) vs the best fixed depth on calib text"),
+                       ("looped exit hidden, depthwise", "looped exit hidden, lockstep",
+                        "depth-wise vs lockstep batching, both with early exit (hidden rule)"),
+                       ("looped exit hidden, depthwise", "looped exit hidden, depthwise, head at once",
+                        "the batched LM head (`--head-share` 0.5) vs the head whenever a token is done")]:
+        value = ratio(a, b)
+        if value is not None:
+            lines.append(f"- {what}: {value:.2f}x tokens/s")
     for row in exits:
         if row["chosen"]:
             cost = row["heldout_ppl_cost"]
@@ -385,7 +400,7 @@ def targets(runs: dict[str, dict], exits: list[dict]) -> list[str]:
     return lines
 
 
-def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[dict], steps: list[float],
+def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[dict], steps: dict[str, list[float]],
                   args: argparse.Namespace) -> None:
     stem = RESULTS / ("serving" + ("" if args.looped == "r4" else f"_{args.looped}") + ("_quick" if args.quick else ""))
     settings = {k: getattr(args, k) for k in ("clients", "requests", "prompt_tokens", "max_tokens", "rows", "rounds",
@@ -410,8 +425,10 @@ def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[d
              f"Latencies in seconds. `continuation_ppl`: the looped model at full depth scoring "
              f"each server's continuations; `token_agreement` with the full-depth decoding's. {looped}", "",
              format_table(rows), "", "## Targets", "", *goals, "",
-             "## The looped model's held-out perplexity after each step 1..R (teacher-forced, every domain)", "",
-             " / ".join(f"{ppl:.2f}" for ppl in steps), "",
+             "## The looped model's perplexity after each step 1..R (teacher-forced, every domain)", "",
+             *[f"- {split}: " + " / ".join(f"{ppl:.2f}" for ppl in values) for split, values in steps.items()],
+             f"- best fixed depth on calib text (served as `{BEST_DEPTH}`): R = {getattr(args, 'best_loops', None)}",
+             "",
              f"## Early-exit thresholds (chosen on calib text: the largest within {100 * EXIT_BUDGET:g}% of full "
              f"depth; {args.exit_tokens} tokens per domain, decoded token by token with KV reuse)", "",
              format_table(exits)]
@@ -435,11 +452,12 @@ def main() -> None:
     args = parse_args()
     tokenizer = load_tokenizer(str(default_model_dir()))
     prompts = held_out_prompts(args.clients * args.requests, args.prompt_tokens)
-    thresholds, exits, steps = {}, [], []
+    thresholds, exits, steps = {}, [], {}
     if any(SERVERS[name][1] == "looped" for name in args.servers):
         model, looped_tokenizer = looped_model(args.recipe)
         streams = {split: domain_stream(looped_tokenizer, split, args.exit_tokens) for split in ("calib", "heldout")}
-        steps = step_perplexities(model, streams["heldout"], args.exit_tokens)
+        steps = {split: step_perplexities(model, stream, args.exit_tokens) for split, stream in streams.items()}
+        args.best_loops = 1 + min(range(len(steps["calib"])), key=steps["calib"].__getitem__)
         thresholds, exits = choose_thresholds(model, streams, args.exit_tokens)
         del model
     runs = measure_servers(args.servers, prompts, args, tokenizer, thresholds)
