@@ -6,13 +6,13 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.depthkit-installed
 
-.PHONY: setup fetch quickstart test lint bench clean
+.PHONY: setup fetch quickstart test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,vlm,serve]"
+	$(BIN)/python -m pip install -q -e ".[dev,vlm,serve,bench]"
 	touch $(STAMP)
 
 setup: $(STAMP)
