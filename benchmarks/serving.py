@@ -52,7 +52,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from depthkit.data import DataSpec  # noqa: E402
 from depthkit.data.blocks import sample_blocks, token_stream  # noqa: E402
@@ -61,6 +60,7 @@ from depthkit.models.loading import default_model_dir, load_tokenizer  # noqa: E
 from depthkit.paths import cache_dir  # noqa: E402
 from depthkit.recursive.generate import LoopsReport, early_exit_nll  # noqa: E402
 from depthkit.recursive.model import RecursiveModel, tokenizer_folder  # noqa: E402
+from depthkit.recursive.train import step_perplexities  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
 
@@ -325,23 +325,11 @@ def choose_thresholds(model: RecursiveModel, streams: dict[str, torch.Tensor], w
 
 
 @torch.no_grad()
-def step_perplexities(model: RecursiveModel, stream: torch.Tensor, window: int) -> list[float]:
-    """Teacher-forced perplexity of `stream` (windows of `window` tokens) after each step 1..R: whether
-    the loops still improve the model after the step where early exit stops them."""
-    windows = stream[: stream.numel() // window * window].view(-1, window)
-    output = model(windows, return_all_steps=True)
-    targets = windows[:, 1:].flatten()
-    return [math.exp(float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets)))
-            for logits in output.step_logits]
-
-
-@torch.no_grad()
-def continuation_quality(runs: dict[str, dict], recipe: LoopedRecipe) -> dict[str, dict]:
+def continuation_quality(runs: dict[str, dict], model: RecursiveModel, tokenizer) -> dict[str, dict]:
     """Every looped server's continuations scored by the looped model at full depth (teacher-forced NLL
     of the continuation given its prompt) and compared token by token with the exact decoding's."""
     if EXACT not in runs:
         return {}
-    model, tokenizer = looped_model(recipe)
     exact = {c["prompt"]: c["text"] for c in runs[EXACT]["continuations"]}
     quality = {}
     for name, run in runs.items():
@@ -452,16 +440,20 @@ def main() -> None:
     args = parse_args()
     tokenizer = load_tokenizer(str(default_model_dir()))
     prompts = held_out_prompts(args.clients * args.requests, args.prompt_tokens)
-    thresholds, exits, steps = {}, [], {}
-    if any(SERVERS[name][1] == "looped" for name in args.servers):
-        model, looped_tokenizer = looped_model(args.recipe)
+    thresholds, exits, steps, quality = {}, [], {}, {}
+    looped = looped_model(args.recipe) if any(SERVERS[name][1] == "looped" for name in args.servers) else None
+    if looped:
+        model, looped_tokenizer = looped
         streams = {split: domain_stream(looped_tokenizer, split, args.exit_tokens) for split in ("calib", "heldout")}
-        steps = {split: step_perplexities(model, stream, args.exit_tokens) for split, stream in streams.items()}
+        # whether the loops still improve the model after the step where early exit stops them
+        steps = {split: step_perplexities(model, stream.view(-1, args.exit_tokens), model.config.num_loops)
+                 for split, stream in streams.items()}
         args.best_loops = 1 + min(range(len(steps["calib"])), key=steps["calib"].__getitem__)
         thresholds, exits = choose_thresholds(model, streams, args.exit_tokens)
-        del model
     runs = measure_servers(args.servers, prompts, args, tokenizer, thresholds)
-    write_results(runs, continuation_quality(runs, args.recipe), exits, steps, args)
+    if looped:
+        quality = continuation_quality(runs, *looped)
+    write_results(runs, quality, exits, steps, args)
 
 
 if __name__ == "__main__":
