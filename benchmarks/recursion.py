@@ -224,7 +224,7 @@ def early_exit_sweep(model: RecursiveModel, stream, args) -> list[dict]:
         nll, loops = early_exit_nll(model, stream, args.loops, threshold, window=args.exit_tokens, max_windows=1)
         ppl = math.exp(nll)
         reference = reference or ppl
-        exits = {str(s): loops.steps_used.count(s) for s in range(1, args.loops + 1)}
+        exits = {str(step): count for step, count in enumerate(loops.step_counts(), start=1)}
         rows.append({"threshold": threshold, "perplexity": ppl, "ppl_cost_pct": 100 * (ppl / reference - 1),
                      "exit_step_counts": exits, **loops.to_dict()})
         print(f"early exit threshold {threshold}: ppl {ppl:.3f}, loops saved {100 * loops.saved_fraction:.1f}%",

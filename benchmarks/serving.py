@@ -40,7 +40,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,12 +295,6 @@ def exit_cost(model: RecursiveModel, stream: torch.Tensor, window: int, rule: st
     return math.exp(nll), report
 
 
-def exit_steps(report: LoopsReport) -> str:
-    """How many tokens exited at each step 1..R, as `a/b/c/...`."""
-    counts = Counter(report.steps_used)
-    return "/".join(str(counts[step]) for step in range(1, report.max_steps + 1))
-
-
 def choose_thresholds(model: RecursiveModel, streams: dict[str, torch.Tensor], window: int
                       ) -> tuple[dict[str, float], list[dict]]:
     """Per rule, the largest threshold of `EXIT_GRID` within `EXIT_BUDGET` of full depth on CALIB text,
@@ -314,7 +307,7 @@ def choose_thresholds(model: RecursiveModel, streams: dict[str, torch.Tensor], w
             for split, stream in streams.items():
                 ppl, report = exit_cost(model, stream, window, rule, threshold)
                 row |= {f"{split}_ppl_cost": ppl / full[split] - 1, f"{split}_loops_saved": report.saved_fraction}
-            row["heldout_exit_steps"] = exit_steps(report)
+            row["heldout_exit_steps"] = "/".join(map(str, report.step_counts()))  # tokens stopping at steps 1..R
             rows.append(row)
             if row["calib_ppl_cost"] < EXIT_BUDGET:
                 chosen[rule] = threshold

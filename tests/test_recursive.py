@@ -364,6 +364,7 @@ def test_early_exit_thresholds(arch):
     always = generate(model, prompt, 6, exit_threshold=1e9)
     assert always.loops.steps_used == [2] * 5  # the first step whose KL to its predecessor exists
     assert always.loops.saved_fraction == pytest.approx(1 / 3)
+    assert never.loops.step_counts() == [0, 0, 5] and always.loops.step_counts() == [0, 5, 0]
     with pytest.raises(DepthkitError, match="one prompt"):
         generate(model, ids(2, 5), 2, exit_threshold=1.0)
 

@@ -56,6 +56,10 @@ class LoopsReport:
             return 0.0
         return 1.0 - sum(self.steps_used) / (len(self.steps_used) * self.max_steps)
 
+    def step_counts(self) -> list[int]:
+        """How many tokens stopped at each step 1..max_steps (whether early exit spreads them)."""
+        return [self.steps_used.count(step) for step in range(1, self.max_steps + 1)]
+
     def to_dict(self) -> dict:
         return {"tokens": len(self.steps_used), "max_steps": self.max_steps,
                 "mean_steps": sum(self.steps_used) / max(1, len(self.steps_used)),
