@@ -86,20 +86,23 @@ non_negative_float = float_at_least(0.0)
 positive_float = float_at_least(0.0, strict=True)
 
 
-def fraction(text: str) -> float:
-    """An argparse type: a number in (0, 1), e.g. the fraction of blocks removed (checked before the model loads)."""
-    value = _number(text)
-    if not 0 < value < 1:  # false for nan too
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text}")
-    return value
+def number_in(low: float, high: float, closed: bool) -> Callable[[str], float]:
+    """An argparse type: a number in [low, high] (`closed`) or (low, high), checked before the model loads."""
+    interval = f"[{low:g}, {high:g}]" if closed else f"({low:g}, {high:g})"
+
+    def convert(text: str) -> float:
+        value = _number(text)
+        if not (low <= value <= high if closed else low < value < high):  # false for nan too
+            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text}")
+        return value
+
+    return convert
 
 
-def share(text: str) -> float:
-    """An argparse type: a number in [0, 1] (a share of something, both ends allowed)."""
-    value = _number(text)
-    if not 0 <= value <= 1:  # false for nan too
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
-    return value
+# The fraction of blocks removed (`--ratio`): 0 and 1 would remove nothing or everything.
+fraction = number_in(0, 1, closed=False)
+# A share of something, both ends allowed (`serve --head-share`).
+share = number_in(0, 1, closed=True)
 
 
 def device_name(text: str) -> str:
