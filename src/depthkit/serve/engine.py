@@ -51,8 +51,9 @@ SCHEDULES = ("depthwise", "lockstep")
 DEFAULT_ROWS = 16
 DEFAULT_CAPACITY = 2048
 # Depth-wise: the share of running rows that must wait for the LM head before it runs (it then
-# serves them all). Waiting rows skip block passes, so too high a share idles them; on the serving
-# benchmark's 8 rows, half lies in the flat optimum of a cost model where the head costs 8 layers.
+# serves them all). Waiting rows skip block passes, so too high a share idles them. Half is from a
+# back-of-envelope cost model (the head as 8 layers, 8 rows); benchmarks/serving.py measures it
+# against 0 (the head whenever a token is done), not a sweep.
 HEAD_SHARE = 0.5
 log = logging.getLogger(__name__)
 
