@@ -75,8 +75,27 @@ def test_interleaved_blocks_take_turns_over_the_documents(tokenizer):
 def test_interleaved_blocks_too_short_names_the_document(tmp_path, tokenizer):
     path = tmp_path / "short.txt"
     path.write_text("Too short.\n")
-    with pytest.raises(DepthkitError, match=r"asked for 2 x 64 tokens from 'short"):
+    with pytest.raises(DepthkitError, match=r"asked for 2 x 64 tokens from .*hold 0 whole blocks .*'short'"):
         interleaved_blocks(tokenizer, DataSpec(str(path), "all"), num_blocks=2, block_len=64)
+
+
+def test_interleaved_blocks_let_a_short_document_drop_out(tmp_path, tokenizer):
+    texts = {"a": "The first document goes on. " * 20, "b": "Short.", "c": "A second one, not as long. " * 4}
+    for name, text in texts.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+    ids = {name: tokenizer(text, add_special_tokens=False).input_ids for name, text in texts.items()}
+    assert len(ids["b"]) < 16 <= 2 * 16 <= len(ids["c"]) < 3 * 16 and len(ids["a"]) >= 3 * 16
+    blocks = interleaved_blocks(tokenizer, DataSpec(str(tmp_path), "all"), num_blocks=5, block_len=16)
+    expected = [("a", 0), ("c", 0), ("a", 1), ("c", 1), ("a", 2)]  # b has no whole block: a and c take turns
+    assert blocks.tolist() == [ids[name][16 * k: 16 * (k + 1)] for name, k in expected]
+
+
+def test_interleaved_blocks_give_each_component_of_a_mixture_an_equal_share(tokenizer):
+    mixed = interleaved_blocks(tokenizer, DataSpec("austen+pydoc", "heldout"), num_blocks=4, block_len=32)
+    austen = interleaved_blocks(tokenizer, DataSpec("austen", "heldout"), num_blocks=2, block_len=32)
+    pydoc = interleaved_blocks(tokenizer, DataSpec("pydoc", "heldout"), num_blocks=2, block_len=32)
+    assert mixed.tolist() == [austen[0].tolist(), pydoc[0].tolist(), austen[1].tolist(), pydoc[1].tolist()]
+    # pydoc has 18 documents to austen's 6: shares follow components, not documents
 
 
 def test_python_documentation_and_source_corpora():

@@ -107,28 +107,54 @@ def check_block_shape(num_blocks: int, block_len: int) -> None:
 def interleaved_blocks(
     tokenizer: PreTrainedTokenizerBase, spec: DataSpec, num_blocks: int, block_len: int
 ) -> torch.Tensor:
-    """`num_blocks` blocks of `block_len` tokens shared equally among the corpus' documents, in turn
+    """`num_blocks` blocks of `block_len` tokens taken in turn from the corpus' documents
     (document 1's first block, document 2's first block, ...), shape (n, len).
 
     `token_blocks` takes the first tokens of the concatenated split, so a few hundred blocks of a
     six-novel corpus are all the first novel; training on them and evaluating on another novel
     measures transfer between books as much as the model. Here every prefix of the result covers
-    every document. `spec.offset` skips tokens at the start of each document.
+    every document. A document too short for its turn drops out and the others make up its share,
+    so a corpus of uneven documents (Python's modules, a manual's short parts) still gives the
+    blocks it holds. A mixture (`mix`, `austen+pydoc`) gives each component an equal share, also
+    in turn, so a component of many small documents does not outweigh one of six novels.
+    `spec.offset` skips tokens at the start of each document.
     """
     check_block_shape(num_blocks, block_len)
-    documents = split_documents(spec.corpus, spec.split)
-    shares = [num_blocks // len(documents) + (i < num_blocks % len(documents)) for i in range(len(documents))]
+    components = mixture_components(spec.corpus)
+    per_component = [
+        _document_turns(tokenizer, DataSpec(component, spec.split, spec.offset), share, block_len)
+        for component, share in zip(components, equal_shares(num_blocks, len(components))) if share
+    ]
+    return torch.stack(in_turn(per_component))
+
+
+def _document_turns(tokenizer: PreTrainedTokenizerBase, spec: DataSpec, count: int, block_len: int
+                    ) -> list[torch.Tensor]:
+    """`count` blocks taken in turn from the documents that still have a whole block left."""
     per_document = []
-    for doc, share in zip(documents, shares):
+    for doc in split_documents(spec.corpus, spec.split):
         ids = document_ids(tokenizer, doc)[spec.offset :]
-        if len(ids) < share * block_len:
-            raise DepthkitError(
-                f"text too short: asked for {share} x {block_len} tokens from '{doc.name}' of {spec.describe()} "
-                f"(an equal share of {num_blocks} blocks), but it has {len(ids)}"
-            )
-        per_document.append(torch.tensor(ids[: share * block_len], dtype=torch.long).view(share, block_len))
-    order = [blocks[i] for i in range(max(shares)) for blocks in per_document if i < len(blocks)]
-    return torch.stack(order)
+        whole = len(ids) // block_len * block_len
+        per_document.append(list(torch.tensor(ids[:whole], dtype=torch.long).view(-1, block_len)))
+    blocks = in_turn(per_document)
+    if len(blocks) < count:
+        shortest = min(split_documents(spec.corpus, spec.split), key=lambda doc: len(doc.text))
+        raise DepthkitError(
+            f"text too short: asked for {count} x {block_len} tokens from {spec.describe()}, but its documents "
+            f"hold {len(blocks)} whole blocks (the shortest: '{shortest.name}')"
+        )
+    return blocks[:count]
+
+
+def equal_shares(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` shares that differ by at most one, the larger ones first."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def in_turn(groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """The groups' items taken in turn (each group's first, then each group's second, ...); a group
+    that runs out drops out."""
+    return [group[i] for i in range(max(map(len, groups), default=0)) for group in groups if i < len(group)]
 
 
 @starts_like_a_text
@@ -169,13 +195,11 @@ def sample_blocks(
     check_block_shape(num_blocks, block_len)
     require(spec.offset == 0, "an offset applies to consecutive blocks, not to blocks sampled over the whole text")
     components = mixture_components(spec.corpus)
-    shares = [num_blocks // len(components) + (i < num_blocks % len(components)) for i in range(len(components))]
     per_component = [
-        _spread_blocks(tokenizer, DataSpec(component, spec.split), share, block_len)
-        for component, share in zip(components, shares) if share
+        list(_spread_blocks(tokenizer, DataSpec(component, spec.split), share, block_len))
+        for component, share in zip(components, equal_shares(num_blocks, len(components))) if share
     ]
-    order = [blocks[i] for i in range(max(shares)) for blocks in per_component if i < len(blocks)]
-    return torch.stack(order)
+    return torch.stack(in_turn(per_component))
 
 
 def _spread_blocks(tokenizer: PreTrainedTokenizerBase, spec: DataSpec, count: int, block_len: int) -> torch.Tensor:
