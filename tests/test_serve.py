@@ -86,6 +86,24 @@ def test_looped_model_batched_equals_generate_alone(arch, one_thread):
         assert [s.steps_used for s in served] == [r.loops.steps_used for r in alone], (schedule, rows)
 
 
+def test_requests_at_different_depths_share_a_batch(one_thread):
+    """Each request's own `loops` (1..R) in one batch, both schedules: each gets `generate`'s tokens at
+    its depth (depth-wise rows at different steps, lockstep rows done after fewer steps)."""
+    model = RecursiveModel.wrap(tiny_model("llama", num_layers=4), ends=1, num_loops=3, connector_k=2)
+    depths = (1, 3, 2, 3)
+    alone = [generate(model, torch.tensor([p]), NEW_TOKENS, loops).new_tokens for p, loops in zip(prompts(), depths)]
+    other_depth = [generate(model, torch.tensor([p]), NEW_TOKENS, 4 - loops).new_tokens
+                   for p, loops in zip(prompts(), depths)]
+    assert other_depth != alone  # the depth changes the tokens: a server ignoring `loops` fails
+    for schedule in SCHEDULES:
+        engine = Engine(model, set(), rows=3, capacity=64, schedule=schedule)
+        served = [engine.submit(Sequence(p, GenerationParams(max_tokens=NEW_TOKENS, temperature=0, loops=loops)))
+                  for p, loops in zip(prompts(), depths)]
+        engine.run_until_idle()
+        assert [s.tokens for s in served] == alone, schedule
+        assert [set(s.steps_used) for s in served] == [{loops} for loops in depths], schedule
+
+
 def test_done_tokens_wait_to_share_the_lm_head(one_thread, monkeypatch):
     """The LM head costs about the same for one row as for many, so a done token waits until
     `HEAD_SHARE` of the rows are done too: fewer head calls than running it whenever a token is done,
