@@ -21,12 +21,14 @@ its cost is measured on held-out text (`early_exit_nll`, token by token with the
 Models (built once, cached under the depthkit cache's `bench/`): the original SmolLM2-135M, its
 30 -> 24 FlattenGPT model (`depthkit compress`, default options), and a looped model of
 `LOOPED_MODELS` (`--looped`; `depthkit recursive train`, 6 stepwise layers of which the first and last
-run once around a 4-layer loop, 300 steps): `r4`, the README's (R = 4, connector), or `r8` (R = 8,
-the last hidden state fed back, trained with the monotonic loss over every step), whose steps still
-improve its held-out perplexity after step 2, so its tokens exit at different steps. The looped model's
-held-out perplexity at every step is reported too. Tokens are counted by re-tokenizing each received
-text with the model's tokenizer (the same rule for every server). Writes
-benchmarks/results/serving{,_r8}{,_quick}.{json,md,png}.
+run once around a 4-layer loop, 300 steps): `r4`, the README's (R = 4, connector), `r8` (R = 8, the
+last hidden state fed back, trained with the monotonic loss over every step), both trained on Austen
+alone, or `r8mix`, `r8`'s recipe trained on calibration text of every offline domain. The looped
+model's perplexity after every step is reported too (whether deeper steps still help). The two
+`looped mixed R` servers load the looped model with clients that ask for different depths (client i:
+R = i mod R + 1): what depth-wise batching gains when rows need different numbers of steps, apart
+from any exit rule. Tokens are counted by re-tokenizing each received text with the model's tokenizer
+(the same rule for every server). Writes benchmarks/results/serving{,_r8,_r8mix}{,_quick}.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -82,9 +84,14 @@ SERVERS: dict[str, tuple[str, str, list[str], str | None]] = {
     # the same without the batched LM head (`depthkit serve --head-share 0`): the head runs whenever a token is done
     "looped exit hidden, depthwise, head at once": ("depthkit", "looped", ["--schedule", "depthwise", "--head-share",
                                                                           "0"], "hidden"),
+    # clients asking for different depths (client i: `loops` = i mod R + 1), no early exit: every token is
+    # exact at its request's depth; lockstep waits for the deepest row, depth-wise lets the others move on
+    "looped mixed R, lockstep": ("depthkit", "looped", ["--schedule", "lockstep"], None),
+    "looped mixed R, depthwise": ("depthkit", "looped", ["--schedule", "depthwise"], None),
 }
 EXACT = "looped fixed R"
 BEST_DEPTH = "looped fixed best R"
+MIXED_DEPTHS = ("looped mixed R, lockstep", "looped mixed R, depthwise")
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,9 @@ LOOPED_MODELS = {
     "r4": LoopedRecipe(BENCH / "looped-r4", 4, TRAINING + ("--loops", "4")),
     "r8": LoopedRecipe(BENCH / "looped-r8", 8, TRAINING + ("--loops", "8", "--feedback", "vanilla",
                                                            "--loss", "monotonic")),
+    "r8mix": LoopedRecipe(BENCH / "looped-r8-mix", 8, TRAINING + ("--loops", "8", "--feedback", "vanilla",
+                                                                 "--loss", "monotonic", "--data", "mix",
+                                                                 "--eval-data", "mix")),
 }
 # Early-exit thresholds tried on CALIBRATION text; the largest whose perplexity cost stays under
 # `EXIT_BUDGET` is served (held-out text then says what it really costs).
@@ -165,8 +175,8 @@ def free_port() -> int:
 
 
 def start_server(name: str, folder: Path, args: argparse.Namespace, thresholds: dict[str, float]
-                 ) -> tuple[subprocess.Popen, str, dict[str, Any]]:
-    """The server process, its URL and what every request to it carries (the model name, extra fields)."""
+                 ) -> tuple[subprocess.Popen, str, list[dict[str, Any]]]:
+    """The server process, its URL and what each client's requests carry (the model name, extra fields)."""
     kind, _, options, rule = SERVERS[name]
     port = free_port()
     if kind == "transformers":
@@ -186,12 +196,22 @@ def start_server(name: str, folder: Path, args: argparse.Namespace, thresholds: 
             raise RuntimeError(f"{name} exited: {process.stderr.read()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url, {"model": model} | ({"loops": args.best_loops} if name == BEST_DEPTH else {})
+                return process, url, [{"model": model} | depth_request(name, client, args)
+                                      for client in range(args.clients)]
         except httpx.HTTPError:
             pass
         time.sleep(1)
     process.kill()
     raise RuntimeError(f"{name} did not answer /health within 300 s")
+
+
+def depth_request(name: str, client: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The recursion depth a client asks for (`loops`, the API's extra field), where the server's load sets it."""
+    if name == BEST_DEPTH:
+        return {"loops": args.best_loops}
+    if name in MIXED_DEPTHS:
+        return {"loops": client % args.recipe.loops + 1}
+    return {}
 
 
 def stream_request(url: str, request: dict[str, Any], prompt: str, max_tokens: int, timeout: float
@@ -215,17 +235,19 @@ def stream_request(url: str, request: dict[str, Any], prompt: str, max_tokens: i
             "loops_per_token": usage.get("mean_loops_per_token")}
 
 
-def load(url: str, request: dict[str, Any], prompts: list[str], args: argparse.Namespace
+def load(url: str, requests: list[dict[str, Any]], prompts: list[str], args: argparse.Namespace
          ) -> tuple[list[dict], float]:
-    """`--clients` clients, each sending its share of the prompts back to back; returns results and wall time."""
+    """`--clients` clients, each sending its share of the prompts back to back with its own request
+    fields; returns results and wall time."""
     shares = [prompts[i::args.clients] for i in range(args.clients)]
 
-    def client(share: list[str]) -> list[dict]:
-        return [stream_request(url, request, prompt, args.max_tokens, args.timeout) for prompt in share]
+    def client(index: int) -> list[dict]:
+        return [stream_request(url, requests[index], prompt, args.max_tokens, args.timeout)
+                for prompt in shares[index]]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(args.clients) as pool:
-        results = [r for share in pool.map(client, shares) for r in share]
+        results = [r for share in pool.map(client, range(args.clients)) for r in share]
     return results, time.perf_counter() - start
 
 
@@ -239,12 +261,12 @@ def measure_servers(names: list[str], prompts: list[str], args: argparse.Namespa
         for name in names:
             print(f"starting: {name}", flush=True)
             servers[name] = start_server(name, model_folder(SERVERS[name][1], args.recipe), args, thresholds)
-            _, url, request = servers[name]
-            stream_request(url, request, prompts[0], 4, args.timeout)  # warm-up
+            _, url, requests = servers[name]
+            stream_request(url, requests[0], prompts[0], 4, args.timeout)  # warm-up
         rounds: dict[str, list[tuple[list[dict], float]]] = {name: [] for name in names}
         for index in range(args.rounds):
-            for name, (_, url, request) in servers.items():
-                rounds[name].append(load(url, request, prompts, args))
+            for name, (_, url, requests) in servers.items():
+                rounds[name].append(load(url, requests, prompts, args))
                 results, wall = rounds[name][-1]
                 print(f"  round {index + 1} {name}: {count_tokens(tokenizer, results) / wall:.1f} tokens/s", flush=True)
     finally:
@@ -326,7 +348,7 @@ def continuation_quality(runs: dict[str, dict], model: RecursiveModel, tokenizer
     exact = {c["prompt"]: c["text"] for c in runs[EXACT]["continuations"]}
     quality = {}
     for name, run in runs.items():
-        if SERVERS[name][1] != "looped":
+        if SERVERS[name][1] != "looped" or name in MIXED_DEPTHS:  # mixed: each request at its own depth
             continue
         nll, count, agree, compared = 0.0, 0, 0, 0
         for item in run["continuations"]:
@@ -368,7 +390,9 @@ def targets(runs: dict[str, dict], exits: list[dict]) -> list[str]:
                        ("looped exit hidden, depthwise", "looped exit hidden, lockstep",
                         "depth-wise vs lockstep batching, both with early exit (hidden rule)"),
                        ("looped exit hidden, depthwise", "looped exit hidden, depthwise, head at once",
-                        "the batched LM head (`--head-share` 0.5) vs the head whenever a token is done")]:
+                        "the batched LM head (`--head-share` 0.5) vs the head whenever a token is done"),
+                       ("looped mixed R, depthwise", "looped mixed R, lockstep",
+                        "depth-wise vs lockstep batching, clients asking for depths 1..R (no early exit)")]:
         value = ratio(a, b)
         if value is not None:
             lines.append(f"- {what}: {value:.2f}x tokens/s")
