@@ -28,7 +28,7 @@ model's perplexity after every step is reported too (whether deeper steps still 
 `looped mixed R` servers load the looped model with clients that ask for different depths (client i:
 R = i mod R + 1): what depth-wise batching gains when rows need different numbers of steps, apart
 from any exit rule. Tokens are counted by re-tokenizing each received text with the model's tokenizer
-(the same rule for every server). Writes benchmarks/results/serving{,_r8,_r8mix}{,_quick}.{json,md,png}.
+(the same rule for every server). Writes benchmarks/results/serving{,_r8,_r8mix}{,_TAG}{,_quick}.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=900, help="seconds one server's load may take")
     p.add_argument("--exit-tokens", type=int, default=128,
                    help="tokens per domain for choosing the exit thresholds (calib) and measuring their cost (heldout)")
+    p.add_argument("--tag", default="", help="added to the output files' name (a run of some servers only)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if args.quick:
@@ -232,7 +233,7 @@ def stream_request(url: str, request: dict[str, Any], prompt: str, max_tokens: i
             usage = chunk.get("usage") or usage
     latency = time.perf_counter() - start
     return {"prompt": prompt, "text": text, "ttft": first if first is not None else latency, "latency": latency,
-            "loops_per_token": usage.get("mean_loops_per_token")}
+            "loops_per_token": usage.get("mean_loops_per_token"), "loops_asked": request.get("loops")}
 
 
 def load(url: str, requests: list[dict[str, Any]], prompts: list[str], args: argparse.Namespace
@@ -291,7 +292,15 @@ def summarize(name: str, rounds: list[tuple[list[dict], float]], tokenizer) -> d
             "ttft_p50": percentile([r["ttft"] for r in pooled], 50),
             "ttft_p95": percentile([r["ttft"] for r in pooled], 95),
             "loops_per_token": statistics.fmean(loops) if loops else None,
+            "by_depth": by_depth(pooled),
             "continuations": [{"prompt": r["prompt"], "text": r["text"]} for r in rounds[0][0]]}
+
+
+def by_depth(results: list[dict]) -> dict[int, dict[str, float]]:
+    """Latency and time to first token (p50) of the requests at each depth they asked for (mixed-depth loads)."""
+    depths = sorted({r["loops_asked"] for r in results if r["loops_asked"] is not None})
+    return {depth: {key: percentile([r[key] for r in results if r["loops_asked"] == depth], 50)
+                    for key in ("latency", "ttft")} for depth in depths}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -405,9 +414,22 @@ def targets(runs: dict[str, dict], exits: list[dict]) -> list[str]:
     return lines
 
 
+def depth_section(runs: dict[str, dict]) -> list[str]:
+    """Per depth asked for, each mixed-depth server's latency and time to first token (p50): whether a
+    shallow request is served at its own pace or at its deepest neighbour's."""
+    mixed = {name: run["by_depth"] for name, run in runs.items() if run["by_depth"]}
+    if not mixed:
+        return []
+    depths = sorted({depth for table in mixed.values() for depth in table})
+    rows = [{"loops asked": depth} | {f"{name}: {key} p50": table[depth][key] for name, table in mixed.items()
+                                      if depth in table for key in ("latency", "ttft")} for depth in depths]
+    return ["## Latency by the depth a request asks for", "", format_table(rows), ""]
+
+
 def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[dict], steps: dict[str, list[float]],
                   args: argparse.Namespace) -> None:
-    stem = RESULTS / ("serving" + ("" if args.looped == "r4" else f"_{args.looped}") + ("_quick" if args.quick else ""))
+    parts = ["serving", "" if args.looped == "r4" else args.looped, args.tag, "quick" if args.quick else ""]
+    stem = RESULTS / "_".join(part for part in parts if part)
     settings = {k: getattr(args, k) for k in ("clients", "requests", "prompt_tokens", "max_tokens", "rows", "rounds",
                                               "looped")}
     recipe = args.recipe
@@ -429,7 +451,7 @@ def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[d
              f"{args.rows} rows; every server loaded in turn, {args.rounds} rounds (tokens/s: median). "
              f"Latencies in seconds. `continuation_ppl`: the looped model at full depth scoring "
              f"each server's continuations; `token_agreement` with the full-depth decoding's. {looped}", "",
-             format_table(rows), "", "## Targets", "", *goals, "",
+             format_table(rows), "", "## Targets", "", *goals, "", *depth_section(runs),
              "## The looped model's perplexity after each step 1..R (teacher-forced, every domain)", "",
              *[f"- {split}: " + " / ".join(f"{ppl:.2f}" for ppl in values) for split, values in steps.items()],
              f"- best fixed depth on calib text (served as `{BEST_DEPTH}`): R = {getattr(args, 'best_loops', None)}",
@@ -466,7 +488,8 @@ def main() -> None:
         steps = {split: step_perplexities(model, stream.view(-1, args.exit_tokens), model.config.num_loops)
                  for split, stream in streams.items()}
         args.best_loops = 1 + min(range(len(steps["calib"])), key=steps["calib"].__getitem__)
-        thresholds, exits = choose_thresholds(model, streams, args.exit_tokens)
+        if any(SERVERS[name][3] for name in args.servers):  # only early exit needs thresholds
+            thresholds, exits = choose_thresholds(model, streams, args.exit_tokens)
     runs = measure_servers(args.servers, prompts, args, tokenizer, thresholds)
     if looped:
         quality = continuation_quality(runs, *looped)
