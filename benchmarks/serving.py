@@ -25,8 +25,8 @@ run once around a 4-layer loop, 300 steps): `r4`, the README's (R = 4, connector
 last hidden state fed back, trained with the monotonic loss over every step), both trained on Austen
 alone, or `r8mix`, `r8`'s recipe trained on calibration text of every offline domain. The looped
 model's perplexity after every step is reported too (whether deeper steps still help). The two
-`looped mixed R` servers load the looped model with clients that ask for different depths (client i:
-R = i mod R + 1): what depth-wise batching gains when rows need different numbers of steps, apart
+`looped mixed R` servers load the looped model with clients that ask for different depths (client i
+asks for i mod R + 1 loops): what depth-wise batching gains when rows need different numbers of steps, apart
 from any exit rule. Tokens are counted by re-tokenizing each received text with the model's tokenizer
 (the same rule for every server). Writes benchmarks/results/serving{,_r8,_r8mix}{,_TAG}{,_quick}.{json,md,png}.
 """

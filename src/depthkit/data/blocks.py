@@ -123,9 +123,9 @@ def interleaved_blocks(
     components = mixture_components(spec.corpus)
     per_component = [
         _document_turns(tokenizer, DataSpec(component, spec.split, spec.offset), share, block_len)
-        for component, share in zip(components, equal_shares(num_blocks, len(components))) if share
+        for component, share in zip(components, _equal_shares(num_blocks, len(components))) if share
     ]
-    return torch.stack(in_turn(per_component))
+    return torch.stack(_in_turn(per_component))
 
 
 def _document_turns(tokenizer: PreTrainedTokenizerBase, spec: DataSpec, count: int, block_len: int
@@ -136,7 +136,7 @@ def _document_turns(tokenizer: PreTrainedTokenizerBase, spec: DataSpec, count: i
         ids = document_ids(tokenizer, doc)[spec.offset :]
         whole = len(ids) // block_len * block_len
         per_document.append(list(torch.tensor(ids[:whole], dtype=torch.long).view(-1, block_len)))
-    blocks = in_turn(per_document)
+    blocks = _in_turn(per_document)
     if len(blocks) < count:
         shortest = min(split_documents(spec.corpus, spec.split), key=lambda doc: len(doc.text))
         raise DepthkitError(
@@ -146,12 +146,12 @@ def _document_turns(tokenizer: PreTrainedTokenizerBase, spec: DataSpec, count: i
     return blocks[:count]
 
 
-def equal_shares(total: int, parts: int) -> list[int]:
+def _equal_shares(total: int, parts: int) -> list[int]:
     """`total` split into `parts` shares that differ by at most one, the larger ones first."""
     return [total // parts + (i < total % parts) for i in range(parts)]
 
 
-def in_turn(groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+def _in_turn(groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     """The groups' items taken in turn (each group's first, then each group's second, ...); a group
     that runs out drops out."""
     return [group[i] for i in range(max(map(len, groups), default=0)) for group in groups if i < len(group)]
@@ -197,9 +197,9 @@ def sample_blocks(
     components = mixture_components(spec.corpus)
     per_component = [
         list(_spread_blocks(tokenizer, DataSpec(component, spec.split), share, block_len))
-        for component, share in zip(components, equal_shares(num_blocks, len(components))) if share
+        for component, share in zip(components, _equal_shares(num_blocks, len(components))) if share
     ]
-    return torch.stack(in_turn(per_component))
+    return torch.stack(_in_turn(per_component))
 
 
 def _spread_blocks(tokenizer: PreTrainedTokenizerBase, spec: DataSpec, count: int, block_len: int) -> torch.Tensor:
