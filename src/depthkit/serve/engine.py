@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -134,6 +134,10 @@ class Engine:
         self.cache = SlotCache(model.num_slots(self.max_loops), rows, self.capacity)
         self.per_loop_weights = bool(len(model.adapters.relax) or len(model.adapters.norms))
         self.rows, self.head_share = rows, head_share
+        # decode-phase model calls by part (prelude, block, coda, head) and the tokens they made (a prompt's
+        # first token comes from its prefill, not counted): what a schedule costs per token, for benchmarks
+        # and monitoring (on a CPU a call costs about the same for 1 row as for 8)
+        self.calls: Counter[str] = Counter()
         self.running: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self._lock = threading.Lock()
@@ -326,6 +330,7 @@ class Engine:
         hidden = self.model.embed(ids)
         context = self._bind(sequences, hidden, with_offsets=False)
         hidden = self.model.run_prelude(hidden, context, self.cache)
+        self.calls["prelude"] += 1
         for index, sequence in enumerate(sequences):
             sequence.hidden = sequence.origin = hidden[index: index + 1]
             sequence.previous = None
@@ -346,6 +351,7 @@ class Engine:
         hidden = torch.cat([s.hidden for s in group])
         context = self._bind(group, hidden, with_offsets=not same_step)
         output, taps = model.run_step(step, self.max_loops, hidden, context, self.cache)
+        self.calls["block"] += 1
         # Rows that may exit run every step's coda (its cache slots must be complete); others only the last.
         coda = [i for i, s in enumerate(group) if s.params.exit_threshold is not None or s.step == s.loops - 1]
         finished = self._decode(group, coda, output, step, same_step) if coda else set()
@@ -368,6 +374,7 @@ class Engine:
         rows = [group[i] for i in coda]
         hidden = output[torch.tensor(coda, device=output.device)]
         final = self.model.run_coda(step, self.max_loops, hidden, self._bind(rows, hidden, not same_step), self.cache)
+        self.calls["coda"] += 1
         finished, deciding = set(), []
         for k, sequence in enumerate(rows):
             if sequence.step == sequence.loops - 1 or self._hidden_rule_exits(sequence, hidden[k, -1]):
@@ -378,6 +385,7 @@ class Engine:
         if not deciding:
             return finished
         logits = self.model.decode(final[torch.tensor(deciding, device=final.device)], 1)
+        self.calls["head"] += 1
         for k, log_probs in zip(deciding, F.log_softmax(logits[:, -1].float(), dim=-1)):
             sequence = rows[k]
             previous, sequence.previous = sequence.previous, log_probs
@@ -400,6 +408,7 @@ class Engine:
         if sequence.step < sequence.loops - 1:
             self._reuse_latest_kv(sequence, sequence.step)
         sequence.steps_used.append(sequence.step + 1)
+        self.calls["tokens"] += 1
 
     def _wait_for_head(self, sequence: Sequence, final: torch.Tensor) -> None:
         self._mark_done(sequence)
@@ -412,6 +421,7 @@ class Engine:
         if not waiting or (not everyone and len(waiting) < self.head_share * len(self.running)):
             return
         logits = self.model.decode(torch.cat([s.final for s in waiting]), 1)
+        self.calls["head"] += 1
         for sequence, log_probs in zip(waiting, F.log_softmax(logits[:, -1].float(), dim=-1)):
             sequence.final = None
             self._emit_token(sequence, log_probs)
