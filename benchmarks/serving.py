@@ -62,6 +62,7 @@ from depthkit.paths import cache_dir  # noqa: E402
 from depthkit.recursive.generate import LoopsReport, early_exit_nll  # noqa: E402
 from depthkit.recursive.model import RecursiveModel, tokenizer_folder  # noqa: E402
 from depthkit.recursive.train import step_perplexities  # noqa: E402
+from depthkit.serve.engine import HEAD_SHARE, Engine, GenerationParams, Sequence  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
 
@@ -376,6 +377,41 @@ def continuation_quality(runs: dict[str, dict], model: RecursiveModel, tokenizer
     return quality
 
 
+# -- where a schedule's time goes ---------------------------------------------------------------------
+ENGINE_PARTS = ("prelude", "block", "coda", "head")
+
+
+def engine_calls(names: list[str], prompts: list[str], args: argparse.Namespace, thresholds: dict[str, float]
+                 ) -> list[dict[str, Any]]:
+    """Each looped server's engine run in process on one request per client (the servers' model, dtype,
+    rows, schedule, exit rule and depths; no end-of-text token, so every request runs `--max-tokens`):
+    decode-phase model calls per token by part (`Engine.calls`) and tokens/s without HTTP. On a CPU a
+    call costs about the same for 1 row as for 8, so calls per token say what a schedule costs."""
+    looped = [name for name in names if SERVERS[name][:2] == ("depthkit", "looped")]
+    if not looped:
+        return []
+    model = RecursiveModel.from_pretrained(model_folder("looped", args.recipe), "auto")
+    tokenizer = load_tokenizer(str(tokenizer_folder(args.recipe.folder)))
+    ids = [tokenizer(prompt).input_ids for prompt in prompts[:args.clients]]
+    rows = []
+    for name in looped:
+        _, _, options, rule = SERVERS[name]
+        flags = dict(zip(options[::2], options[1::2]))
+        engine = Engine(model, set(), rows=args.rows, schedule=flags["--schedule"],
+                        head_share=float(flags.get("--head-share", HEAD_SHARE)))
+        exits = {"exit_threshold": thresholds[rule], "exit_rule": rule} if rule else {}
+        for client, prompt in enumerate(ids):
+            depth = depth_request(name, client, args).get("loops")
+            engine.submit(Sequence(prompt, GenerationParams(max_tokens=args.max_tokens, temperature=0, loops=depth,
+                                                            **exits)))
+        start = time.perf_counter()
+        engine.run_until_idle()
+        seconds, tokens = time.perf_counter() - start, engine.calls["tokens"]
+        rows.append({"server": name, "tokens_per_s_in_process": tokens / seconds}
+                    | {f"{part}_calls_per_token": engine.calls[part] / tokens for part in ENGINE_PARTS})
+    return rows
+
+
 # -- report -------------------------------------------------------------------------------------------
 def targets(runs: dict[str, dict], exits: list[dict]) -> list[str]:
     def ratio(a: str, b: str) -> float | None:
@@ -427,7 +463,7 @@ def depth_section(runs: dict[str, dict]) -> list[str]:
 
 
 def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[dict], steps: dict[str, list[float]],
-                  args: argparse.Namespace) -> None:
+                  calls: list[dict], args: argparse.Namespace) -> None:
     parts = ["serving", "" if args.looped == "r4" else args.looped, args.tag, "quick" if args.quick else ""]
     stem = RESULTS / "_".join(part for part in parts if part)
     settings = {k: getattr(args, k) for k in ("clients", "requests", "prompt_tokens", "max_tokens", "rows", "rounds",
@@ -444,7 +480,8 @@ def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[d
     write_json(stem.with_suffix(".json"), {"settings": settings, "machine": platform.processor() or platform.machine(),
                                            "torch_threads": torch.get_num_threads(), "runs": runs,
                                            "quality": quality, "early_exit": exits,
-                                           "looped_step_perplexity": steps, "targets": goals})
+                                           "looped_step_perplexity": steps, "engine_calls": calls,
+                                           "targets": goals})
     lines = ["# Serving under load", "",
              f"{args.clients} concurrent streaming clients x {args.requests} requests, {args.prompt_tokens}-token "
              f"held-out prompts (every domain), {args.max_tokens} new tokens, greedy; depthkit serve with "
@@ -452,6 +489,8 @@ def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[d
              f"Latencies in seconds. `continuation_ppl`: the looped model at full depth scoring "
              f"each server's continuations; `token_agreement` with the full-depth decoding's. {looped}", "",
              format_table(rows), "", "## Targets", "", *goals, "", *depth_section(runs),
+             *(["## Model calls per generated token (each looped server's engine in process, one request per "
+                "client)", "", format_table(calls), ""] if calls else []),
              "## The looped model's perplexity after each step 1..R (teacher-forced, every domain)", "",
              *[f"- {split}: " + " / ".join(f"{ppl:.2f}" for ppl in values) for split, values in steps.items()],
              f"- best fixed depth on calib text (served as `{BEST_DEPTH}`): R = {getattr(args, 'best_loops', None)}",
@@ -493,7 +532,8 @@ def main() -> None:
     runs = measure_servers(args.servers, prompts, args, tokenizer, thresholds)
     if looped:
         quality = continuation_quality(runs, *looped)
-    write_results(runs, quality, exits, steps, args)
+    calls = engine_calls(args.servers, prompts, args, thresholds)
+    write_results(runs, quality, exits, steps, calls, args)
 
 
 if __name__ == "__main__":
