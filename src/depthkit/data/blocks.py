@@ -131,14 +131,15 @@ def interleaved_blocks(
 def _document_turns(tokenizer: PreTrainedTokenizerBase, spec: DataSpec, count: int, block_len: int
                     ) -> list[torch.Tensor]:
     """`count` blocks taken in turn from the documents that still have a whole block left."""
+    documents = split_documents(spec.corpus, spec.split)
     per_document = []
-    for doc in split_documents(spec.corpus, spec.split):
+    for doc in documents:
         ids = document_ids(tokenizer, doc)[spec.offset :]
         whole = len(ids) // block_len * block_len
         per_document.append(list(torch.tensor(ids[:whole], dtype=torch.long).view(-1, block_len)))
     blocks = _in_turn(per_document)
     if len(blocks) < count:
-        shortest = min(split_documents(spec.corpus, spec.split), key=lambda doc: len(doc.text))
+        shortest = min(documents, key=lambda doc: len(doc.text))
         raise DepthkitError(
             f"text too short: asked for {count} x {block_len} tokens from {spec.describe()}, but its documents "
             f"hold {len(blocks)} whole blocks (the shortest: '{shortest.name}')"
