@@ -381,20 +381,16 @@ def continuation_quality(runs: dict[str, dict], model: RecursiveModel, tokenizer
 ENGINE_PARTS = ("prelude", "block", "coda", "head")
 
 
-def engine_calls(names: list[str], prompts: list[str], args: argparse.Namespace, thresholds: dict[str, float]
-                 ) -> list[dict[str, Any]]:
+def engine_calls(names: list[str], prompts: list[str], tokenizer, args: argparse.Namespace,
+                 thresholds: dict[str, float]) -> list[dict[str, Any]]:
     """Each looped server's engine run in process on one request per client (the servers' model, dtype,
     rows, schedule, exit rule and depths; no end-of-text token, so every request runs `--max-tokens`):
     decode-phase model calls per token by part (`Engine.calls`) and tokens/s without HTTP. On a CPU a
     call costs about the same for 1 row as for 8, so calls per token say what a schedule costs."""
-    looped = [name for name in names if SERVERS[name][:2] == ("depthkit", "looped")]
-    if not looped:
-        return []
-    model = RecursiveModel.from_pretrained(model_folder("looped", args.recipe), "auto")
-    tokenizer = load_tokenizer(str(tokenizer_folder(args.recipe.folder)))
+    model = RecursiveModel.from_pretrained(model_folder("looped", args.recipe), "auto")  # as served, not float32
     ids = [tokenizer(prompt).input_ids for prompt in prompts[:args.clients]]
     rows = []
-    for name in looped:
+    for name in [name for name in names if SERVERS[name][1] == "looped"]:
         _, _, options, rule = SERVERS[name]
         flags = dict(zip(options[::2], options[1::2]))
         engine = Engine(model, set(), rows=args.rows, schedule=flags["--schedule"],
@@ -532,7 +528,7 @@ def main() -> None:
     runs = measure_servers(args.servers, prompts, args, tokenizer, thresholds)
     if looped:
         quality = continuation_quality(runs, *looped)
-    calls = engine_calls(args.servers, prompts, args, thresholds)
+    calls = engine_calls(args.servers, prompts, looped[1], args, thresholds) if looped else []
     write_results(runs, quality, exits, steps, calls, args)
 
 
