@@ -62,7 +62,7 @@ from depthkit.paths import cache_dir  # noqa: E402
 from depthkit.recursive.generate import LoopsReport, early_exit_nll  # noqa: E402
 from depthkit.recursive.model import RecursiveModel, tokenizer_folder  # noqa: E402
 from depthkit.recursive.train import step_perplexities  # noqa: E402
-from depthkit.serve.engine import HEAD_SHARE, Engine, GenerationParams, Sequence  # noqa: E402
+from depthkit.serve.engine import HEAD_PATIENCE, Engine, GenerationParams, Sequence  # noqa: E402
 from depthkit.utils.figures import save_figure  # noqa: E402
 from depthkit.utils.io import format_table, write_json  # noqa: E402
 
@@ -82,9 +82,9 @@ SERVERS: dict[str, tuple[str, str, list[str], str | None]] = {
     "looped exit kl, depthwise": ("depthkit", "looped", ["--schedule", "depthwise"], "kl"),
     "looped exit hidden, lockstep": ("depthkit", "looped", ["--schedule", "lockstep"], "hidden"),
     "looped exit hidden, depthwise": ("depthkit", "looped", ["--schedule", "depthwise"], "hidden"),
-    # the same without the batched LM head (`depthkit serve --head-share 0`): the head runs whenever a token is done
-    "looped exit hidden, depthwise, head at once": ("depthkit", "looped", ["--schedule", "depthwise", "--head-share",
-                                                                          "0"], "hidden"),
+    # the same without the batched LM head (`depthkit serve --head-patience 0`): the head runs whenever a token is done
+    "looped exit hidden, depthwise, head at once": ("depthkit", "looped", ["--schedule", "depthwise",
+                                                                          "--head-patience", "0"], "hidden"),
     # clients asking for different depths (client i: `loops` = i mod R + 1), no early exit: every token is
     # exact at its request's depth; lockstep waits for the deepest row, depth-wise lets the others move on
     "looped mixed R, lockstep": ("depthkit", "looped", ["--schedule", "lockstep"], None),
@@ -394,7 +394,7 @@ def engine_calls(names: list[str], prompts: list[str], tokenizer, args: argparse
         _, _, options, rule = SERVERS[name]
         flags = dict(zip(options[::2], options[1::2]))
         engine = Engine(model, set(), rows=args.rows, schedule=flags["--schedule"],
-                        head_share=float(flags.get("--head-share", HEAD_SHARE)))
+                        head_patience=float(flags.get("--head-patience", HEAD_PATIENCE)))
         exits = {"exit_threshold": thresholds[rule], "exit_rule": rule} if rule else {}
         for client, prompt in enumerate(ids):
             depth = depth_request(name, client, args).get("loops")
@@ -431,7 +431,7 @@ def targets(runs: dict[str, dict], exits: list[dict]) -> list[str]:
                        ("looped exit hidden, depthwise", "looped exit hidden, lockstep",
                         "depth-wise vs lockstep batching, both with early exit (hidden rule)"),
                        ("looped exit hidden, depthwise", "looped exit hidden, depthwise, head at once",
-                        "the batched LM head (`--head-share` 0.5) vs the head whenever a token is done"),
+                        "the batched LM head (rent-or-buy, `--head-patience` 1) vs the head whenever a token is done"),
                        ("looped mixed R, depthwise", "looped mixed R, lockstep",
                         "depth-wise vs lockstep batching, clients asking for depths 1..R (no early exit)")]:
         value = ratio(a, b)

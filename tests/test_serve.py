@@ -21,7 +21,7 @@ from depthkit.recursive.generate import generate
 from depthkit.recursive.model import RecursiveModel
 from depthkit.recursive.relaxed import relax
 from depthkit.serve.app import ServedModel, create_app
-from depthkit.serve.engine import HEAD_SHARE, SCHEDULES, Engine, GenerationParams, Sequence
+from depthkit.serve.engine import HEAD_PATIENCE, SCHEDULES, Engine, GenerationParams, Sequence
 from depthkit.serve.models import eos_token_ids, load_servable
 from depthkit.serve.text import TextStream
 
@@ -35,10 +35,10 @@ def prompts(seed: int = 0) -> list[list[int]]:
 
 
 def serve_all(model: RecursiveModel, schedule: str, plans: list[tuple[float | None, str]] | None = None,
-              rows: int = 2, head_share: float = HEAD_SHARE) -> list[Sequence]:
+              rows: int = 2, head_patience: float = HEAD_PATIENCE) -> list[Sequence]:
     """Every prompt through one engine with fewer rows than prompts (rows are reused); `plans` gives
     each prompt its early exit (threshold, rule)."""
-    engine = Engine(model, set(), rows=rows, capacity=64, schedule=schedule, head_share=head_share)
+    engine = Engine(model, set(), rows=rows, capacity=64, schedule=schedule, head_patience=head_patience)
     plans = plans or [(None, "kl")] * len(PROMPT_LENGTHS)
     sequences = [engine.submit(Sequence(p, GenerationParams(max_tokens=NEW_TOKENS, temperature=0,
                                                             exit_threshold=threshold, exit_rule=rule)))
@@ -105,9 +105,8 @@ def test_requests_at_different_depths_share_a_batch(one_thread):
 
 
 def test_done_tokens_wait_to_share_the_lm_head(one_thread, monkeypatch):
-    """The LM head costs about the same for one row as for many, so a done token waits until
-    `HEAD_SHARE` of the rows are done too: fewer head calls than running it whenever a token is done,
-    and still `generate`'s tokens."""
+    """The LM head costs about the same for one row as for many, so a done token waits for it: the
+    more patient the rule, the fewer head calls, and always `generate`'s tokens."""
     model = RecursiveModel.wrap(tiny_model("llama", num_layers=4), ends=1, num_loops=6, feedback="vanilla")
     plans = [(0.3, "hidden"), (None, "kl"), (0.8, "hidden"), (0.3, "hidden")]  # done at different steps
     alone = [generate(model, torch.tensor([p]), NEW_TOKENS, 6, threshold, exit_rule=rule).new_tokens
@@ -116,11 +115,13 @@ def test_done_tokens_wait_to_share_the_lm_head(one_thread, monkeypatch):
     monkeypatch.setattr(model, "decode", lambda hidden, *args: calls.append(hidden.shape[1] == 1) or
                         original(hidden, *args))
     head_calls = {}
-    for share in (0.0, HEAD_SHARE):
+    for patience in (0.0, HEAD_PATIENCE, 1e9):  # 1e9: the head waits until no row is left computing
         calls.clear()
-        assert [s.tokens for s in serve_all(model, "depthwise", plans, rows=4, head_share=share)] == alone, share
-        head_calls[share] = sum(calls)  # one query per row: the decode phase's, not the prompts'
-    assert head_calls[HEAD_SHARE] < head_calls[0.0]
+        served = serve_all(model, "depthwise", plans, rows=4, head_patience=patience)
+        assert [s.tokens for s in served] == alone, patience
+        head_calls[patience] = sum(calls)  # one query per row: the decode phase's, not the prompts'
+    assert head_calls[0.0] >= head_calls[HEAD_PATIENCE] >= head_calls[1e9]
+    assert head_calls[1e9] < head_calls[0.0]
 
 
 def test_relaxed_model_runs_each_loop_with_its_own_adapters(one_thread):
@@ -138,11 +139,12 @@ def test_relaxed_model_runs_each_loop_with_its_own_adapters(one_thread):
 
 def test_depthwise_early_exit_needs_fewer_passes_than_lockstep(one_thread):
     """What depth-wise batching is for: a row freed by an early exit is refilled at once, so the same
-    work takes fewer block passes than lockstep, where the row waits for the slowest token."""
+    work takes fewer block passes than lockstep, where the row waits for the slowest token. (The head
+    runs whenever a token is done: whether the timed rent-or-buy rule waits depends on the machine.)"""
     model = RecursiveModel.wrap(tiny_model("llama", num_layers=6), num_loops=4, feedback="vanilla")
     passes = {}
     for schedule in SCHEDULES:
-        engine = Engine(model, set(), rows=2, capacity=64, schedule=schedule)
+        engine = Engine(model, set(), rows=2, capacity=64, schedule=schedule, head_patience=0)
         served = [engine.submit(Sequence(prompts()[index % len(PROMPT_LENGTHS)],
                                          GenerationParams(max_tokens=8, temperature=0, exit_threshold=threshold)))
                   for index, threshold in enumerate((1e9, None, 1e9, 1e9, None, 1e9))]  # 1e9: exit at step 2

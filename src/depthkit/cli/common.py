@@ -101,8 +101,6 @@ def number_in(low: float, high: float, closed: bool) -> Callable[[str], float]:
 
 # The fraction of blocks removed (`--ratio`): 0 and 1 would remove nothing or everything.
 fraction = number_in(0, 1, closed=False)
-# A share of something, both ends allowed (`serve --head-share`).
-share = number_in(0, 1, closed=True)
 
 
 def device_name(text: str) -> str:

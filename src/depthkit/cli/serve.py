@@ -10,10 +10,10 @@ from depthkit.cli.common import (
     device_name,
     exit_threshold_or_off,
     loop_count,
+    non_negative_float,
     port_number,
     positive_int,
     resolve_exit,
-    share,
 )
 
 HELP = "serve a plain or looped model over an OpenAI-compatible HTTP API (continuous batching)"
@@ -21,7 +21,7 @@ HELP = "serve a plain or looped model over an OpenAI-compatible HTTP API (contin
 
 def register(subparsers) -> None:
     from depthkit.recursive.config import MAX_LOOPS
-    from depthkit.serve.engine import DEFAULT_CAPACITY, DEFAULT_ROWS, HEAD_SHARE, SCHEDULES
+    from depthkit.serve.engine import DEFAULT_CAPACITY, DEFAULT_ROWS, HEAD_PATIENCE, SCHEDULES
 
     parser = subparsers.add_parser("serve", help=HELP, description=__doc__)
     parser.add_argument("model", help="a plain checkpoint (folder, hub id or alias) or a folder written by "
@@ -37,10 +37,10 @@ def register(subparsers) -> None:
     parser.add_argument("--schedule", choices=SCHEDULES, default="depthwise",
                         help="depthwise: one loop step per pass, rows at different steps share the block; "
                              "lockstep: plain continuous batching, one whole token per pass")
-    parser.add_argument("--head-share", type=share, default=HEAD_SHARE,
-                        help="depthwise: a done token waits for the LM head until this share of the rows are "
-                             "done too, and one head call serves them all (0: the head runs whenever a token is "
-                             "done; the head's cost hardly depends on its rows on a CPU, less so on a GPU)")
+    parser.add_argument("--head-patience", type=non_negative_float, default=HEAD_PATIENCE,
+                        help="depthwise: a done token waits for the LM head, and one head call serves every waiting "
+                             "row; it runs once the block passes its waiting rows sat out cost this many head calls "
+                             "(in weights read), or when no row is left computing (0: whenever a token is done)")
     parser.add_argument("--max-loops", type=loop_count, default=None,
                         help=f"deepest recursion a request may ask for (`loops`), at most {MAX_LOOPS} "
                              "(default: the model's own depth)")
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
     threshold, rule, saved = resolve_exit(args.model, args.exit_threshold, args.exit_rule)
     model, tokenizer = load_servable(args.model, args.dtype, args.device)
     engine = Engine(model, eos_token_ids(model, tokenizer), rows=args.rows, capacity=args.context,
-                    schedule=args.schedule, max_loops=args.max_loops, head_share=args.head_share)
+                    schedule=args.schedule, max_loops=args.max_loops, head_patience=args.head_patience)
     name = args.served_model_name or served_name(args.model)
     app = create_app(ServedModel(engine, tokenizer, name, threshold, rule))
     exits = "" if threshold is None else f", early exit {rule} < {threshold}{' (saved in the folder)' * saved}"

@@ -16,10 +16,18 @@ running ones. Two schedules (`SCHEDULES`):
 
 The LM head is the one part whose cost hardly depends on how many rows it serves (on SmolLM2 its
 49k x 576 matrix is read once per call, as much as ~8 layers), so a done token whose logits decide
-nothing (its last step, or a `hidden`-rule exit) does not run it at once: it waits in its row until
-`head_share` (default `HEAD_SHARE`) of the running rows are waiting too (all of them in lockstep, at the end of the
-iteration), and one head call serves them all. The `kl` rule needs a row's logits at every step to
-decide, so those run at once.
+nothing (its last step, or a `hidden`-rule exit) does not run it at once: it waits in its row, and one
+head call serves every waiting row. Waiting is not free either: a waiting row sits out the block
+passes, each of which costs the same with or without it. Depth-wise, the head therefore runs by the
+rent-or-buy rule: once the passes its waiting rows have sat out cost `head_patience` (default
+`HEAD_PATIENCE`) times a head call, or when no row is left computing (lockstep: at the end of every
+iteration). Both costs are timed as the engine runs (a pass's wall time times the share of rows that
+sat it out; a running average of the head's): counted in weights read, SmolLM2's head is 1.8 block
+passes of the 4-layer loop, timed on a CPU it is 0.9, since each layer's attention and small kernels
+cost more than its weights suggest. When exits cluster on a step or two this waits for the
+stragglers, as lockstep does; when they spread, the head runs every few passes. The `kl` rule needs
+a row's logits at every step to decide, so those rows run the head at once, and the waiting rows
+ride along in the same call.
 
 Early exit follows `depthkit.recursive.generate` exactly (the KL rule between consecutive steps,
 earliest after step 2): a token that exits at step r gives the skipped steps' cache slots a copy of
@@ -32,7 +40,9 @@ need different weights, so a depth-wise pass runs one sub-batch per step present
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,11 +60,13 @@ from depthkit.serve.cache import SlotCache, attention_masks, prompt_masks
 SCHEDULES = ("depthwise", "lockstep")
 DEFAULT_ROWS = 16
 DEFAULT_CAPACITY = 2048
-# Depth-wise: the share of running rows that must wait for the LM head before it runs (it then
-# serves them all). Waiting rows skip block passes, so too high a share idles them. Half is from a
-# back-of-envelope cost model (the head as 8 layers, 8 rows); benchmarks/serving.py measures it
-# against 0 (the head whenever a token is done), not a sweep.
-HEAD_SHARE = 0.5
+# Depth-wise: how many head calls' worth of sat-out block passes the rows waiting for the LM head
+# accumulate before it runs (see the module's docstring). 1 is the classic rent-or-buy break-even:
+# it never wastes more than twice what the best choice in hindsight would. 0 runs the head whenever
+# a token is done.
+HEAD_PATIENCE = 1.0
+# Weight of the latest call in the running average of the head's wall time (calls vary by a few %).
+HEAD_TIME_SMOOTHING = 0.2
 log = logging.getLogger(__name__)
 
 
@@ -120,10 +132,11 @@ class Engine:
 
     def __init__(self, model: RecursiveModel, eos_token_ids: set[int], rows: int = DEFAULT_ROWS,
                  capacity: int | None = None, schedule: str = "depthwise", max_loops: int | None = None,
-                 head_share: float = HEAD_SHARE):
+                 head_patience: float = HEAD_PATIENCE):
         require(schedule in SCHEDULES, f"unknown schedule '{schedule}'; choose from {', '.join(SCHEDULES)}")
         require(rows >= 1, f"rows must be >= 1, got {rows}")
-        require(0 <= head_share <= 1, f"head_share must be in [0, 1], got {head_share}")
+        require(math.isfinite(head_patience) and head_patience >= 0,
+                f"head_patience must be a finite number >= 0, got {head_patience}")
         config = model.config
         self.model, self.schedule, self.eos = model.eval(), schedule, set(eos_token_ids)
         self.max_loops = check_loops(max_loops or config.num_loops)
@@ -133,7 +146,9 @@ class Engine:
         self.capacity = min(capacity or DEFAULT_CAPACITY, context)
         self.cache = SlotCache(model.num_slots(self.max_loops), rows, self.capacity)
         self.per_loop_weights = bool(len(model.adapters.relax) or len(model.adapters.norms))
-        self.rows, self.head_share = rows, head_share
+        self.rows, self.head_patience = rows, head_patience
+        self._sat_out = 0.0  # seconds of block passes sat out by rows waiting for the LM head (times their share)
+        self._head_seconds: float | None = None  # running average of an LM head call's wall time
         # decode-phase model calls by part (prelude, block, coda, head) and the tokens they made (a prompt's
         # first token comes from its prefill, not counted): what a schedule costs per token, for benchmarks
         # and monitoring (on a CPU a call costs about the same for 1 row as for 8)
@@ -217,7 +232,10 @@ class Engine:
             if self.schedule == "depthwise":
                 self._admit()
                 self._run_head(everyone=False)
-                self._advance([s for s in self.running if s.final is None])
+                computing = [s for s in self.running if s.final is None]
+                idle_share, start = 1 - len(computing) / max(len(self.running), 1), time.perf_counter()
+                self._advance(computing)
+                self._sat_out += (time.perf_counter() - start) * idle_share
                 return
             self._admit()  # lockstep: every token of the last iteration is done
             batch = list(self.running)
@@ -384,15 +402,16 @@ class Engine:
                 deciding.append(k)
         if not deciding:
             return finished
-        logits = self.model.decode(final[torch.tensor(deciding, device=final.device)], 1)
-        self.calls["head"] += 1
-        for k, log_probs in zip(deciding, F.log_softmax(logits[:, -1].float(), dim=-1)):
+        waiting = self._waiting_for_head()  # they ride along: the call costs about the same with them
+        head = self._head([final[torch.tensor(deciding, device=final.device)], *[s.final for s in waiting]])
+        for k, log_probs in zip(deciding, head):
             sequence = rows[k]
             previous, sequence.previous = sequence.previous, log_probs
             if previous is not None and float(kl_divergence(log_probs, previous)) < sequence.params.exit_threshold:
                 self._mark_done(sequence)
                 self._emit_token(sequence, log_probs)
                 finished.add(coda[k])
+        self._serve_waiting(waiting, head[len(deciding):])
         return finished
 
     @staticmethod
@@ -414,17 +433,36 @@ class Engine:
         self._mark_done(sequence)
         sequence.final = final
 
+    def _waiting_for_head(self) -> list[Sequence]:
+        return [s for s in self.running if s.final is not None]
+
     def _run_head(self, everyone: bool) -> None:
-        """The LM head once for the rows waiting for it, when at least `head_share` of the running rows
-        wait (or `everyone`): each samples its token and starts the next one."""
-        waiting = [s for s in self.running if s.final is not None]
-        if not waiting or (not everyone and len(waiting) < self.head_share * len(self.running)):
+        """The LM head once for the rows waiting for it, when it is due (`everyone`, no row left
+        computing, or the rent-or-buy rule of the module's docstring): each samples its token and
+        starts the next one."""
+        waiting = self._waiting_for_head()
+        if not waiting:
             return
-        logits = self.model.decode(torch.cat([s.final for s in waiting]), 1)
+        timed = self._head_seconds is not None and self._sat_out >= self.head_patience * self._head_seconds
+        if everyone or len(waiting) == len(self.running) or timed or self.head_patience == 0:
+            self._serve_waiting(waiting, self._head([s.final for s in waiting]))
+
+    def _head(self, finals: list[torch.Tensor]) -> torch.Tensor:
+        """One LM head call over these final hidden states (1, 1, hidden) each: their log-probs."""
+        start = time.perf_counter()
+        logits = self.model.decode(torch.cat(finals), 1)
+        log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)
+        seconds, previous = time.perf_counter() - start, self._head_seconds
+        self._head_seconds = seconds if previous is None else previous + HEAD_TIME_SMOOTHING * (seconds - previous)
         self.calls["head"] += 1
-        for sequence, log_probs in zip(waiting, F.log_softmax(logits[:, -1].float(), dim=-1)):
+        return log_probs
+
+    def _serve_waiting(self, waiting: list[Sequence], log_probs: torch.Tensor) -> None:
+        if waiting:
+            self._sat_out = 0.0
+        for sequence, token_log_probs in zip(waiting, log_probs):
             sequence.final = None
-            self._emit_token(sequence, log_probs)
+            self._emit_token(sequence, token_log_probs)
 
     def _reuse_latest_kv(self, sequence: Sequence, exit_step: int) -> None:
         model, loops = self.model, sequence.loops
