@@ -579,6 +579,7 @@ def test_defaults_are_the_measured_recipe_and_old_configs_keep_theirs():
     """One default per knob: RecursiveConfig's (the CLI's and benchmarks' come from it); a config saved
     before a field existed loads with the value it had then, not the new default."""
     from depthkit.cli.main import build_parser
+    from depthkit.data.corpora import DEFAULT_CALIB
     from depthkit.recursive.config import LEGACY_DEFAULTS
 
     config = RecursiveConfig(block=[0, 1, 2, 3])
@@ -587,6 +588,8 @@ def test_defaults_are_the_measured_recipe_and_old_configs_keep_theirs():
     args = build_parser().parse_args(["recursive", "train", "--out", "x"])
     assert (args.residual, args.scale_init, args.connector_norm) == (config.residual, config.scale_init,
                                                                      config.connector_norm)
+    # trained and evaluated on every domain, in turn from every document, as compress calibrates
+    assert (args.data, args.eval_data, args.interleave) == (DEFAULT_CALIB, DEFAULT_CALIB, True)
     saved = config.to_dict()
     for key in LEGACY_DEFAULTS:
         del saved[key]
