@@ -108,7 +108,8 @@ def test_done_tokens_wait_to_share_the_lm_head(one_thread, monkeypatch):
     """The LM head costs about the same for one row as for many, so a done token waits for it: the
     more patient the rule, the fewer head calls, and always `generate`'s tokens."""
     model = RecursiveModel.wrap(tiny_model("llama", num_layers=4), ends=1, num_loops=6, feedback="vanilla")
-    plans = [(0.3, "hidden"), (None, "kl"), (0.8, "hidden"), (0.3, "hidden")]  # done at different steps
+    # done at different steps; the kl row runs the head at every step, and the rows waiting ride along
+    plans = [(0.3, "hidden"), (0.05, "kl"), (0.8, "hidden"), (None, "kl")]
     alone = [generate(model, torch.tensor([p]), NEW_TOKENS, 6, threshold, exit_rule=rule).new_tokens
              for p, (threshold, rule) in zip(prompts(), plans)]
     original, calls = model.decode, []
@@ -119,6 +120,7 @@ def test_done_tokens_wait_to_share_the_lm_head(one_thread, monkeypatch):
         calls.clear()
         served = serve_all(model, "depthwise", plans, rows=4, head_patience=patience)
         assert [s.tokens for s in served] == alone, patience
+        assert min(served[1].steps_used) < 6 and min(served[0].steps_used) < 6  # both rules exit early
         head_calls[patience] = sum(calls)  # one query per row: the decode phase's, not the prompts'
     assert head_calls[0.0] >= head_calls[HEAD_PATIENCE] >= head_calls[1e9]
     assert head_calls[1e9] < head_calls[0.0]
