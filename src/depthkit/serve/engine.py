@@ -62,9 +62,9 @@ SCHEDULES = ("depthwise", "lockstep")
 DEFAULT_ROWS = 16
 DEFAULT_CAPACITY = 2048
 # Depth-wise: how many head calls' worth of sat-out block passes the rows waiting for the LM head
-# accumulate before it runs (see the module's docstring). 1 is the classic rent-or-buy break-even:
-# it never wastes more than twice what the best choice in hindsight would. 0 runs the head whenever
-# a token is done.
+# accumulate before it runs (see the module's docstring). 1 is the classic rent-or-buy break-even,
+# which, for one wait taken alone, never costs more than twice what the best choice in hindsight
+# would. 0 runs the head whenever a token is done.
 HEAD_PATIENCE = 1.0
 # Weight of the latest call in the running average of the head's wall time (calls vary by a few %).
 HEAD_TIME_SMOOTHING = 0.2
