@@ -39,8 +39,9 @@ def register(subparsers) -> None:
                              "lockstep: plain continuous batching, one whole token per pass")
     parser.add_argument("--head-patience", type=non_negative_float, default=HEAD_PATIENCE,
                         help="depthwise: a done token waits for the LM head, and one head call serves every waiting "
-                             "row; it runs once the block passes its waiting rows sat out cost this many head calls "
-                             "(in weights read), or when no row is left computing (0: whenever a token is done)")
+                             "row; it runs once the block passes its waiting rows sat out took this many head calls' "
+                             "time (both timed as it serves), or when no row is left computing (0: whenever a token "
+                             "is done)")
     parser.add_argument("--max-loops", type=loop_count, default=None,
                         help=f"deepest recursion a request may ask for (`loops`), at most {MAX_LOOPS} "
                              "(default: the model's own depth)")
