@@ -225,7 +225,7 @@ def stream_request(url: str, request: dict[str, Any], prompt: str, max_tokens: i
     """One streaming completion: its text, time to first text, latency and depthkit's loop usage.
 
     The standard library's HTTP client, not httpx: the clients share the machine's 2 cores with the
-    server, and reading the stream through httpx took about 11% of a core at ~170 tokens/s, which
+    server, and reading the stream through httpx took several times the CPU (an ad-hoc check), which
     costs the faster servers a larger share of their time."""
     body = json.dumps(request | {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True})
     address = urlsplit(url)

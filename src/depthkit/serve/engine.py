@@ -23,9 +23,9 @@ rent-or-buy rule: once the passes its waiting rows have sat out cost `head_patie
 `HEAD_PATIENCE`) times a head call, or when no row is left computing (lockstep: at the end of every
 iteration). Both costs are timed as the engine runs (a pass's wall time times the share of rows that
 sat it out; a running average of the head's), not counted in weights: SmolLM2's head reads as many
-weights as 1.8 passes of a 4-layer loop with its coda, but on 2 CPU cores in bf16 it takes about two
-thirds of one (4.3 against 6.6 ms for 8 rows), as each layer's attention and small kernels cost more
-than its weights suggest. When exits cluster on a step or two this waits for the stragglers, as
+weights as 1.8 passes of a 4-layer loop with its coda, but on 2 CPU cores in bf16 it took less time
+than one pass (an ad-hoc timing), as each layer's attention and small kernels cost more than its
+weights suggest. When exits cluster on a step or two this waits for the stragglers, as
 lockstep does; when they spread, the head runs every few passes. The `kl` rule needs a row's logits
 at every step to decide, so those rows run the head at once, and the waiting rows ride along in the
 same call.
