@@ -126,6 +126,25 @@ def test_done_tokens_wait_to_share_the_lm_head(one_thread, monkeypatch):
     assert head_calls[1e9] < head_calls[0.0]
 
 
+def test_hidden_rule_runs_the_coda_once_per_token(one_thread, monkeypatch):
+    """A `hidden`-rule exit needs no logits to decide, so the coda runs once per token, in the last
+    step's cache slots (where fixed depth runs it): in `generate` after the exit, in the engine
+    within the batched head call. Never once per step, which would cost a coda per pass."""
+    model = RecursiveModel.wrap(tiny_model("llama", num_layers=4), ends=1, num_loops=4, feedback="vanilla")
+    original, coda_steps = model.run_coda, []
+    monkeypatch.setattr(model, "run_coda", lambda step, *args: coda_steps.append(step) or original(step, *args))
+    alone = generate(model, torch.tensor([prompts()[0]]), NEW_TOKENS, 4, 1e9, exit_rule="hidden")  # exit at step 2
+    assert alone.loops.steps_used == [2] * (NEW_TOKENS - 1)
+    assert coda_steps == [3] * NEW_TOKENS  # the prompt's and each new token's, all in step 4's slots
+    for schedule in SCHEDULES:
+        engine = Engine(model, set(), rows=2, capacity=64, schedule=schedule)
+        served = [engine.submit(Sequence(p, GenerationParams(max_tokens=NEW_TOKENS, temperature=0, exit_threshold=1e9,
+                                                             exit_rule="hidden"))) for p in prompts()[:2]]
+        engine.run_until_idle()
+        assert served[0].tokens == alone.new_tokens, schedule
+        assert engine.calls["coda"] == engine.calls["head"] < engine.calls["tokens"], schedule
+
+
 def test_relaxed_model_runs_each_loop_with_its_own_adapters(one_thread):
     """Per-loop LoRA: a depth-wise pass splits rows by step, and still equals `generate` alone."""
     model = relax(tiny_model("llama", num_layers=4), 2, rank=2)

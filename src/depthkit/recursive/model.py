@@ -125,8 +125,8 @@ class RecursiveModel(nn.Module):
         stride = len(self.config.step_applications(0, loops)) + len(self.config.coda)
         return len(self.config.prelude) + step * stride + position
 
-    def step_slots(self, step: int, loops: int) -> list[int]:
-        count = len(self.config.step_applications(step, loops)) + len(self.config.coda)
+    def step_slots(self, step: int, loops: int, with_coda: bool = True) -> list[int]:
+        count = len(self.config.step_applications(step, loops)) + (len(self.config.coda) if with_coda else 0)
         return [self.slot(step, position, loops) for position in range(count)]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -228,6 +228,15 @@ class RecursiveModel(nn.Module):
         for index, layer in enumerate(self.config.coda):
             hidden = self._apply_layer(layer, 0, self.slot(step, offset + index, loops), hidden, context, cache)
         return hidden
+
+    def final_coda(self, loops: int, hidden: torch.Tensor, context: BlockContext, cache: Cache | None
+                   ) -> torch.Tensor:
+        """The coda of a token that stopped early, in the last step's cache slots (where it runs at
+        fixed depth), so later tokens' codas find every token's final state there."""
+        try:
+            return self.run_coda(self.config.num_steps(loops) - 1, loops, hidden, context, cache)
+        finally:
+            self.reset_layer_indices()
 
     def next_input(self, hidden: torch.Tensor, taps: list[torch.Tensor], origin: torch.Tensor,
                    step_input: torch.Tensor, modality_ids: torch.Tensor | None) -> torch.Tensor:

@@ -26,12 +26,14 @@ exit_threshold=1e-3)`) or per call (`generate(..., exit_threshold=1e-3, exit_rul
 turns a saved one off). Decisions are per token, as in depthkit's own `generate`: only a forward of
 ONE new token of ONE sequence, after its prompt is in the KV cache, may exit. A batch of several
 sequences runs all R steps exactly as with early exit off (depthkit batches early exit in `depthkit
-serve`); so does a forward of several tokens, such as the prompt, except that with one sequence it
-also runs every step's coda, so that each step's coda cache slots hold the prompt for later tokens
-that exit there.
-A token that exits at step r also runs step r's coda, and its cache slots of the skipped steps
-r+1..R get a copy of its step-r keys and values, so later tokens at those steps find an entry for
-it ("reuse the latest KV"). `model.steps_used` lists the steps each forward ran since the cache was
+serve`); so does a forward of several tokens, such as the prompt, except that with one sequence and
+the "kl" rule it also runs every step's coda, so that each step's coda cache slots hold the prompt
+for later tokens that exit there.
+A token that exits at step r runs the coda once: "kl" has run step r's already; "hidden" runs it
+then, in the LAST step's cache slots, where the coda runs at fixed depth (so every token's coda
+attends to each earlier token's final state). Its cache slots of the skipped steps r+1..R get a copy
+of its step-r keys and values (the coda's too under "kl"), so later tokens at those steps find an
+entry for it ("reuse the latest KV"). `model.steps_used` lists the steps each forward ran since the cache was
 last empty (after `generate`: the prompt's R first, then one entry per further new token).
 """
 
@@ -281,9 +283,9 @@ class DepthkitLoopedForCausalLM(PreTrainedModel, GenerationMixin):
         loop = self.config.loop
         return loop["num_loops"] if loop["order"] == "cycle" else 1
 
-    def _step_slots(self, step: int) -> list[int]:
-        """The cache slots of one step's layer applications, block then coda."""
-        count = len(self._applications(step)) + len(self.config.loop["coda"])
+    def _step_slots(self, step: int, with_coda: bool) -> list[int]:
+        """The cache slots of one step's layer applications, block then (`with_coda`) coda."""
+        count = len(self._applications(step)) + (len(self.config.loop["coda"]) if with_coda else 0)
         return [self._slot(step, position) for position in range(count)]
 
     def _steps(self, hidden: torch.Tensor, context: dict, cache, coda_all: bool
@@ -332,7 +334,8 @@ class DepthkitLoopedForCausalLM(PreTrainedModel, GenerationMixin):
         logits of the last position when the rule already computed them, and the steps run.
 
         Mirrors depthkit's `decode_step`: the earliest exit is after step 2 (two steps to compare),
-        and never at the last step, which runs anyway."""
+        and never at the last step, which runs anyway; a "hidden" exit runs the coda in the last
+        step's cache slots."""
         steps, previous, logits = self._num_steps(), None, None
         for step, block_output, final in self._steps(hidden, context, cache, coda_all):
             if exit_rule is None:
@@ -340,16 +343,19 @@ class DepthkitLoopedForCausalLM(PreTrainedModel, GenerationMixin):
             logits = self._head(final[:, -1:]) if exit_rule == "kl" else None
             signal = F.log_softmax(logits[:, -1].float(), dim=-1) if logits is not None else block_output[:, -1]
             if previous is not None and step < steps - 1 and _distance(exit_rule, signal, previous) < threshold:
+                if final is None:
+                    final = self._coda(steps - 1, block_output, context, cache)
                 return final, logits, step + 1
             previous = signal
         return final, logits, steps
 
-    def _reuse_latest_kv(self, cache, exit_step: int) -> None:
-        """Fill the skipped steps' cache slots of the newest position with its exit step's keys/values,
-        through the cache's own `update` so every layer kind (sliding windows too) keeps its length."""
-        source = self._step_slots(exit_step)
+    def _reuse_latest_kv(self, cache, exit_step: int, with_coda: bool) -> None:
+        """Fill the skipped steps' cache slots of the newest position with its exit step's keys/values
+        (the coda's too when every step's coda ran), through the cache's own `update` so every layer
+        kind (sliding windows too) keeps its length."""
+        source = self._step_slots(exit_step, with_coda)
         for step in range(exit_step + 1, self._num_steps()):
-            for src, dst in zip(source, self._step_slots(step)):
+            for src, dst in zip(source, self._step_slots(step, with_coda)):
                 layer = cache.layers[src]
                 cache.update(layer.keys[:, :, -1:], layer.values[:, :, -1:], dst)
 
@@ -380,14 +386,14 @@ class DepthkitLoopedForCausalLM(PreTrainedModel, GenerationMixin):
         try:
             context = self._context(hidden, attention_mask, cache, position_ids)
             hidden, logits, used = self._run(hidden, context, cache, rule if may_exit else None, threshold,
-                                             coda_all=one_sequence)
+                                             coda_all=one_sequence and rule == "kl")
         finally:
             for index, layer in enumerate(self._layers()):
                 _resolve(layer, self.config.loop["parts"]["attention"]).layer_idx = index
                 if hasattr(layer, "layer_idx"):
                     layer.layer_idx = index
         if used < self._num_steps():
-            self._reuse_latest_kv(cache, used - 1)
+            self._reuse_latest_kv(cache, used - 1, with_coda=rule == "kl")
         if not past:  # a new sequence
             self.steps_used = []
         self.steps_used.append(used)

@@ -16,26 +16,29 @@ running ones. Two schedules (`SCHEDULES`):
 
 The LM head is the one part whose cost hardly depends on how many rows it serves (on SmolLM2 its
 49k x 576 matrix is read once per call, as much as ~8 layers), so a done token whose logits decide
-nothing (its last step, or a `hidden`-rule exit) does not run it at once: it waits in its row, and one
-head call serves every waiting row. Waiting is not free either: a waiting row sits out the block
-passes, each of which costs the same with or without it. Depth-wise, the head therefore runs by the
-rent-or-buy rule: once the passes its waiting rows have sat out cost `head_patience` (default
-`HEAD_PATIENCE`) times a head call, or when no row is left computing (lockstep: at the end of every
-iteration). Both costs are timed as the engine runs (a pass's wall time times the share of rows that
-sat it out; a running average of the head's), not counted in weights: SmolLM2's head reads as many
-weights as 1.8 passes of a 4-layer loop with its coda, but on 2 CPU cores in bf16 it took less time
-than one pass (an ad-hoc timing), as each layer's attention and small kernels cost more than its
-weights suggest. When exits cluster on a step or two this waits for the stragglers, as
-lockstep does; when they spread, the head runs every few passes. The `kl` rule needs a row's logits
-at every step to decide, so those rows run the head at once, and the waiting rows ride along in the
-same call.
+nothing (its last step, or a `hidden`-rule exit) does not run it at once: it waits in its row, and
+one head call serves every waiting row. The coda (the layers after the loop) waits with it and runs
+in the same call, each row in its last step's cache slots, as `generate` runs a `hidden`-rule exit's
+coda (`depthkit.recursive.generate`): one coda call per head call, not one per pass. Waiting is not
+free either: a waiting row sits out the block passes, each of which costs the same with or without
+it. Depth-wise, the head therefore runs by the rent-or-buy rule: once the passes its waiting rows
+have sat out cost `head_patience` (default `HEAD_PATIENCE`) times a head call, or when no row is
+left computing (lockstep: at the end of every iteration). Both costs are timed as the engine runs (a
+pass's wall time times the share of rows that sat it out; a running average of the head's), not
+counted in weights: SmolLM2's head reads as many weights as 1.8 passes of a 4-layer loop with its
+coda, but on 2 CPU cores in bf16 it took less time than one pass (an ad-hoc timing), as each layer's
+attention and small kernels cost more than its weights suggest. When exits cluster on a step or two
+this waits for the stragglers, as lockstep does; when they spread, the head runs every few passes.
+The `kl` rule needs a row's logits at every step to decide, so those rows run the head at once, and
+the waiting rows ride along in the same call.
 
-Early exit follows `depthkit.recursive.generate` exactly (the KL rule between consecutive steps,
+Early exit follows `depthkit.recursive.generate` exactly (the distance between consecutive steps,
 earliest after step 2): a token that exits at step r gives the skipped steps' cache slots a copy of
-its step-r keys and values, so later tokens at those steps attend to its last computed state. The
-per-sequence outputs of both schedules are those of `generate` one sequence at a time, up to the
-rounding of batched arithmetic. With per-loop adapters (a relaxed model) rows at different steps
-need different weights, so a depth-wise pass runs one sub-batch per step present.
+its step-r keys and values, so later tokens at those steps attend to its last computed state (the
+`kl` rule's every-step coda slots included). The per-sequence outputs of both schedules are those of
+`generate` one sequence at a time, up to the rounding of batched arithmetic. With per-loop adapters
+(a relaxed model) rows at different steps need different weights, so a depth-wise pass runs one
+sub-batch per step present.
 """
 
 from __future__ import annotations
@@ -115,13 +118,18 @@ class Sequence:
     hidden: torch.Tensor | None = None  # the current step's input (1, 1, hidden)
     origin: torch.Tensor | None = None  # the prelude's output for the pending token
     previous: torch.Tensor | None = None  # the last step's log-probs (`kl` rule) or block output (`hidden`)
-    final: torch.Tensor | None = None  # a done token's last hidden state, waiting for the batched LM head
+    final: torch.Tensor | None = None  # a done token's block output, waiting for the batched coda + LM head
     generator: torch.Generator | None = None
 
     @property
     def position(self) -> int:
         """Absolute position of the pending token (the prompt and every earlier token before it)."""
         return len(self.prompt) + len(self.tokens) - 1
+
+    @property
+    def decides_by_logits(self) -> bool:
+        """Whether its tokens may exit by the `kl` rule, which needs every step's coda and logits."""
+        return self.params.exit_threshold is not None and self.params.exit_rule == "kl"
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Ask the engine to stop this sequence (thread-safe: read at the next iteration)."""
@@ -265,10 +273,9 @@ class Engine:
             sequence.row = len(self.running)  # running sequences hold the leading rows, in order
             self.running.append(sequence)
             admitted.append(sequence)
-        settings = {(s.params.loops, s.params.exit_threshold is not None) for s in admitted}
-        for loops, early in sorted(settings, key=str):
-            self._prefill([s for s in admitted if (s.params.loops, s.params.exit_threshold is not None)
-                           == (loops, early)])
+        settings = {(s.params.loops, s.decides_by_logits) for s in admitted}
+        for loops, every_coda in sorted(settings, key=str):
+            self._prefill([s for s in admitted if (s.params.loops, s.decides_by_logits) == (loops, every_coda)])
 
     def _fail_all(self, message: str) -> None:
         for sequence in list(self.running):
@@ -292,7 +299,8 @@ class Engine:
 
     def _prefill(self, sequences: list[Sequence]) -> None:
         """Prompts (left-padded to one length) at full depth in their rows, in one pass; every step's
-        coda too when they may exit early (later tokens exiting at that step attend to the prompt there)."""
+        coda too when they may exit by the `kl` rule (later tokens exiting at that step attend to the
+        prompt there)."""
         for sequence in sequences:
             params = sequence.params
             sequence.loops = params.loops if params.loops is not None else self.model.config.num_loops
@@ -310,12 +318,11 @@ class Engine:
         context = BlockContext(positions, self.model.adapter.position_embeddings(base, embeddings, positions), masks,
                                self.model.adapter, base.config)
         self.cache.bind_prompts([s.row for s in sequences], pads)
-        early = sequences[0].params.exit_threshold is not None and bool(self.model.config.coda)
         *_, last = self.model.iter_steps(inputs_embeds=embeddings, num_loops=sequences[0].loops,
-                                         past_key_values=self.cache, decode_all=early, logits_to_keep=1,
-                                         context=context)
-        for sequence, log_probs in zip(sequences, F.log_softmax(last.logits[:, -1].float(), dim=-1)):
-            self._emit_token(sequence, log_probs)
+                                         past_key_values=self.cache, decode_all=False, logits_to_keep=1,
+                                         context=context, coda_all=sequences[0].decides_by_logits)
+        for sequence, token in zip(sequences, next_tokens(sequences, last.logits[:, -1].float())):
+            self._emit_token(sequence, token)
 
     @property
     def _eager(self) -> bool:
@@ -347,33 +354,41 @@ class Engine:
         """Embed each sequence's pending token and run the prelude (the layers before the loop)."""
         ids = torch.tensor([[s.pending] for s in sequences], device=self._device)
         hidden = self.model.embed(ids)
-        context = self._bind(sequences, hidden, with_offsets=False)
+        context = self._bind(sequences, hidden)
         hidden = self.model.run_prelude(hidden, context, self.cache)
         self.calls["prelude"] += bool(self.model.config.prelude)  # a plain model has none to call
         for index, sequence in enumerate(sequences):
             sequence.hidden = sequence.origin = hidden[index: index + 1]
             sequence.previous = None
 
-    def _bind(self, sequences: list[Sequence], hidden: torch.Tensor, with_offsets: bool) -> BlockContext:
+    def _bind(self, sequences: list[Sequence], hidden: torch.Tensor, steps: list[int] | None = None
+              ) -> BlockContext:
+        """Bind the cache to these rows (each at the loop step `steps` names, as slot offsets from step 0;
+        None: no offsets) and build their context."""
         positions = torch.tensor([[s.position] for s in sequences], device=self._device)
-        offsets = [self._step_offset(s.step) for s in sequences] if with_offsets else None
+        offsets = [self._step_offset(step) for step in steps] if steps is not None else None
         self.cache.bind([s.row for s in sequences], [s.position for s in sequences], offsets)
         return self._context(hidden, positions)
 
     def _step_group(self, group: list[Sequence]) -> list[Sequence]:
-        """Run the block once over `group`; decode the rows whose step is decoded; move the rest on."""
+        """Run the block once over `group`; the rows whose token is done wait for the head, `kl` rows
+        decide; the rest move on to their next step."""
         model = self.model
         # Rows at different steps: the layer index names step 0's slot and each row's offset shifts it;
         # a group of one step (per-loop weights) runs that step's own adapters with no offset.
         same_step = len({s.step for s in group}) == 1
         step = group[0].step if same_step else 0
         hidden = torch.cat([s.hidden for s in group])
-        context = self._bind(group, hidden, with_offsets=not same_step)
+        context = self._bind(group, hidden, None if same_step else [s.step for s in group])
         output, taps = model.run_step(step, self.max_loops, hidden, context, self.cache)
         self.calls["block"] += 1
-        # Rows that may exit run every step's coda (its cache slots must be complete); others only the last.
-        coda = [i for i, s in enumerate(group) if s.params.exit_threshold is not None or s.step == s.loops - 1]
-        finished = self._decode(group, coda, output, step, same_step) if coda else set()
+        finished = {i for i, s in enumerate(group)
+                    if s.step == s.loops - 1 or self._hidden_rule_exits(s, output[i, -1])}
+        for i in sorted(finished):
+            self._wait_for_head(group[i], output[i: i + 1])
+        deciding = [i for i, s in enumerate(group) if i not in finished and s.decides_by_logits]
+        if deciding:
+            finished |= self._decide(group, deciding, output)
         moving = [i for i in range(len(group)) if i not in finished]
         if moving:
             index = torch.tensor(moving, device=output.device)
@@ -383,56 +398,49 @@ class Engine:
             for row, i in enumerate(moving):
                 group[i].hidden = inputs[row: row + 1]
                 group[i].step += 1
-        return [group[i] for i in finished]
+        return [group[i] for i in sorted(finished)]
 
-    def _decode(self, group: list[Sequence], coda: list[int], output: torch.Tensor, step: int,
-                same_step: bool) -> set[int]:
-        """The coda for rows `coda` (indices in `group`); returns the indices whose token is done.
-        A done token waits for the batched LM head (`_run_head`); the `kl` rule's rows need their
-        logits now, to decide."""
-        rows = [group[i] for i in coda]
-        hidden = output[torch.tensor(coda, device=output.device)]
-        final = self.model.run_coda(step, self.max_loops, hidden, self._bind(rows, hidden, not same_step), self.cache)
-        self.calls["coda"] += bool(self.model.config.coda)
-        finished, deciding = set(), []
+    def _decide(self, group: list[Sequence], indices: list[int], output: torch.Tensor) -> set[int]:
+        """The `kl` rule for the rows `indices` of `group` (block outputs `output`): this step's coda and
+        logits, compared with the last step's; returns the indices of the rows that exit. The rows
+        waiting for the head ride along in the call, which costs about the same with them."""
+        rows, waiting = [group[i] for i in indices], self._waiting_for_head()
+        deciding = output[torch.tensor(indices, device=output.device)]
+        logits = self._head(rows + waiting, torch.cat([deciding, *[s.final for s in waiting]]),
+                            [s.step for s in rows] + [s.loops - 1 for s in waiting])
+        log_probs = F.log_softmax(logits[:len(rows)], dim=-1)
+        exiting = []
         for k, sequence in enumerate(rows):
-            if sequence.step == sequence.loops - 1 or self._hidden_rule_exits(sequence, hidden[k, -1]):
-                self._wait_for_head(sequence, final[k: k + 1])
-                finished.add(coda[k])
-            elif sequence.params.exit_rule == "kl":
-                deciding.append(k)
-        if not deciding:
-            return finished
-        waiting = self._waiting_for_head()  # they ride along: the call costs about the same with them
-        head = self._head([final[torch.tensor(deciding, device=final.device)], *[s.final for s in waiting]])
-        for k, log_probs in zip(deciding, head):
-            sequence = rows[k]
-            previous, sequence.previous = sequence.previous, log_probs
-            if previous is not None and float(kl_divergence(log_probs, previous)) < sequence.params.exit_threshold:
-                self._mark_done(sequence)
-                self._emit_token(sequence, log_probs)
-                finished.add(coda[k])
-        self._serve_waiting(waiting, head[len(deciding):])
-        return finished
+            previous, sequence.previous = sequence.previous, log_probs[k]
+            if previous is not None and float(kl_divergence(log_probs[k], previous)) < sequence.params.exit_threshold:
+                exiting.append(k)
+        for k in exiting:
+            self._mark_done(rows[k])
+        chosen = next_tokens([rows[k] for k in exiting], logits[exiting]) if exiting else []
+        for k, token in zip(exiting, chosen):
+            self._emit_token(rows[k], token)
+        self._serve_waiting(waiting, logits[len(rows):])
+        return {indices[k] for k in exiting}
 
     @staticmethod
     def _hidden_rule_exits(sequence: Sequence, block_output: torch.Tensor) -> bool:
         """Whether a `hidden`-rule row exits at this step (its block output barely moved)."""
-        if sequence.params.exit_rule != "hidden":
+        params = sequence.params
+        if params.exit_threshold is None or params.exit_rule != "hidden":
             return False
         previous, sequence.previous = sequence.previous, block_output
-        return previous is not None and float(hidden_change(block_output, previous)) < sequence.params.exit_threshold
+        return previous is not None and float(hidden_change(block_output, previous)) < params.exit_threshold
 
     def _mark_done(self, sequence: Sequence) -> None:
         """Record the token's loop count; an early exit fills its skipped steps' cache slots."""
         if sequence.step < sequence.loops - 1:
-            self._reuse_latest_kv(sequence, sequence.step)
+            self._reuse_latest_kv(sequence, sequence.step, with_coda=sequence.decides_by_logits)
         sequence.steps_used.append(sequence.step + 1)
         self.calls["tokens"] += 1
 
-    def _wait_for_head(self, sequence: Sequence, final: torch.Tensor) -> None:
+    def _wait_for_head(self, sequence: Sequence, block_output: torch.Tensor) -> None:
         self._mark_done(sequence)
-        sequence.final = final
+        sequence.final = block_output
 
     def _waiting_for_head(self) -> list[Sequence]:
         return [s for s in self.running if s.final is not None]
@@ -446,35 +454,40 @@ class Engine:
             return
         timed = self._head_seconds is not None and self._sat_out >= self.head_patience * self._head_seconds
         if everyone or len(waiting) == len(self.running) or timed or self.head_patience == 0:
-            self._serve_waiting(waiting, self._head([s.final for s in waiting]))
+            hidden = torch.cat([s.final for s in waiting])
+            self._serve_waiting(waiting, self._head(waiting, hidden, [s.loops - 1 for s in waiting]))
 
-    def _head(self, finals: list[torch.Tensor]) -> torch.Tensor:
-        """One LM head call over these final hidden states (1, 1, hidden) each: their log-probs."""
+    def _head(self, rows: list[Sequence], hidden: torch.Tensor, steps: list[int]) -> torch.Tensor:
+        """One call of the coda (each row in the cache slots of its step in `steps`) and the LM head
+        over these rows' block outputs (rows, 1, hidden): their next-token logits (rows, vocab), float.
+        Timed for the rent-or-buy rule."""
         start = time.perf_counter()
-        logits = self.model.decode(torch.cat(finals), 1)
-        log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)
+        if self.model.config.coda:
+            hidden = self.model.run_coda(0, self.max_loops, hidden, self._bind(rows, hidden, steps), self.cache)
+            self.calls["coda"] += 1
+        logits = self.model.decode(hidden, 1)[:, -1].float()
         seconds, previous = time.perf_counter() - start, self._head_seconds
         self._head_seconds = seconds if previous is None else previous + HEAD_TIME_SMOOTHING * (seconds - previous)
         self.calls["head"] += 1
-        return log_probs
+        return logits
 
-    def _serve_waiting(self, waiting: list[Sequence], log_probs: torch.Tensor) -> None:
+    def _serve_waiting(self, waiting: list[Sequence], logits: torch.Tensor) -> None:
         if waiting:
             self._sat_out = 0.0
-        for sequence, token_log_probs in zip(waiting, log_probs):
+        for sequence, token in zip(waiting, next_tokens(waiting, logits) if waiting else []):
             sequence.final = None
-            self._emit_token(sequence, token_log_probs)
+            self._emit_token(sequence, token)
 
-    def _reuse_latest_kv(self, sequence: Sequence, exit_step: int) -> None:
+    def _reuse_latest_kv(self, sequence: Sequence, exit_step: int, with_coda: bool) -> None:
         model, loops = self.model, sequence.loops
-        sources = model.step_slots(exit_step, loops)
+        sources = model.step_slots(exit_step, loops, with_coda)
         for step in range(exit_step + 1, model.config.num_steps(loops)):
-            self.cache.copy_position(sequence.row, sequence.position, sources, model.step_slots(step, loops))
+            self.cache.copy_position(sequence.row, sequence.position, sources,
+                                     model.step_slots(step, loops, with_coda))
 
     # -- tokens ------------------------------------------------------------------------------
-    def _emit_token(self, sequence: Sequence, log_probs: torch.Tensor) -> None:
-        """Sample the next token, report it, and end the sequence or queue the token's own pass."""
-        token = sample(log_probs, sequence.params, sequence.generator)
+    def _emit_token(self, sequence: Sequence, token: int) -> None:
+        """Report the next token, and end the sequence or queue the token's own pass."""
         sequence.step = 0
         if token in self.eos:
             self._finish(sequence, "stop")
@@ -500,11 +513,18 @@ class Engine:
         sequence.emit(Event(finish_reason=reason, error=error))
 
 
-def sample(log_probs: torch.Tensor, params: GenerationParams, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0; otherwise nucleus sampling (`top_p`) at `temperature`."""
-    if params.temperature == 0:
-        return int(log_probs.argmax())
-    probs = torch.softmax(log_probs / params.temperature, dim=-1)
+def next_tokens(sequences: list[Sequence], logits: torch.Tensor) -> list[int]:
+    """Each row's next token from its logits (rows, vocab): greedy at temperature 0 (one batched max
+    for all rows: on 2 CPU cores, eight argmaxes over SmolLM2's vocabulary took about half a layer's
+    time, an ad-hoc timing), otherwise sampled."""
+    best = logits.max(dim=-1).indices.tolist()
+    return [token if s.params.temperature == 0 else sample(row, s.params, s.generator)
+            for s, row, token in zip(sequences, logits, best)]
+
+
+def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None) -> int:
+    """Nucleus sampling (`top_p`) at `temperature` > 0."""
+    probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < params.top_p
