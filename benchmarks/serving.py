@@ -27,8 +27,11 @@ alone, or `r8mix`, `r8`'s recipe trained on calibration text of every offline do
 model's perplexity after every step is reported too (whether deeper steps still help). The two
 `looped mixed R` servers load the looped model with clients that ask for different depths (client i
 asks for i mod R + 1 loops): what depth-wise batching gains when rows need different numbers of steps, apart
-from any exit rule. Tokens are counted by re-tokenizing each received text with the model's tokenizer
-(the same rule for every server). Writes benchmarks/results/serving{,_r8,_r8mix}{,_TAG}{,_quick}.{json,md,png}.
+from any exit rule. Tokens are the completion tokens each server reports generating (OpenAI's
+`usage`, asked for with `stream_options.include_usage`; a server that reports none has its text
+re-tokenized, which undercounts: byte-level BPE merges some generated token pairs when it
+re-tokenizes, e.g. 1520 tokens for 1536 generated).
+Writes benchmarks/results/serving{,_r8,_r8mix}{,_TAG}{,_quick}.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -227,7 +230,8 @@ def stream_request(url: str, request: dict[str, Any], prompt: str, max_tokens: i
     The standard library's HTTP client, not httpx: the clients share the machine's 2 cores with the
     server, and reading the stream through httpx took several times the CPU (an ad-hoc check), which
     costs the faster servers a larger share of their time."""
-    body = json.dumps(request | {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True})
+    body = json.dumps(request | {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                                 "stream_options": {"include_usage": True}})
     address = urlsplit(url)
     start, first, text, usage = time.perf_counter(), None, "", {}
     connection = http.client.HTTPConnection(address.hostname, address.port, timeout=timeout)
@@ -241,7 +245,7 @@ def stream_request(url: str, request: dict[str, Any], prompt: str, max_tokens: i
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line.removeprefix("data: "))
-            piece = chunk["choices"][0].get("text") or ""
+            piece = "".join(choice.get("text") or "" for choice in chunk.get("choices") or [])  # usage: none
             if piece and first is None:
                 first = time.perf_counter() - start
             text += piece
@@ -250,7 +254,8 @@ def stream_request(url: str, request: dict[str, Any], prompt: str, max_tokens: i
         connection.close()
     latency = time.perf_counter() - start
     return {"prompt": prompt, "text": text, "ttft": first if first is not None else latency, "latency": latency,
-            "loops_per_token": usage.get("mean_loops_per_token"), "loops_asked": request.get("loops")}
+            "loops_per_token": usage.get("mean_loops_per_token"), "loops_asked": request.get("loops"),
+            "completion_tokens": usage.get("completion_tokens")}
 
 
 def load(url: str, requests: list[dict[str, Any]], prompts: list[str], args: argparse.Namespace
@@ -295,7 +300,9 @@ def measure_servers(names: list[str], prompts: list[str], args: argparse.Namespa
 
 
 def count_tokens(tokenizer, results: list[dict]) -> int:
-    return sum(len(tokenizer(r["text"], add_special_tokens=False).input_ids) for r in results)
+    """Completion tokens generated: as the server reports them, or else its text re-tokenized."""
+    return sum(r["completion_tokens"] if r["completion_tokens"] is not None
+               else len(tokenizer(r["text"], add_special_tokens=False).input_ids) for r in results)
 
 
 def summarize(name: str, rounds: list[tuple[list[dict], float]], tokenizer) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -59,10 +60,12 @@ class ServedModel:
 
 
 def create_app(served: ServedModel) -> FastAPI:
-    """The FastAPI application; the engine runs in a background thread for the app's lifetime."""
+    """The FastAPI application; the engine runs in a background thread for the app's lifetime, and
+    its events reach the requests through one `Mailbox` (one wake-up of the loop per burst)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.mailbox = Mailbox(asyncio.get_running_loop())
         served.engine.start()
         yield
         served.engine.stop()
@@ -182,7 +185,7 @@ async def respond(request: Request, served: ServedModel, body: dict[str, Any], p
     params = generation_params(body, served)
     stream = TextStream(served.tokenizer, stop_strings(body))
     sequence = Sequence(prompt, params)
-    events = submit(served.engine, sequence)
+    events = submit(served.engine, sequence, request.app.state.mailbox)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
             "model": served.name}
     if body.get("stream"):
@@ -194,11 +197,37 @@ async def respond(request: Request, served: ServedModel, body: dict[str, Any], p
     return completion_object(meta, sequence, text, reason, chat)
 
 
-def submit(engine: Engine, sequence: Sequence) -> asyncio.Queue:
+class Mailbox:
+    """Carries the engine thread's events to the event loop's queues in bursts: one wake-up of the
+    loop for all the tokens an engine iteration emits, rather than one per token (each wake-up is a
+    write to the loop's self-pipe and a turn of the loop, on the cores the engine computes on)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, Event]] = []
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:
+        """From the engine thread: deliver `event` to `queue` with the next burst."""
+        with self._lock:
+            self._items.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+def submit(engine: Engine, sequence: Sequence, mailbox: Mailbox) -> asyncio.Queue:
     """Queue the sequence; its events arrive on the returned asyncio queue (the engine is another thread)."""
-    loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    sequence.emit = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
+    sequence.emit = lambda event: mailbox.post(queue, event)
     try:
         engine.submit(sequence)
     except DepthkitError as err:
@@ -207,18 +236,21 @@ def submit(engine: Engine, sequence: Sequence) -> asyncio.Queue:
     return queue
 
 
+async def watch_disconnect(request: Request, sequence: Sequence) -> None:
+    """Cancel the sequence when its client leaves (polled: the engine then ends it, which ends its stream)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    sequence.cancel()
+
+
 async def texts(request: Request, sequence: Sequence, events: asyncio.Queue, stream: TextStream
                 ) -> AsyncIterator[tuple[str, str | None]]:
     """(new text, finish reason or None) as tokens arrive; cancels the sequence if the client leaves
     or the generator is closed early."""
+    watcher = asyncio.create_task(watch_disconnect(request, sequence))
     try:
         while True:
-            try:
-                event: Event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
+            event: Event = await events.get()
             if event.token is not None:
                 piece = stream.push(event.token)
                 if stream.stopped:
@@ -231,6 +263,7 @@ async def texts(request: Request, sequence: Sequence, events: asyncio.Queue, str
                 yield stream.finish(), event.finish_reason
                 return
     finally:
+        watcher.cancel()
         if sequence.finish_reason is None and sequence.cancelled is None:
             sequence.cancel()
 
