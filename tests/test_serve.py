@@ -355,11 +355,14 @@ def stream_completion(url: str, max_tokens: int) -> tuple[int, str]:
     return response.status_code, lines[-1]
 
 
-def test_sixty_four_concurrent_streams_and_a_disconnect_frees_its_row(live_server):
+def test_sixty_four_concurrent_streams_and_a_disconnect_frees_its_row(live_server, monkeypatch):
     url, engine = live_server
     with ThreadPoolExecutor(64) as pool:
         results = list(pool.map(lambda _: stream_completion(url, 6), range(64)))
     assert all(status == 200 and last == "data: [DONE]" for status, last in results)
+    finish, reasons = engine._finish, []
+    monkeypatch.setattr(engine, "_finish", lambda sequence, reason, *args: reasons.append(reason) or
+                        finish(sequence, reason, *args))
     body = {"prompt": "A long story", "max_tokens": 200, "temperature": 0.8, "stream": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
         next(line for line in response.iter_lines() if line)  # one chunk, then hang up
@@ -367,6 +370,7 @@ def test_sixty_four_concurrent_streams_and_a_disconnect_frees_its_row(live_serve
     while (engine.running or engine.waiting) and time.time() < deadline:
         time.sleep(0.1)
     assert not engine.running and not engine.waiting and engine.free_rows == 4
+    assert reasons == ["cancelled"]  # ended because the client left, not by running to its end
 
 
 @pytest.mark.integration
