@@ -512,15 +512,27 @@ def depth_section(runs: dict[str, dict]) -> list[str]:
     return ["## Latency by the depth a request asks for", "", format_table(rows), ""]
 
 
+def looped_sections(steps: dict[str, list[float]], exits: list[dict], args: argparse.Namespace) -> list[str]:
+    """The looped model's perplexity per step and the early-exit thresholds, as markdown lines."""
+    return ["## The looped model's perplexity after each step 1..R (teacher-forced, every domain)", "",
+            *[f"- {split}: " + " / ".join(f"{ppl:.2f}" for ppl in values) for split, values in steps.items()],
+            f"- best fixed depth on calib text (served as `{BEST_DEPTH}`): R = {getattr(args, 'best_loops', None)}",
+            "",
+            f"## Early-exit thresholds (chosen on calib text: the largest within {100 * EXIT_BUDGET:g}% of full "
+            f"depth; {args.exit_tokens} tokens per domain, decoded token by token with KV reuse)", "",
+            format_table(exits)]
+
+
 def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[dict], steps: dict[str, list[float]],
                   calls: list[dict], args: argparse.Namespace) -> None:
     parts = ["serving", "" if args.looped == "r4" else args.looped, args.tag, "quick" if args.quick else ""]
     stem = RESULTS / "_".join(part for part in parts if part)
     settings = {k: getattr(args, k) for k in ("clients", "requests", "prompt_tokens", "max_tokens", "rows", "rounds",
                                               "looped")}
-    recipe = args.recipe
-    looped = (f"Looped model `{args.looped}`: R = {recipe.loops}, `depthkit recursive train "
-              f"{' '.join(recipe.train)}`.")
+    recipe, serves_looped = args.recipe, any(SERVERS[name][1] == "looped" for name in runs)
+    looped = (f" `continuation_ppl`: the looped model at full depth scoring each server's continuations; "
+              f"`token_agreement` with the full-depth decoding's. Looped model `{args.looped}`: R = {recipe.loops}, "
+              f"`depthkit recursive train {' '.join(recipe.train)}`." if serves_looped else "")
     columns = ["server", "tokens_per_s", "latency_p50", "latency_p95", "ttft_p50", "ttft_p95", "loops_per_token",
                "completion_tokens"]
     quality_columns = ["continuation_ppl", "token_agreement"]
@@ -536,18 +548,11 @@ def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[d
              f"{args.clients} concurrent streaming clients x {args.requests} requests, {args.prompt_tokens}-token "
              f"held-out prompts (every domain), {args.max_tokens} new tokens, greedy; depthkit serve with "
              f"{args.rows} rows; every server loaded in turn, {args.rounds} rounds (tokens/s: median). "
-             f"Latencies in seconds. `continuation_ppl`: the looped model at full depth scoring "
-             f"each server's continuations; `token_agreement` with the full-depth decoding's. {looped}", "",
+             f"Latencies in seconds.{looped}", "",
              format_table(rows), "", "## Targets", "", *goals, "", *depth_section(runs),
              *(["## Model calls per generated token (each depthkit server's engine in process, one request "
                 "per client)", "", format_table(calls), ""] if calls else []),
-             "## The looped model's perplexity after each step 1..R (teacher-forced, every domain)", "",
-             *[f"- {split}: " + " / ".join(f"{ppl:.2f}" for ppl in values) for split, values in steps.items()],
-             f"- best fixed depth on calib text (served as `{BEST_DEPTH}`): R = {getattr(args, 'best_loops', None)}",
-             "",
-             f"## Early-exit thresholds (chosen on calib text: the largest within {100 * EXIT_BUDGET:g}% of full "
-             f"depth; {args.exit_tokens} tokens per domain, decoded token by token with KV reuse)", "",
-             format_table(exits)]
+             *(looped_sections(steps, exits, args) if serves_looped else [])]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = list(runs)

@@ -118,7 +118,7 @@ class Sequence:
     hidden: torch.Tensor | None = None  # the current step's input (1, 1, hidden)
     origin: torch.Tensor | None = None  # the prelude's output for the pending token
     previous: torch.Tensor | None = None  # the last step's log-probs (`kl` rule) or block output (`hidden`)
-    final: torch.Tensor | None = None  # a done token's block output, waiting for the batched coda + LM head
+    done_output: torch.Tensor | None = None  # a done token's block output, waiting for the batched coda + LM head
     generator: torch.Generator | None = None
 
     @property
@@ -241,7 +241,7 @@ class Engine:
             if self.schedule == "depthwise":
                 self._admit()
                 self._run_head(everyone=False)
-                computing = [s for s in self.running if s.final is None]
+                computing = [s for s in self.running if s.done_output is None]
                 idle_share, start = 1 - len(computing) / max(len(self.running), 1), time.perf_counter()
                 self._advance(computing)
                 self._sat_out += (time.perf_counter() - start) * idle_share
@@ -406,7 +406,7 @@ class Engine:
         waiting for the head ride along in the call, which costs about the same with them."""
         rows, waiting = [group[i] for i in indices], self._waiting_for_head()
         deciding = output[torch.tensor(indices, device=output.device)]
-        logits = self._head(rows + waiting, torch.cat([deciding, *[s.final for s in waiting]]),
+        logits = self._head(rows + waiting, torch.cat([deciding, *[s.done_output for s in waiting]]),
                             [s.step for s in rows] + [s.loops - 1 for s in waiting])
         log_probs = F.log_softmax(logits[:len(rows)], dim=-1)
         exiting = []
@@ -440,10 +440,10 @@ class Engine:
 
     def _wait_for_head(self, sequence: Sequence, block_output: torch.Tensor) -> None:
         self._mark_done(sequence)
-        sequence.final = block_output
+        sequence.done_output = block_output
 
     def _waiting_for_head(self) -> list[Sequence]:
-        return [s for s in self.running if s.final is not None]
+        return [s for s in self.running if s.done_output is not None]
 
     def _run_head(self, everyone: bool) -> None:
         """The LM head once for the rows waiting for it, when it is due (`everyone`, no row left
@@ -454,7 +454,7 @@ class Engine:
             return
         timed = self._head_seconds is not None and self._sat_out >= self.head_patience * self._head_seconds
         if everyone or len(waiting) == len(self.running) or timed or self.head_patience == 0:
-            hidden = torch.cat([s.final for s in waiting])
+            hidden = torch.cat([s.done_output for s in waiting])
             self._serve_waiting(waiting, self._head(waiting, hidden, [s.loops - 1 for s in waiting]))
 
     def _head(self, rows: list[Sequence], hidden: torch.Tensor, steps: list[int]) -> torch.Tensor:
@@ -475,7 +475,7 @@ class Engine:
         if waiting:
             self._sat_out = 0.0
         for sequence, token in zip(waiting, next_tokens(waiting, logits) if waiting else []):
-            sequence.final = None
+            sequence.done_output = None
             self._emit_token(sequence, token)
 
     def _reuse_latest_kv(self, sequence: Sequence, exit_step: int, with_coda: bool) -> None:
@@ -509,7 +509,7 @@ class Engine:
                 last.row = sequence.row
             self.running.remove(sequence)
             self.running.sort(key=lambda s: s.row)
-        sequence.hidden = sequence.origin = sequence.previous = sequence.final = None
+        sequence.hidden = sequence.origin = sequence.previous = sequence.done_output = None
         sequence.emit(Event(finish_reason=reason, error=error))
 
 
