@@ -575,6 +575,24 @@ def test_early_exit_prefill_fills_every_cache_slot():
     assert [layer.keys.shape[2] for layer in cache.layers] == [5] * len(cache.layers)
 
 
+def test_recursive_eval_scores_every_domain_by_default(tmp_path):
+    """`recursive eval` scores held-out blocks of every offline domain, each in turn (one book says
+    little about the others), and early exit on the opening tokens of every block."""
+    from depthkit.cli.main import main
+    from depthkit.data.corpora import DEFAULT_CALIB
+
+    assert main(["recursive", "train", "--model", "tiny:llama", "--loops", "3", "--steps", "0",
+                 *_cli_text_args(tmp_path), "--out", str(tmp_path / "looped")]) == 0
+    assert main(["recursive", "eval", str(tmp_path / "looped"), "--blocks", "5", "--seq-len", "16",
+                 "--exit-threshold", "1e9", "--exit-rule", "hidden", "--exit-tokens", "40",
+                 "--json", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["data"].startswith(DEFAULT_CALIB) and len(result["step_perplexity"]) == 3
+    full, early = result["early_exit"]
+    assert full["tokens"] == early["tokens"] == 5 * (40 // 5 - 1)  # 8 opening tokens of each block: 7 predictions
+    assert full["loops_saved"] == 0 and early["loops_saved"] > 0
+
+
 def test_defaults_are_the_measured_recipe_and_old_configs_keep_theirs():
     """One default per knob: RecursiveConfig's (the CLI's and benchmarks' come from it); a config saved
     before a field existed loads with the value it had then, not the new default."""

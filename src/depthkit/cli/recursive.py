@@ -30,7 +30,7 @@ from depthkit.cli.common import (
     resolve_exit,
     run_context,
 )
-from depthkit.data import interleaved_blocks, token_blocks, token_stream
+from depthkit.data import interleaved_blocks, token_blocks
 from depthkit.data.corpora import DEFAULT_CALIB, load_documents
 from depthkit.errors import DepthkitError
 from depthkit.evaluate.perplexity import check_context
@@ -136,10 +136,7 @@ def _register_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-blocks", type=positive_int, default=400, help="training blocks of --seq-len tokens")
     p.add_argument("--eval-blocks", type=positive_int, default=8,
                    help="held-out blocks evaluated every --eval-every steps")
-    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
-                   help="take the training and held-out blocks in turn from every document of the corpus, a "
-                        "mixture's components in equal shares (--no-interleave: the first blocks of the documents "
-                        "concatenated, i.e. mostly the first document)")
+    add_interleave_arg(p, "the training and held-out blocks")
     add_schedule_args(p, DEFAULTS, lr_of=" of everything but the connector")
     p.add_argument("--connector-lr", type=positive_float, default=DEFAULTS.connector_lr,
                    help="peak learning rate of the connector")
@@ -272,6 +269,13 @@ def load_recursive(folder: str, dtype: str, device: str):
     return model, load_tokenizer(str(tokenizer_folder(path)))
 
 
+def add_interleave_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"take {what} in turn from every document of the corpus, a mixture's components in equal "
+                        "shares (--no-interleave: the first blocks of the documents concatenated, i.e. mostly the "
+                        "first document)")
+
+
 def _register_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="folder written by `depthkit recursive train`")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
@@ -283,8 +287,12 @@ def _register_eval(p: argparse.ArgumentParser) -> None:
                    help="also score with early exit at this threshold of --exit-rule (repeatable; token by token, "
                         "slower)")
     add_exit_rule_arg(p, from_folder=True)
-    p.add_argument("--exit-tokens", type=positive_int, default=256, help="tokens scored per early-exit threshold")
-    add_data_args(p, "--data", split="heldout", default="austen:persuasion")
+    p.add_argument("--exit-tokens", type=positive_int, default=256,
+                   help="tokens scored per early-exit threshold, the opening tokens of each held-out block in equal "
+                        "shares (so every document of --data counts)")
+    add_interleave_arg(p, "the held-out blocks")
+    # every offline domain's held-out text, as `recursive train` evaluates: one book alone says little about others
+    add_data_args(p, "--data", split="heldout", default=DEFAULT_CALIB)
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=run_eval)
 
@@ -294,17 +302,19 @@ def run_eval(args: argparse.Namespace) -> None:
     model, tokenizer = load_recursive(args.checkpoint, args.dtype, args.device)
     check_context(model.base, args.seq_len)  # positions past the context would score noise, silently
     loops = args.loops or model.config.num_loops
-    blocks = token_blocks(tokenizer, data_spec(args), args.blocks, args.seq_len)
+    blocks = (interleaved_blocks if args.interleave else token_blocks)(tokenizer, data_spec(args), args.blocks,
+                                                                       args.seq_len)
     ppl = step_perplexities(model, blocks, loops)
     rows = [{"step": i + 1, "heldout_ppl": p} for i, p in enumerate(ppl)]
     result: dict = {"checkpoint": args.checkpoint, "loops": loops, "data": data_spec(args).describe(),
                     "step_perplexity": ppl}
     print(format_table(rows))
     if args.exit_threshold:
-        stream = token_stream(tokenizer, data_spec(args))
+        window = max(2, min(args.seq_len, args.exit_tokens // len(blocks)))
+        openings = blocks[:, :window].flatten()
         exits = []
         for threshold in [None, *args.exit_threshold]:
-            nll, loops_report = early_exit_nll(model, stream, loops, threshold, args.exit_tokens, 1,
+            nll, loops_report = early_exit_nll(model, openings, loops, threshold, window, len(blocks),
                                                rule=args.exit_rule)
             exits.append({"threshold": threshold, "perplexity": math.exp(nll), **loops_report.to_dict()})
         result["early_exit"] = exits
