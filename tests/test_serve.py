@@ -267,6 +267,13 @@ def test_streaming_gives_the_same_text_as_one_response(client):
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole
     assert chunks[-1]["choices"][0]["finish_reason"] is not None and "usage" in chunks[-1]
+    # OpenAI's stream_options.include_usage: one more chunk, with no choices and the usage
+    asked = body | {"stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=asked) as response:
+        with_usage = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines()
+                      if line and line != "data: [DONE]"]
+    assert [c["choices"] for c in with_usage[:-1]] == [c["choices"] for c in chunks]
+    assert with_usage[-1]["choices"] == [] and with_usage[-1]["usage"] == chunks[-1]["usage"]
 
 
 BAD_REQUESTS = [
@@ -286,6 +293,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "exit_rule": "magic"}, 400, None),
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, None),
     ("/v1/completions", {"prompt": "x", "stop": 5}, 400, None),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, 400, None),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, None),
     ("/v1/completions", {}, 400, None),
     ("/v1/chat/completions", {"messages": []}, 400, None),

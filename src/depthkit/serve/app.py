@@ -183,13 +183,14 @@ def stop_strings(body: dict[str, Any]) -> list[str]:
 
 async def respond(request: Request, served: ServedModel, body: dict[str, Any], prompt: list[int], chat: bool):
     params = generation_params(body, served)
-    stream = TextStream(served.tokenizer, stop_strings(body))
+    stream, usage_chunk = TextStream(served.tokenizer, stop_strings(body)), include_usage(body)
     sequence = Sequence(prompt, params)
     events = submit(served.engine, sequence, request.app.state.mailbox)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
             "model": served.name}
     if body.get("stream"):
-        return StreamingResponse(sse(request, sequence, events, stream, meta, chat), media_type="text/event-stream")
+        return StreamingResponse(sse(request, sequence, events, stream, meta, chat, usage_chunk),
+                                 media_type="text/event-stream")
     pieces = [item async for item in texts(request, sequence, events, stream)]
     text, reason = "".join(piece for piece, _ in pieces), pieces[-1][1] if pieces else None
     if reason == "error":
@@ -269,15 +270,27 @@ async def texts(request: Request, sequence: Sequence, events: asyncio.Queue, str
 
 
 async def sse(request: Request, sequence: Sequence, events: asyncio.Queue, stream: TextStream, meta: dict,
-              chat: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, then `data: [DONE]`."""
+              chat: bool, usage_chunk: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, then (`usage_chunk`) OpenAI's usage-only chunk, then
+    `data: [DONE]`. The last content chunk carries the usage too, for clients that do not ask."""
     if chat:
         yield _event(chunk_object(meta, {"role": "assistant", "content": ""}, None, chat))
     async for piece, reason in texts(request, sequence, events, stream):
         if piece or reason:
             delta = {"content": piece} if chat else piece
             yield _event(chunk_object(meta, delta, reason, chat, sequence if reason else None))
+    if usage_chunk:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        yield _event(meta | {"object": kind, "choices": [], "usage": usage(sequence)})
     yield "data: [DONE]\n\n"
+
+
+def include_usage(body: dict[str, Any]) -> bool:
+    """OpenAI's `stream_options: {"include_usage": true}`, type-checked."""
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise ApiError(400, "`stream_options` must be an object with a boolean `include_usage`", "stream_options")
+    return options.get("include_usage", False)
 
 
 def _event(data: dict) -> str:
