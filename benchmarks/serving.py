@@ -46,7 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -512,6 +512,11 @@ def depth_section(runs: dict[str, dict]) -> list[str]:
     return ["## Latency by the depth a request asks for", "", format_table(rows), ""]
 
 
+def serves_looped(names: Iterable[str]) -> bool:
+    """Whether any of these servers serves the looped model."""
+    return any(SERVERS[name][1] == "looped" for name in names)
+
+
 def looped_sections(steps: dict[str, list[float]], exits: list[dict], args: argparse.Namespace) -> list[str]:
     """The looped model's perplexity per step and the early-exit thresholds, as markdown lines."""
     return ["## The looped model's perplexity after each step 1..R (teacher-forced, every domain)", "",
@@ -529,10 +534,10 @@ def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[d
     stem = RESULTS / "_".join(part for part in parts if part)
     settings = {k: getattr(args, k) for k in ("clients", "requests", "prompt_tokens", "max_tokens", "rows", "rounds",
                                               "looped")}
-    recipe, serves_looped = args.recipe, any(SERVERS[name][1] == "looped" for name in runs)
+    recipe = args.recipe
     looped = (f" `continuation_ppl`: the looped model at full depth scoring each server's continuations; "
               f"`token_agreement` with the full-depth decoding's. Looped model `{args.looped}`: R = {recipe.loops}, "
-              f"`depthkit recursive train {' '.join(recipe.train)}`." if serves_looped else "")
+              f"`depthkit recursive train {' '.join(recipe.train)}`." if serves_looped(runs) else "")
     columns = ["server", "tokens_per_s", "latency_p50", "latency_p95", "ttft_p50", "ttft_p95", "loops_per_token",
                "completion_tokens"]
     quality_columns = ["continuation_ppl", "token_agreement"]
@@ -552,7 +557,7 @@ def write_results(runs: dict[str, dict], quality: dict[str, dict], exits: list[d
              format_table(rows), "", "## Targets", "", *goals, "", *depth_section(runs),
              *(["## Model calls per generated token (each depthkit server's engine in process, one request "
                 "per client)", "", format_table(calls), ""] if calls else []),
-             *(looped_sections(steps, exits, args) if serves_looped else [])]
+             *(looped_sections(steps, exits, args) if serves_looped(runs) else [])]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = list(runs)
@@ -574,7 +579,7 @@ def main() -> None:
     tokenizer = load_tokenizer(str(default_model_dir()))
     prompts = held_out_prompts(args.clients * args.requests, args.prompt_tokens)
     thresholds, exits, steps, quality = {}, [], {}, {}
-    looped = looped_model(args.recipe) if any(SERVERS[name][1] == "looped" for name in args.servers) else None
+    looped = looped_model(args.recipe) if serves_looped(args.servers) else None
     if looped:
         model, looped_tokenizer = looped
         streams = {split: domain_stream(looped_tokenizer, split, args.exit_tokens) for split in ("calib", "heldout")}

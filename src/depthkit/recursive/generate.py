@@ -92,6 +92,12 @@ def hidden_change(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor
     return (current - previous).norm(dim=-1) / current.norm(dim=-1).clamp_min(1e-12)
 
 
+def decodes_every_step(threshold: float | None, rule: str) -> bool:
+    """Whether early exit by `rule` runs every step's coda and LM head: `kl` compares the steps' logits,
+    `hidden` needs neither until the token exits (the module's docstring)."""
+    return threshold is not None and rule == "kl"
+
+
 def check_exit_rule(rule: str) -> str:
     require(rule in EXIT_RULES, f"unknown exit rule '{rule}'; choose from {', '.join(EXIT_RULES)}")
     return rule
@@ -112,12 +118,13 @@ def decode_step(model: RecursiveModel, input_ids: torch.Tensor, loops: int, cach
     """
     early = threshold is not None
     kl = check_exit_rule(rule) == "kl"
+    every_coda = decodes_every_step(threshold, rule)
     steps = model.config.num_steps(loops)
     embeddings = model.embed(input_ids)
     context = block_context(model.base, embeddings, cache)
     previous, used, out = None, steps, None
     for out in model.iter_steps(inputs_embeds=embeddings, num_loops=loops, past_key_values=cache,
-                                decode_all=early and kl, coda_all=(early and kl) or every_step, logits_to_keep=1,
+                                decode_all=every_coda, coda_all=every_coda or every_step, logits_to_keep=1,
                                 context=context):
         if not early:
             continue
@@ -130,9 +137,9 @@ def decode_step(model: RecursiveModel, input_ids: torch.Tensor, loops: int, cach
         previous = signal
     final = out.final
     if used < steps:
-        if not kl:
+        if not every_coda:
             final = model.final_coda(loops, out.hidden, context, cache)
-        reuse_latest_kv(model, cache, used - 1, loops, with_coda=kl)
+        reuse_latest_kv(model, cache, used - 1, loops, with_coda=every_coda)
     logits = out.logits if out.logits is not None else model.decode(final, 1)
     return DecodeStep(F.log_softmax(logits[:, -1].float(), dim=-1), used)
 
@@ -172,7 +179,7 @@ def generate(model: RecursiveModel, input_ids: torch.Tensor, max_new_tokens: int
         if cache is None:
             log_probs = F.log_softmax(model(ids, loops, logits_to_keep=1).logits[:, -1].float(), -1)
         elif index == 0:  # the prompt is prefilled at full depth
-            every_step = exit_threshold is not None and exit_rule == "kl"
+            every_step = decodes_every_step(exit_threshold, exit_rule)
             log_probs = decode_step(model, pending, loops, cache, every_step=every_step).log_probs
         else:  # each new token may exit early
             result = decode_step(model, pending, loops, cache, exit_threshold, rule=exit_rule)

@@ -57,7 +57,13 @@ import torch.nn.functional as F
 from depthkit.errors import DepthkitError, require
 from depthkit.models.blockwise import BlockContext
 from depthkit.recursive.config import check_loops
-from depthkit.recursive.generate import DEFAULT_EXIT_RULE, check_exit_rule, hidden_change, kl_divergence
+from depthkit.recursive.generate import (
+    DEFAULT_EXIT_RULE,
+    check_exit_rule,
+    decodes_every_step,
+    hidden_change,
+    kl_divergence,
+)
 from depthkit.recursive.model import RecursiveModel
 from depthkit.serve.cache import SlotCache, attention_masks, prompt_masks
 
@@ -129,7 +135,7 @@ class Sequence:
     @property
     def decides_by_logits(self) -> bool:
         """Whether its tokens may exit by the `kl` rule, which needs every step's coda and logits."""
-        return self.params.exit_threshold is not None and self.params.exit_rule == "kl"
+        return decodes_every_step(self.params.exit_threshold, self.params.exit_rule)
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Ask the engine to stop this sequence (thread-safe: read at the next iteration)."""
@@ -416,8 +422,7 @@ class Engine:
                 exiting.append(k)
         for k in exiting:
             self._mark_done(rows[k])
-        chosen = next_tokens([rows[k] for k in exiting], logits[exiting]) if exiting else []
-        for k, token in zip(exiting, chosen):
+        for k, token in zip(exiting, next_tokens([rows[k] for k in exiting], logits[exiting])):
             self._emit_token(rows[k], token)
         self._serve_waiting(waiting, logits[len(rows):])
         return {indices[k] for k in exiting}
@@ -474,7 +479,7 @@ class Engine:
     def _serve_waiting(self, waiting: list[Sequence], logits: torch.Tensor) -> None:
         if waiting:
             self._sat_out = 0.0
-        for sequence, token in zip(waiting, next_tokens(waiting, logits) if waiting else []):
+        for sequence, token in zip(waiting, next_tokens(waiting, logits)):
             sequence.done_output = None
             self._emit_token(sequence, token)
 
